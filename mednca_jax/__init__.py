@@ -1,0 +1,1 @@
+"""mednca-jax: Med-NCA (Kalkhof et al., IPMI 2023) as pure JAX functions."""

@@ -1,0 +1,236 @@
+"""Multi-level Med-NCA: coarse levels spread global context, the finest level refines.
+
+For levels ``i = 0 .. L-1`` (coarse to fine) with downscale factors ``scales[i]``
+(the original: ``[4, 1]``):
+
+    level 0   seed = [image / scales[0] | zeros]            run NCA_0 for steps[0]
+    level i   x = nearest-upsample(x, scales[i-1] / scales[i]); x[..., :n_in] = image / scales[i]
+              run NCA_i for steps[i]
+    logits = x[..., n_in : n_in + n_out]
+
+Training (:func:`forward_train`) runs the finest level only on one random ``P x P`` crop per
+sample (``model.patch_size``), which keeps memory small; inference (:func:`forward`) runs it
+on the whole image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Config, ModelConfig
+from .model import Params, init_level_params, reset_inputs, rollout
+
+
+class InputError(ValueError):
+    """Images handed to the model have the wrong shape or hold non-finite values."""
+
+
+# --------------------------------------------------------------------------- params
+def level_names(model_cfg: ModelConfig) -> list[str]:
+    return [f"level{i}" for i in range(model_cfg.n_levels)]
+
+
+def init_params(model_cfg: ModelConfig, key: jax.Array) -> Params:
+    """Fresh params ``{"level0": ..., "level1": ...}`` with the original initialisation."""
+    keys = jax.random.split(key, model_cfg.n_levels)
+    return {
+        name: init_level_params(k, model_cfg.channels, model_cfg.hidden)
+        for name, k in zip(level_names(model_cfg), keys)
+    }
+
+
+def check_params(params: Params, model_cfg: ModelConfig, source: str = "params") -> None:
+    """Raise ``ValueError`` naming the first key or shape that does not fit ``model_cfg``."""
+    expected = jax.eval_shape(lambda: init_params(model_cfg, jax.random.PRNGKey(0)))
+    exp_flat = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got_flat = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    missing = sorted(set(exp_flat) - set(got_flat))
+    extra = sorted(set(got_flat) - set(exp_flat))
+    if missing or extra:
+        raise ValueError(
+            f"{source} does not fit the config (channels={model_cfg.channels}, hidden={model_cfg.hidden}, "
+            f"{model_cfg.n_levels} levels): missing {missing or 'nothing'}, unexpected {extra or 'nothing'}"
+        )
+    for k, shape in exp_flat.items():
+        if tuple(got_flat[k]) != tuple(shape):
+            raise ValueError(
+                f"{source}{k} has shape {tuple(got_flat[k])} but the config (channels={model_cfg.channels}, "
+                f"hidden={model_cfg.hidden}) expects {tuple(shape)}"
+            )
+
+
+# --------------------------------------------------------------------------- resampling
+def downscale(images: jax.Array, factor: int, method: str = "bilinear") -> jax.Array:
+    """Downscale ``(B, H, W, c)`` by an integer factor.
+
+    ``bilinear`` is the original's (torchio linear resize): half-pixel centres and no
+    anti-aliasing, so for factor 4 each output pixel is the mean of the centre 2x2 pixels
+    of its 4x4 block. ``area`` averages whole blocks; ``antialias`` is a filtered
+    (triangle-kernel) resize.
+    """
+    if factor == 1:
+        return images
+    b, h, w, c = images.shape
+    if method == "area":
+        return images.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+    if method not in ("bilinear", "antialias"):
+        raise ValueError(f"unknown downscale method {method!r}; use bilinear, area or antialias")
+    if method == "bilinear" and factor % 2 == 0:
+        # Sample points (i + 0.5) * f - 0.5 fall exactly between pixels f*i + f/2 - 1 and f*i + f/2.
+        lo = factor // 2 - 1
+        blocks = images.reshape(b, h // factor, factor, w // factor, factor, c)
+        return blocks[:, :, lo : lo + 2, :, lo : lo + 2, :].mean(axis=(2, 4))
+    return jax.image.resize(
+        images, (b, h // factor, w // factor, c), method="linear", antialias=(method == "antialias")
+    )
+
+
+def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
+    """Nearest-neighbour upsampling ``(B, h, w, C) -> (B, h*f, w*f, C)``."""
+    if factor == 1:
+        return x
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def seed_state(image: jax.Array, channels: int) -> jax.Array:
+    """Initial state ``(B, H, W, C)``: the image in the input channels, zeros elsewhere."""
+    b, h, w, n_in = image.shape
+    return jnp.concatenate([image, jnp.zeros((b, h, w, channels - n_in), image.dtype)], axis=-1)
+
+
+# --------------------------------------------------------------------------- input checks
+def check_images(images: Any, model_cfg: ModelConfig) -> None:
+    """Raise :class:`InputError` unless ``images`` is a finite ``(B, H, W, n_in)`` array whose
+    size divides by the coarsest scale. Runs on concrete arrays only (outside jit)."""
+    shape = np.shape(images)
+    if len(shape) != 4:
+        raise InputError(f"images must have shape (B, H, W, n_in={model_cfg.n_in}), got rank {len(shape)} shape {shape}")
+    if shape[-1] != model_cfg.n_in:
+        raise InputError(f"images have {shape[-1]} channels, the config expects n_in={model_cfg.n_in}: shape {shape}")
+    s = model_cfg.scales[0]
+    if shape[1] % s or shape[2] % s:
+        raise InputError(f"image size {shape[1]}x{shape[2]} is not divisible by the level scale factor {s}")
+    if not isinstance(images, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(jnp.asarray(images)))):
+        raise InputError("images contain NaN or inf values; clean or re-preprocess the input")
+
+
+def check_fire_rate(fire_rate: float) -> None:
+    if not 0.0 <= float(fire_rate) < 1.0:
+        raise InputError(f"fire_rate must be in [0, 1), got {fire_rate}")
+
+
+# --------------------------------------------------------------------------- forward passes
+def _coarse_levels(
+    params: Params, model_cfg: ModelConfig, images: jax.Array, keys: jax.Array, fire_rate, remat: str
+) -> tuple[jax.Array, list[jax.Array]]:
+    """Run levels ``0 .. L-2`` on whole images; return the state upsampled and reset for the
+    finest level ``(B, H, W, C)`` and the per-level final states."""
+    names = level_names(model_cfg)
+    scales = model_cfg.scales
+    x = None
+    states = []
+    for i in range(model_cfg.n_levels - 1):
+        img = downscale(images, scales[i], model_cfg.downscale)
+        x = seed_state(img, model_cfg.channels) if x is None else reset_inputs(upsample_nearest(x, scales[i - 1] // scales[i]), img)
+        x, _ = rollout(params[names[i]], x, img, keys[i], model_cfg.steps[i], fire_rate, remat=remat)
+        states.append(x)
+    if x is None:
+        return seed_state(images, model_cfg.channels), states
+    return reset_inputs(upsample_nearest(x, scales[-2]), images), states
+
+
+def forward(
+    params: Params,
+    model_cfg: ModelConfig,
+    images: jax.Array,
+    key: jax.Array,
+    fire_rate: float | jax.Array | None = None,
+    *,
+    remat: str = "none",
+    return_states: bool = False,
+) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+    """Inference on whole images: ``(B, H, W, n_in) -> logits (B, H, W, n_out)``.
+
+    ``fire_rate`` defaults to the config's (the original also fires stochastically at
+    inference); pass 0.0 for a deterministic result. With ``return_states`` also returns
+    the final state of every level, coarse to fine.
+    """
+    fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
+    keys = jax.random.split(key, model_cfg.n_levels)
+    x, states = _coarse_levels(params, model_cfg, images, keys, fire_rate, remat)
+    last = level_names(model_cfg)[-1]
+    x, _ = rollout(params[last], x, images, keys[-1], model_cfg.steps[-1], fire_rate, remat=remat)
+    logits = x[..., model_cfg.n_in : model_cfg.n_in + model_cfg.n_out]
+    return (logits, states + [x]) if return_states else logits
+
+
+def random_crops(key: jax.Array, arrays: tuple[jax.Array, ...], size: int) -> tuple[jax.Array, ...]:
+    """One uniformly placed ``size x size`` crop per sample, the same window in every array.
+
+    Each array is ``(B, H, W, *)``; crops are taken with ``vmap`` over the batch of
+    ``lax.dynamic_slice``. Returns arrays ``(B, size, size, *)``.
+    """
+    b, h, w = arrays[0].shape[:3]
+    ky, kx = jax.random.split(key)
+    ys = jax.random.randint(ky, (b,), 0, h - size + 1)
+    xs = jax.random.randint(kx, (b,), 0, w - size + 1)
+
+    def crop_one(a, y, x):
+        return jax.lax.dynamic_slice(a, (y, x) + (0,) * (a.ndim - 2), (size, size) + a.shape[2:])
+
+    return tuple(jax.vmap(crop_one)(a, ys, xs) for a in arrays)
+
+
+def forward_train(
+    params: Params,
+    model_cfg: ModelConfig,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    fire_rate: float | jax.Array | None = None,
+    *,
+    remat: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Training forward pass: ``(logits, labels)`` on the finest level's random crops.
+
+    images ``(B, H, W, n_in)``, labels ``(B, H, W, n_out)`` -> both ``(B, P, P, *)`` with
+    ``P = model.patch_size`` (whole images when it is 0 or the image size).
+    """
+    fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
+    remat = model_cfg.remat if remat is None else remat
+    keys = jax.random.split(key, model_cfg.n_levels + 1)
+    x, _ = _coarse_levels(params, model_cfg, images, keys, fire_rate, remat)
+    p = model_cfg.patch_size
+    if 0 < p < min(images.shape[1], images.shape[2]):
+        x, images, labels = random_crops(keys[-1], (x, images, labels), p)
+    last = level_names(model_cfg)[-1]
+    x, _ = rollout(params[last], x, images, keys[-2], model_cfg.steps[-1], fire_rate, remat=remat)
+    return x[..., model_cfg.n_in : model_cfg.n_in + model_cfg.n_out], labels
+
+
+def segment(
+    params: Params, cfg: Config | ModelConfig, images: Any, key: jax.Array, fire_rate: float | None = None
+) -> jax.Array:
+    """Foreground probabilities for preprocessed slices, checked first.
+
+    images: ``(H, W)``, ``(B, H, W)`` or ``(B, H, W, n_in)`` -> sigmoid of the logits
+    ``(B, H, W, n_out)``. Compiled once per shape.
+    """
+    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    images = np.asarray(images, np.float32)
+    if images.ndim == 2:
+        images = images[None]
+    if images.ndim == 3 and model_cfg.n_in == 1:
+        images = images[..., None]
+    check_images(images, model_cfg)
+    fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
+    check_fire_rate(fire_rate)
+    logits = _jit_forward(params, model_cfg, jnp.asarray(images), key, jnp.float32(fire_rate))
+    return jax.nn.sigmoid(logits)
+
+
+_jit_forward = jax.jit(forward, static_argnums=(1,), static_argnames=("remat", "return_states"))

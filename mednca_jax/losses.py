@@ -1,0 +1,67 @@
+"""The training loss (the original's DiceBCE) and Dice metrics.
+
+All functions take logits or probabilities ``(..., n_out)`` with the class channels last.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _bce_with_logits(z: jax.Array, t: jax.Array) -> jax.Array:
+    # = BCE(sigmoid(z), t) written stably; the original computes sigmoid then log and clamps
+    # logs at -100, which only differs for |z| beyond float32 saturation (~17 .. 100).
+    return jax.nn.softplus(z) - z * t
+
+
+def dice_bce_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """The original's DiceBCE loss, summed over output channels.
+
+    Per channel ``c`` over the whole batch flattened (``p = sigmoid(z)``):
+    ``mean BCE(p, t) + 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)``; a channel whose
+    target has no foreground in the batch contributes 0, as in the original.
+
+    Args:
+        logits, target: ``(B, H, W, n_out)``.
+    Returns:
+        scalar loss (0 when no channel has foreground).
+    """
+    z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+    t = target.reshape(-1, target.shape[-1]).astype(jnp.float32)
+    p = jax.nn.sigmoid(z)
+    bce = _bce_with_logits(z, t).mean(axis=0)
+    dice = 1.0 - (2.0 * (p * t).sum(axis=0) + 1.0) / (p.sum(axis=0) + t.sum(axis=0) + 1.0)
+    has_fg = t.sum(axis=0) > 0
+    return jnp.sum(jnp.where(has_fg, bce + dice, 0.0))
+
+
+def has_foreground(target: jax.Array) -> jax.Array:
+    """True where any channel of the batch has foreground (else the original skips the update)."""
+    return jnp.any(target > 0)
+
+
+def dice_soft(probs: np.ndarray, target: np.ndarray) -> float:
+    """Soft Dice ``2 sum(p t) / (sum p + sum t)`` as the original reports it (no smoothing).
+
+    Both empty counts as 1 (nothing to find, nothing found).
+    """
+    p = np.asarray(probs, np.float64)
+    t = np.asarray(target, np.float64)
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2.0 * (p * t).sum() / denom)
+
+
+def dice_hard(probs: np.ndarray, target: np.ndarray, threshold: float = 0.5) -> float:
+    """Hard Dice of ``probs > threshold`` against ``target > 0.5``; both empty counts as 1."""
+    p = np.asarray(probs) > threshold
+    t = np.asarray(target) > 0.5
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
+
+
+def volume_dice(probs: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Hard and soft Dice of one patient's stacked slices ``(S, H, W[, n_out])``, all channels
+    pooled (the original's per-volume figure)."""
+    return {"dice": dice_hard(probs, target), "dice_soft": dice_soft(probs, target)}

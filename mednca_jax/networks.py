@@ -1,0 +1,54 @@
+"""One entry point per operation for every model kind (``model.kind``: nca | unet).
+
+Training, evaluation and checkpoints call these, so the UNet baseline goes through exactly
+the same data, loss, optimiser, checkpoints and metrics as Med-NCA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import levels
+from .config import Config
+
+
+def init_network_params(cfg: Config, key: jax.Array) -> Any:
+    if cfg.model.kind == "unet":
+        from .unet import init_unet_params
+
+        return init_unet_params(cfg.model, tuple(cfg.data.image_size), key)
+    return levels.init_params(cfg.model, key)
+
+
+def check_network_params(params: Any, cfg: Config) -> None:
+    """Raise ``ValueError`` naming the first key/shape of ``params`` that does not fit ``cfg``."""
+    if cfg.model.kind == "nca":
+        levels.check_params(params, cfg.model)
+        return
+    expected = jax.eval_shape(lambda: init_network_params(cfg, jax.random.PRNGKey(0)))
+    exp = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    if exp != got:
+        bad = sorted(k for k in set(exp) | set(got) if exp.get(k) != got.get(k))
+        raise ValueError(f"params do not fit the {cfg.model.kind} config at {bad[:5]}")
+
+
+def forward_train(params: Any, cfg: Config, images: jax.Array, labels: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(logits, labels)`` the loss is computed on: NCA random crops, UNet whole images."""
+    if cfg.model.kind == "unet":
+        from .unet import unet_forward
+
+        return unet_forward(params, cfg.model, images), labels
+    return levels.forward_train(params, cfg.model, images, labels, key)
+
+
+def forward(params: Any, cfg: Config, images: jax.Array, key: jax.Array, fire_rate: Any = None) -> jax.Array:
+    """Inference logits ``(B, H, W, n_out)`` on whole images (the UNet ignores key/fire_rate)."""
+    if cfg.model.kind == "unet":
+        from .unet import unet_forward
+
+        return unet_forward(params, cfg.model, images)
+    return levels.forward(params, cfg.model, images, key, fire_rate)

@@ -1,0 +1,134 @@
+"""The optimiser, the train state and the pure, jit-compiled train step.
+
+``train_step(state, batch, key) -> (state, metrics)`` is compiled once per run: the config
+and the optimiser are closed over (static), only arrays flow in. With a device mesh the
+batch is sharded along its first axis and params / optimiser state are replicated; the
+random numbers do not depend on the sharding, so N devices compute the same step as one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from . import networks
+from .config import Config, TrainConfig
+from .losses import dice_bce_loss, has_foreground
+
+Batch = dict[str, jax.Array]  # {"image": (B, H, W, n_in), "label": (B, H, W, n_out)}
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: batches seen
+
+
+def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
+    """``lr * lr_decay**step`` (the original's per-batch exponential decay), after an optional
+    linear warm-up of ``warmup_steps``."""
+    decay = optax.exponential_decay(tcfg.lr, transition_steps=1, decay_rate=tcfg.lr_decay)
+    if tcfg.warmup_steps == 0:
+        return decay
+    warm = optax.linear_schedule(tcfg.lr / 100.0, tcfg.lr, tcfg.warmup_steps)
+    return optax.join_schedules([warm, decay], [tcfg.warmup_steps])
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """Adam with the original's defaults (betas (0.5, 0.5), eps 1e-8) on the schedule above."""
+    return optax.adam(learning_rate_schedule(tcfg), b1=tcfg.betas[0], b2=tcfg.betas[1], eps=tcfg.eps)
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the train step donates its state
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def loss_fn(params: Any, cfg: Config, batch: Batch, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """DiceBCE of one batch; also returns whether the (cropped) labels had any foreground."""
+    logits, labels = networks.forward_train(params, cfg, batch["image"], batch["label"], key)
+    return dice_bce_loss(logits, labels), has_foreground(labels)
+
+
+def _train_step(
+    state: TrainState, batch: Batch, key: jax.Array, *, cfg: Config, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    (loss, active), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A batch without foreground makes no update at all, as in the original (whose loss is 0
+    # there and which then skips optimizer.step(); Adam would otherwise still move).
+    keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+    params = jax.tree_util.tree_map(keep, params, state.params)
+    opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+    metrics = {
+        "loss": loss,
+        "lr": learning_rate_schedule(cfg.train)(state.step),
+        "grad_norm": optax.tree.norm(grads),
+        "skipped": jnp.logical_not(active),
+    }
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over all (global) devices."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.array(devices), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if batch_size % n:
+        raise ValueError(
+            f"train.batch_size={batch_size} must be divisible by the number of devices ({n}) for "
+            f"data-parallel training; use e.g. batch_size={max(n, batch_size - batch_size % n)}"
+        )
+
+
+def make_train_step(
+    cfg: Config, tx: optax.GradientTransformation, mesh: Mesh | None = None
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted ``train_step(state, batch, key) -> (state, metrics)`` for this config.
+
+    With ``mesh``, the batch must be sharded with :func:`batch_sharding` (see
+    :func:`put_batch`) and the state replicated; outputs keep those shardings.
+    """
+
+    def step(state, batch, key):
+        return _train_step(state, batch, key, cfg=cfg, tx=tx)
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    check_batch_divisible(cfg.train.batch_size, mesh)
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> Batch:
+    """Move a host batch to the devices: sharded along the batch axis with a mesh.
+
+    With several processes, each passes its own slice of the global batch.
+    """
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    sharding = batch_sharding(mesh)
+    if jax.process_count() > 1:
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
+    return tree if mesh is None else jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,61 @@
+"""Shared fixtures: small configs and the paths of ../shared (skipped where absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference"
+HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
+
+
+def require(path: Path) -> Path:
+    """Skip the calling test with a clear reason unless ``path`` exists."""
+    if not path.exists():
+        pytest.skip(f"{path} is not available (the shared reference data lives in ../shared next to the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Config:
+    """2 levels (x2), C=6, hidden 16, 3 steps each, 16x16 images, 8x8 patches."""
+    return validate(
+        Config(
+            name="tiny",
+            model=ModelConfig(channels=6, hidden=16, steps=(3, 3), scales=(2, 1), patch_size=8, fire_rate=0.5, remat="none"),
+            data=DataConfig(image_size=(16, 16)),
+            train=TrainConfig(batch_size=4, num_steps=10),
+        )
+    )
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def random_level_params(key, channels: int, hidden: int, scale: float = 0.3):
+    """Level params with a non-zero fc1 (a fresh NCA is the identity, which tests nothing)."""
+    import jax
+
+    from mednca_jax.model import init_level_params
+
+    p = init_level_params(key, channels, hidden)
+    k = jax.random.fold_in(key, 1)
+    p["fc1"]["kernel"] = scale * jax.random.normal(k, p["fc1"]["kernel"].shape) / np.sqrt(hidden)
+    return p
+
+
+def random_params(model_cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
+    import jax
+
+    from mednca_jax.levels import level_names
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), model_cfg.n_levels)
+    return {n: random_level_params(k, model_cfg.channels, model_cfg.hidden, scale) for n, k in zip(level_names(model_cfg), keys)}
