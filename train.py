@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Train Med-NCA (or the UNet baseline) on an MSD task folder or the embedded synthetic data.
+
+Examples:
+  python train.py --config configs/demo.toml
+  python train.py --config configs/hippocampus_cpu.toml --data ../shared/data/Task04_Hippocampus --workdir runs/hippo
+  python train.py --workdir runs/hippo --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[1], epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="TOML config under configs/ (with --resume: defaults to the run's own config.toml)")
+    p.add_argument("--data", type=Path, help="MSD task folder (imagesTr/, labelsTr/, dataset.json); default: generate the synthetic demo task inside --workdir")
+    p.add_argument("--workdir", type=Path, help="run folder for checkpoints, logs, split and config (default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-3 --set model.steps=[32,32]; repeatable")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+    p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mednca_jax.checkpoint import CONFIG_FILE, CheckpointError
+    from mednca_jax.config import ConfigError, load_config
+    from mednca_jax.data import DataError
+    from mednca_jax.trainer import RunError, train
+
+    try:
+        if args.config is None:
+            if not (args.resume and args.workdir):
+                raise ConfigError("--config is required (or --resume with --workdir of an existing run)")
+            args.config = args.workdir / CONFIG_FILE
+        cfg = load_config(args.config, args.overrides)
+        workdir = args.workdir or Path("runs") / cfg.name
+        result = train(cfg, workdir, args.data, resume=args.resume, cache_dir=args.cache_dir, progress=not args.no_progress)
+    except (ConfigError, DataError, RunError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{result['reason']}: step {result['step']} in {result['minutes']:.1f} min, "
+        f"best validation Dice {result['best_val_dice']:.4f}; run folder {workdir}"
+    )
+    return 130 if result["reason"] == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
