@@ -22,6 +22,7 @@ from .config import Config
 from .data import Case, SliceSet, load_case, resample_to_native, write_volume
 from .data.preprocess import encode_labels
 from .losses import dice_hard, dice_soft
+from .quality import nqm
 
 PredictFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -65,15 +66,6 @@ def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
     above = probs > 0.5
     best = np.argmax(np.where(above, probs, -1.0), axis=-1) + 1
     return np.where(above.any(axis=-1), best, 0).astype(np.uint8)
-
-
-def nqm(run_probs: np.ndarray) -> float:
-    """NQM of one volume from ``(N_runs, ...)`` sigmoid outputs: sum(std) / sum(mean)."""
-    if run_probs.shape[0] < 2:
-        raise ValueError(f"NQM needs at least 2 stochastic runs, got {run_probs.shape[0]}")
-    mean = run_probs.mean(axis=0)
-    total = float(mean.sum())
-    return float(run_probs.std(axis=0).sum() / total) if total > 0 else 0.0
 
 
 def _native_dice(pred_labels: np.ndarray, case: Case, cfg: Config, meta_shape: tuple[int, ...], axis: int) -> float:

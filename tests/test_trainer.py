@@ -1,0 +1,138 @@
+"""train.py / evaluate.py end to end on a tiny synthetic task: resume, errors, outputs."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import evaluate as evaluate_cli
+import train as train_cli
+from mednca_jax import checkpoint as ckpt
+from mednca_jax.config import dumps
+from mednca_jax.data import make_synthetic_task
+from mednca_jax.trainer import RunError, train
+
+TINY = """
+name = "tiny"
+[model]
+channels = 6
+hidden = 16
+steps = [3, 3]
+scales = [2, 1]
+patch_size = 8
+remat = "none"
+[data]
+image_size = [16, 16]
+split = [0.5, 0.25, 0.25]
+foreground_fraction = 0.5
+[train]
+batch_size = 4
+num_steps = 6
+log_every = 2
+eval_every = 3
+checkpoint_every = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    make_synthetic_task(root / "synth", n_cases=4, seed=0, shape=(24, 24, 24))
+    cfg_path = root / "tiny.toml"
+    cfg_path.write_text(TINY)
+    return root / "synth", cfg_path
+
+
+def _params(run):
+    params, _ = ckpt.load_params(run, which="latest")
+    return jax.tree_util.tree_leaves(params)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(task, tmp_path, monkeypatch):
+    data, cfg_path = task
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    from mednca_jax.config import load_config
+
+    cfg = load_config(cfg_path)
+    full = train(cfg, tmp_path / "full", data, progress=False)
+    assert full["step"] == 6 and full["reason"] == "done"
+    part = train(cfg, tmp_path / "part", data, progress=False, stop_after=4)
+    assert part["step"] == 4
+    resumed = train(cfg, tmp_path / "part", data, resume=True, progress=False)
+    assert resumed["step"] == 6
+    for a, b in zip(_params(tmp_path / "full"), _params(tmp_path / "part")):
+        np.testing.assert_array_equal(a, b)
+    split = json.loads((tmp_path / "full" / "split.json").read_text())
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(p.name.split(".")[0] for p in (data / "imagesTr").iterdir())
+    log = [json.loads(l) for l in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert any("val_dice" in r for r in log) and any("loss" in r for r in log)
+    assert list((tmp_path / "full" / "tb").iterdir())
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(task, tmp_path, monkeypatch):
+    data, cfg_path = task
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    from mednca_jax.config import load_config
+
+    cfg = load_config(cfg_path)
+    with pytest.raises(RunError, match="no checkpoint"):
+        train(cfg, tmp_path / "new", data, resume=True, progress=False)
+    train(cfg, tmp_path / "run", data, progress=False, stop_after=1)
+    with pytest.raises(RunError, match="--resume"):
+        train(cfg, tmp_path / "run", data, progress=False)
+    other = cfg.replace(model=cfg.model.__class__(**{**cfg.model.__dict__, "hidden": 8}))
+    with pytest.raises(ckpt.CheckpointError, match="model.hidden"):
+        train(other, tmp_path / "run", data, resume=True, progress=False)
+
+
+def test_cli_train_then_evaluate(task, tmp_path, monkeypatch, capsys):
+    data, cfg_path = task
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "cli"
+    assert train_cli.main(["--config", str(cfg_path), "--data", str(data), "--workdir", str(run), "--no-progress", "--set", "train.num_steps=3"]) == 0
+    assert (run / "config.toml").read_text().count("num_steps = 3") == 1
+    out = tmp_path / "eval"
+    assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out), "--runs", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["summary"]) >= {"dice", "dice_soft", "dice_native", "nqm"}
+    split = json.loads((run / "split.json").read_text())
+    assert set(metrics["cases"]) == set(split["test"])
+    import nibabel as nib
+
+    for name in split["test"]:
+        pred = nib.load(out / "predictions" / f"{name}.nii.gz")
+        img = nib.load(data / "imagesTr" / f"{name}.nii.gz")
+        assert pred.shape == img.shape[:3] and np.allclose(pred.affine, img.affine)
+        assert (out / "variance" / f"{name}.nii.gz").is_file()
+    text = capsys.readouterr().out
+    assert "mean ± std" in text
+
+
+def test_cli_errors_are_clear(task, tmp_path, capsys):
+    data, cfg_path = task
+    assert train_cli.main(["--config", str(cfg_path), "--set", "train.lrr=1", "--workdir", str(tmp_path / "x")]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+    assert train_cli.main(["--config", str(cfg_path), "--data", str(tmp_path), "--workdir", str(tmp_path / "y")]) == 2
+    assert "imagesTr" in capsys.readouterr().err
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unlabelled_folder_gives_predictions_only(task, tmp_path, monkeypatch):
+    data, cfg_path = task
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    from mednca_jax.config import load_config
+    from mednca_jax.levels import init_params
+
+    cfg = load_config(cfg_path)
+    ckpt.save_params(tmp_path / "run", init_params(cfg.model, jax.random.PRNGKey(0)), cfg)
+    unl = tmp_path / "unlabelled"
+    (unl / "imagesTs").mkdir(parents=True)
+    (unl / "imagesTr").mkdir()
+    shutil.copy(data / "imagesTr" / sorted(p.name for p in (data / "imagesTr").iterdir())[0], unl / "imagesTs" / "case_a.nii.gz")
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path / "run"), "--data", str(unl), "--out", str(tmp_path / "o")]) == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["summary"] == {} and "case_a" in metrics["cases"]
+    assert (tmp_path / "o" / "predictions" / "case_a.nii.gz").is_file()
