@@ -93,6 +93,7 @@ def evaluate_cases(
     native: bool = True,
     predict: PredictFn | None = None,
     progress: Callable[[Any], Any] = lambda it: it,
+    panels: bool = True,
 ) -> dict[str, Any]:
     """Score every case of ``slices`` (and write predictions when ``out_dir`` is given).
 
@@ -125,6 +126,8 @@ def evaluate_cases(
         if runs >= 2:
             r["nqm"] = nqm(run_probs[:, rows])
         results[name] = r
+        if out is not None and runs >= 2 and slices.labels is not None and panels:
+            _case_panel(out / "panels" / f"{name}.png", slices.images[rows], p, slices.labels[rows], run_probs[:, rows], name, r)
         if out is not None:
             meta = slices.meta(k)
             write_volume(out / "predictions" / f"{name}.nii.gz", resample_to_native(pred_labels, meta.shape, slices.slice_axis), meta)
@@ -136,6 +139,16 @@ def evaluate_cases(
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _case_panel(path: Path, images: np.ndarray, probs: np.ndarray, labels: np.ndarray, runs: np.ndarray, name: str, r: dict) -> None:
+    """PNG of the slice with the most foreground: input, mean prediction, label, std over runs."""
+    from .plots import case_panel
+    from .quality import std_map
+
+    i = int(np.argmax(labels.reshape(labels.shape[0], -1).sum(axis=1)))
+    title = f"{name}: Dice {r.get('dice', float('nan')):.3f}, NQM {r.get('nqm', float('nan')):.3f}"
+    case_panel(images[i, ..., 0], probs[i, ..., 0], labels[i, ..., 0], std_map(runs[:, i, ..., 0]), path, title=title)
 
 
 def summarize(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -161,3 +174,138 @@ def format_table(metrics: dict[str, Any]) -> str:
     s = metrics["summary"]
     lines.append(f"{'mean ± std':<{width}}  " + "  ".join(f"{s[k]['mean']:.4f}±{s[k]['std']:.3f}".rjust(11) for k in keys))
     return "\n".join(lines)
+
+
+def select_cases(
+    checkpoint: Path, data_dir: Path, cases_file: Path | None, split: str | None
+) -> list[Case]:
+    """The cases of ``data_dir`` to evaluate: all, those listed in ``cases_file``, and/or one
+    part of the run's own ``split.json``."""
+    from .data import DataError, list_cases, read_split
+
+    cases = list_cases(data_dir)
+    names = [c.name for c in cases]
+    if cases_file is not None:
+        wanted = [l.strip() for l in Path(cases_file).read_text().splitlines() if l.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise DataError(f"{cases_file}: cases {unknown[:5]} are not in {data_dir}")
+        names = wanted
+    if split is not None:
+        part = set(read_split(Path(checkpoint) / "split.json").part(split))
+        names = [n for n in names if n in part]
+        if not names:
+            raise DataError(f"the {split} part of {Path(checkpoint) / 'split.json'} has no case in {data_dir}")
+    keep = set(names)
+    return [c for c in cases if c.name in keep]
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_dir: Path | None,
+    out: Path,
+    *,
+    cases_file: Path | None = None,
+    split: str | None = None,
+    runs: int = 1,
+    fire_rate: float | None = None,
+    seed: int = 0,
+    which: str = "best",
+    batch_size: int = 32,
+    cache_dir: Path | None = None,
+    failure_dice: float = 0.8,
+    robustness: bool = False,
+    perturbations: Sequence[str] | None = None,
+    severities: Sequence[float] | None = None,
+    compare_with: Sequence[Path] = (),
+) -> dict[str, Any]:
+    """Everything ``evaluate.py`` does; returns the metrics dict also written to ``out``.
+
+    With ``runs >= 2``: NQM per case, its Spearman correlation with Dice and a failure
+    detection summary (``quality``; NQM threshold chosen on the run's validation patients
+    when ``split`` is given and the run has some), an NQM-Dice plot, case panels and a GIF
+    of one rollout. With ``robustness``: ``robustness.json``/``.md``/``.png``.
+    """
+    from .checkpoint import load_params
+    from .data import DataError, load_slices, read_split
+    from .levels import check_fire_rate
+
+    if runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {runs}")
+    if fire_rate is not None:
+        check_fire_rate(fire_rate)
+    params, cfg = load_params(checkpoint, which=which)
+    data_dir = data_dir or Path(checkpoint) / "synthetic_data"
+    if not data_dir.is_dir():
+        raise DataError(f"no --data given and {data_dir} does not exist; pass --data MSD_TASK_FOLDER")
+    chosen = select_cases(checkpoint, data_dir, cases_file, split)
+    labelled = [c for c in chosen if c.label is not None]
+    unlabelled = [c for c in chosen if c.label is None]
+    if robustness and not labelled:
+        raise DataError("--robustness needs labelled cases")
+    key = jax.random.PRNGKey(seed)
+    predict = make_predict_fn(cfg)
+    metrics: dict[str, Any] = {"summary": {}, "cases": {}}
+    test_slices = None
+    for sub in (labelled, unlabelled):
+        if sub:
+            slices = load_slices(sub, cfg.data, cache_dir, cfg.model.n_out)
+            m = evaluate_cases(params, cfg, slices, sub, key, fire_rate=fire_rate, runs=runs, batch_size=batch_size, out_dir=out, predict=predict)
+            metrics["cases"].update(m["cases"])
+            if sub is labelled:
+                metrics["summary"], test_slices = m["summary"], slices
+    if runs >= 2 and test_slices is not None:
+        metrics["quality"] = _quality(params, cfg, checkpoint, data_dir, split, metrics, key, fire_rate, runs, batch_size, cache_dir, failure_dice, out, predict)
+        if cfg.model.kind == "nca":
+            _rollout_gif(params, cfg, test_slices, key, fire_rate, out / "rollout.gif")
+    if robustness:
+        from .plots import markdown_table, plot_robustness
+        from .robustness import robustness_suite
+
+        res = robustness_suite(params, cfg, test_slices, key, perturbations=perturbations, severities=severities,
+                               fire_rate=fire_rate, seed=seed, batch_size=batch_size)
+        label = f"{cfg.model.kind}:{cfg.name}"
+        combined = {label: res}
+        for other in compare_with:
+            combined.update(json.loads(Path(other).read_text())["models"])
+        (out / "robustness.json").write_text(json.dumps({"models": {label: res}}, indent=2) + "\n")
+        (out / "robustness.md").write_text(markdown_table(combined) + "\n")
+        plot_robustness(combined, out / "robustness.png")
+        metrics["robustness"] = res
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _quality(params, cfg, checkpoint, data_dir, split, metrics, key, fire_rate, runs, batch_size, cache_dir, failure_dice, out, predict) -> dict[str, Any]:
+    from .data import load_slices, read_split
+    from .plots import plot_nqm_vs_dice
+    from .robustness import quality_summary
+
+    test = {n: r for n, r in metrics["cases"].items() if "nqm" in r and "dice" in r}
+    nqm_val = dice_val = None
+    split_file = Path(checkpoint) / "split.json"
+    if split == "test" and split_file.is_file():
+        val_names = set(read_split(split_file).val)
+        val_cases = [c for c in select_cases(checkpoint, data_dir, None, None) if c.name in val_names and c.label is not None]
+        if len(val_cases) >= 2:
+            vs = load_slices(val_cases, cfg.data, cache_dir, cfg.model.n_out)
+            vm = evaluate_cases(params, cfg, vs, val_cases, key, fire_rate=fire_rate, runs=runs, batch_size=batch_size, native=False, predict=predict)
+            nqm_val = [r["nqm"] for r in vm["cases"].values()]
+            dice_val = [r["dice"] for r in vm["cases"].values()]
+    q = quality_summary([r["nqm"] for r in test.values()], [r["dice"] for r in test.values()], nqm_val, dice_val, failure_dice)
+    plot_nqm_vs_dice([r["nqm"] for r in test.values()], [r["dice"] for r in test.values()], out / "nqm_vs_dice.png",
+                     threshold=q["nqm_threshold"], dice_threshold=failure_dice)
+    return q
+
+
+def _rollout_gif(params, cfg: Config, slices: SliceSet, key, fire_rate, path: Path) -> None:
+    """GIF of the rollout of the slice with the most foreground of the first case."""
+    from .levels import forward_trajectory
+    from .plots import rollout_gif
+
+    rows = slices.case_slices(0)
+    i = rows[int(np.argmax(slices.labels[rows].reshape(len(rows), -1).sum(axis=1)))]
+    fr = cfg.model.fire_rate if fire_rate is None else fire_rate
+    traj = jax.jit(forward_trajectory, static_argnums=1)(params, cfg.model, jnp.asarray(slices.images[i : i + 1]), key, fr)
+    rollout_gif(np.asarray(traj[:, 0]), path, cfg.model.n_in)

@@ -168,6 +168,27 @@ def forward(
     return (logits, states + [x]) if return_states else logits
 
 
+def forward_trajectory(
+    params: Params, model_cfg: ModelConfig, images: jax.Array, key: jax.Array, fire_rate: float | None = None
+) -> jax.Array:
+    """Every state of an inference rollout, all levels, at full resolution (for GIFs).
+
+    images ``(B, H, W, n_in)`` -> ``(sum(steps), B, H, W, C)``; coarse levels are shown
+    nearest-upsampled. Uses the same keys as :func:`forward`, so its last state is the one
+    :func:`forward` returns.
+    """
+    fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
+    keys = jax.random.split(key, model_cfg.n_levels)
+    names, scales = level_names(model_cfg), model_cfg.scales
+    x, frames = None, []
+    for i in range(model_cfg.n_levels):
+        img = downscale(images, scales[i], model_cfg.downscale)
+        x = seed_state(img, model_cfg.channels) if x is None else reset_inputs(upsample_nearest(x, scales[i - 1] // scales[i]), img)
+        x, traj = rollout(params[names[i]], x, img, keys[i], model_cfg.steps[i], fire_rate, trajectory=True)
+        frames.append(jnp.repeat(jnp.repeat(traj, scales[i], axis=2), scales[i], axis=3))
+    return jnp.concatenate(frames, axis=0)
+
+
 def random_crops(key: jax.Array, arrays: tuple[jax.Array, ...], size: int) -> tuple[jax.Array, ...]:
     """One uniformly placed ``size x size`` crop per sample, the same window in every array.
 

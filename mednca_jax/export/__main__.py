@@ -1,0 +1,96 @@
+"""``python -m mednca_jax.export {from-torch, to-numpy, to-torch}``: move Med-NCA weights
+between the original PyTorch files, this project's run folders and the edge runtimes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import ExportError, export_numpy, export_torch, import_torch, load_checkpoint, resolve_config, verify_numpy
+
+
+def _size(paths: Sequence[Path]) -> str:
+    return ", ".join(f"{p.name} ({p.stat().st_size / 1024:.1f} KiB)" for p in paths)
+
+
+def cmd_from_torch(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args.config, args.set)
+    out = import_torch(cfg, args.weights, args.out, force=args.force)
+    print(f"wrote run folder {out} (config {cfg.name!r}, {cfg.model.n_levels} levels) from {', '.join(args.weights)}")
+    return 0
+
+
+def cmd_to_numpy(args: argparse.Namespace) -> int:
+    params, cfg = load_checkpoint(args.checkpoint, args.which)
+    files = export_numpy(params, cfg, args.out)
+    print(f"wrote {args.out}: {_size(files)}")
+    print(f"run it with: python {Path(args.out) / files[0].name} {args.out} IN.nii.gz OUT.nii.gz")
+    if args.verify:
+        diff = verify_numpy(args.out, params, cfg)
+        print(f"verify: max |logits(NumPy) - logits(JAX)| = {diff:.3g} at fire rate 0")
+        if diff > 1e-3:
+            print("error: the exported runtime disagrees with JAX beyond 1e-3", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_to_torch(args: argparse.Namespace) -> int:
+    params, cfg = load_checkpoint(args.checkpoint, args.which)
+    files = export_torch(params, cfg, args.out)
+    print(f"wrote {args.out}: {_size(files)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mednca_jax.export",
+        description="Import the original Med-NCA weights, or export trained params to edge runtimes: a NumPy-only "
+                    "module (no JAX/torch needed) or a PyTorch module with the original state-dict layout.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("from-torch", help="original .pth/.npz weights -> a run folder (checkpoint)",
+                       description="Convert the original Med-NCA weights into a run folder that train/evaluate/"
+                                   "to-numpy/to-torch read. The kernel layout is converted exactly (only transposes).")
+    f.add_argument("--config", required=True,
+                   help="TOML config describing the model (a path, or the name of a file in configs/, "
+                        "e.g. hippocampus_official)")
+    f.add_argument("--weights", required=True, nargs="+", metavar="PATH",
+                   help="one .pth state dict per level, coarse to fine (model0.pth model1.pth), or one .npz with "
+                        "keys model0.p0.weight ...")
+    f.add_argument("--out", required=True, metavar="DIR", help="run folder to create (must be new or empty)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.fire_rate=0.5 (repeatable)")
+    f.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out folder")
+    f.set_defaults(func=cmd_from_torch)
+
+    for name, func, what in (
+        ("to-numpy", cmd_to_numpy, "mednca_numpy.py + weights.npz + config.json (needs only numpy; nibabel for NIfTI)"),
+        ("to-torch", cmd_to_torch, "mednca_torch.py + model0.pth, model1.pth, ... (original layout) + config.json"),
+    ):
+        s = sub.add_parser(name, help=f"run folder -> {what}", description=f"Export a checkpoint as {what}.")
+        s.add_argument("--checkpoint", required=True, metavar="DIR",
+                       help="run folder written by training or from-torch (holds config.toml and checkpoints)")
+        s.add_argument("--out", required=True, metavar="DIR2", help="folder to write (created; existing files replaced)")
+        s.add_argument("--which", choices=("best", "latest"), default="best",
+                       help="checkpoint to export: best by validation Dice (falls back to latest) or latest")
+        if name == "to-numpy":
+            s.add_argument("--verify", action="store_true",
+                           help="after writing, run the exported runtime and JAX at fire rate 0 on a random image and "
+                                "fail if the logits differ by more than 1e-3")
+        s.set_defaults(func=func)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The paper's claims as measurements: Dice under shifts, scale changes and MRI artefacts,
+and how well the NCA quality metric (NQM) flags failed cases.
+
+Used by ``evaluate.py --robustness`` and ``evaluate.py --runs N``; works for any model kind.
+Results have the shape ``{perturbation: {severity_or_size: {"mean": dice, "std": dice}}}``,
+the format :mod:`mednca_jax.plots` draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from .config import Config
+from .data import SliceSet
+from .evaluation import PredictFn, make_predict_fn, predict_slices
+from .losses import dice_hard
+from .perturbations import PERTURBATIONS, SCALE_SIZES, apply_perturbation, check_severities, rescale
+from .quality import choose_nqm_threshold, failure_detection_summary, spearman
+
+SCALE = "scale"
+
+
+def check_perturbation_names(names: Sequence[str]) -> list[str]:
+    """Validate names (registry entries or ``"scale"``); raise listing the valid choices."""
+    valid = list(PERTURBATIONS) + [SCALE]
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"unknown perturbation(s) {bad}; valid choices: {', '.join(valid)}")
+    return list(names)
+
+
+def per_case_dice(probs: np.ndarray, labels: np.ndarray, slices: SliceSet) -> np.ndarray:
+    """Hard Dice per case ``(K,)`` of slice-wise ``probs``/``labels`` ``(N, H, W, n_out)``."""
+    return np.array([dice_hard(probs[rows], labels[rows]) for rows in map(slices.case_slices, range(len(slices.case_names)))])
+
+
+def _stats(d: np.ndarray) -> dict[str, float]:
+    return {"mean": float(d.mean()), "std": float(d.std())}
+
+
+def robustness_suite(
+    params: Any,
+    cfg: Config,
+    slices: SliceSet,
+    key: jax.Array,
+    *,
+    perturbations: Sequence[str] | None = None,
+    severities: Sequence[float] | None = None,
+    sizes: Sequence[int] = SCALE_SIZES,
+    fire_rate: float | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: Callable[[Any], Any] = lambda it: it,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-case Dice (mean, std over cases) for each perturbation and severity.
+
+    ``"clean"`` holds the unperturbed figure (severity 0 of every curve). ``"scale"``
+    evaluates the model at other image sizes (``sizes``, pixels): images bilinear, labels
+    nearest; both model kinds are fully convolutional and run at the new size directly.
+    """
+    if slices.labels is None:
+        raise ValueError("the robustness suite needs labelled cases")
+    names = check_perturbation_names(perturbations or list(PERTURBATIONS) + [SCALE])
+    sev = check_severities(severities) if severities is not None else None
+    fire_rate = cfg.model.fire_rate if fire_rate is None else fire_rate
+    predict = make_predict_fn(cfg)
+    images, labels = slices.images[..., 0], slices.labels
+    run = lambda imgs: predict_slices(predict, params, imgs[..., None].astype(np.float32), key, fire_rate, batch_size)  # noqa: E731
+    clean = _stats(per_case_dice(run(images), labels, slices))
+    results: dict[str, dict[str, dict[str, float]]] = {"clean": {"0": clean}}
+    for name in progress(names):
+        if name == SCALE:
+            results[SCALE] = {}
+            for size in sizes:
+                if size % cfg.model.scales[0] or (cfg.model.kind == "unet" and size % 2**cfg.model.unet_depth):
+                    continue
+                imgs, labs = rescale(images, labels, size)
+                results[SCALE][str(size)] = _stats(per_case_dice(run(imgs), labs, slices))
+            continue
+        results[name] = {"0": clean}
+        for s in sev if sev is not None else PERTURBATIONS[name].severities:
+            imgs, labs = apply_perturbation(name, images, labels, float(s), seed)
+            results[name][str(float(s))] = _stats(per_case_dice(run(imgs), labs, slices))
+    return results
+
+
+def quality_summary(
+    nqm_test: Sequence[float],
+    dice_test: Sequence[float],
+    nqm_val: Sequence[float] | None,
+    dice_val: Sequence[float] | None,
+    dice_threshold: float,
+) -> dict[str, Any]:
+    """Spearman(NQM, Dice) on the test cases and failure detection with an NQM threshold
+    chosen on validation cases (on the test cases themselves, flagged as such, without)."""
+    chosen_on = "val" if nqm_val is not None and len(nqm_val) >= 2 else "test (no validation cases)"
+    ref_n, ref_d = (nqm_val, dice_val) if chosen_on == "val" else (nqm_test, dice_test)
+    thr = choose_nqm_threshold(ref_n, ref_d, dice_threshold)
+    return {
+        "spearman_nqm_dice": spearman(nqm_test, dice_test),
+        "nqm_threshold": thr,
+        "threshold_chosen_on": chosen_on,
+        "failure_detection": failure_detection_summary(nqm_test, dice_test, thr, dice_threshold),
+    }
+
+
+__all__ = ["SCALE", "check_perturbation_names", "per_case_dice", "quality_summary", "robustness_suite", "PredictFn"]
