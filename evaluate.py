@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to load: best validation Dice (default) or latest")
     p.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
     p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
+    p.add_argument("--quality", action="store_true", help="require the quality metrics (NQM, Spearman, failure detection): an error unless --runs >= 2")
     p.add_argument("--failure-dice", type=float, default=0.8, help="with --runs: a case with hard Dice below this counts as a failure to detect")
     p.add_argument("--robustness", action="store_true", help="Dice under each perturbation and severity, and at other image sizes")
     p.add_argument("--perturbations", nargs="+", help="with --robustness: which ones (default: all; see mednca_jax/perturbations.py, plus 'scale')")
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or args.checkpoint / f"eval-{args.split or 'all'}"
     try:
+        if args.quality and args.runs < 2:
+            raise ValueError(f"--quality needs --runs N with N >= 2 stochastic runs (got --runs {args.runs}); e.g. --runs 10")
         if args.robustness:
             from mednca_jax.perturbations import check_severities
             from mednca_jax.robustness import check_perturbation_names
@@ -66,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(metrics))
-    if "quality" in metrics:
+    if metrics.get("quality", {}).get("spearman_nqm_dice") is None and "quality" in metrics:
+        print(f"NQM: {metrics['quality']['note']}")
+    elif "quality" in metrics:
         q = metrics["quality"]
         fd = q["failure_detection"]
         print(f"NQM vs Dice: Spearman {q['spearman_nqm_dice']:.3f}; NQM threshold {q['nqm_threshold']:.4f} "

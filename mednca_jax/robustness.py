@@ -96,6 +96,8 @@ def quality_summary(
 ) -> dict[str, Any]:
     """Spearman(NQM, Dice) on the test cases and failure detection with an NQM threshold
     chosen on validation cases (on the test cases themselves, flagged as such, without)."""
+    if len(nqm_test) < 2:
+        return {"spearman_nqm_dice": None, "note": f"quality statistics need >= 2 labelled cases, got {len(nqm_test)}"}
     chosen_on = "val" if nqm_val is not None and len(nqm_val) >= 2 else "test (no validation cases)"
     ref_n, ref_d = (nqm_val, dice_val) if chosen_on == "val" else (nqm_test, dice_test)
     thr = choose_nqm_threshold(ref_n, ref_d, dice_threshold)

@@ -25,7 +25,7 @@ patch_size = 8
 remat = "none"
 [data]
 image_size = [16, 16]
-split = [0.5, 0.25, 0.25]
+split = [0.5, 0.17, 0.33]
 foreground_fraction = 0.5
 [train]
 batch_size = 4
@@ -39,7 +39,7 @@ checkpoint_every = 3
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
-    make_synthetic_task(root / "synth", n_cases=4, seed=0, shape=(24, 24, 24))
+    make_synthetic_task(root / "synth", n_cases=6, seed=0, shape=(24, 24, 24))
     cfg_path = root / "tiny.toml"
     cfg_path.write_text(TINY)
     return root / "synth", cfg_path
@@ -136,3 +136,35 @@ def test_unlabelled_folder_gives_predictions_only(task, tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["summary"] == {} and "case_a" in metrics["cases"]
     assert (tmp_path / "o" / "predictions" / "case_a.nii.gz").is_file()
+
+
+def test_evaluate_quality_and_robustness_outputs(task, tmp_path, monkeypatch, capsys):
+    data, cfg_path = task
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert train_cli.main(["--config", str(cfg_path), "--data", str(data), "--workdir", str(run), "--no-progress", "--set", "train.num_steps=2"]) == 0
+    out = tmp_path / "rob"
+    args = ["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out), "--runs", "2",
+            "--robustness", "--perturbations", "gaussian_noise", "translation", "scale", "--severities", "1.0"]
+    assert evaluate_cli.main(args) == 0
+    rob = json.loads((out / "robustness.json").read_text())["models"]["nca:tiny"]
+    assert set(rob) == {"clean", "gaussian_noise", "translation", "scale"}
+    assert set(rob["gaussian_noise"]) == {"0", "1.0"} and set(rob["scale"]) >= {"48", "64"}
+    assert rob["scale"]["64"] == rob["clean"]["0"]  # 64 px is the training size: the clean result
+    metrics = json.loads((out / "metrics.json").read_text())
+    rho = metrics["quality"]["spearman_nqm_dice"]
+    assert rho is None or np.isnan(rho) or -1 <= rho <= 1
+    assert metrics["quality"]["threshold_chosen_on"].startswith("test")  # one validation case is too few
+    for f in ("robustness.md", "robustness.png", "nqm_vs_dice.png", "rollout.gif"):
+        assert (out / f).stat().st_size > 0, f
+    assert list((out / "panels").glob("*.png"))
+    capsys.readouterr()
+    bad = [
+        (["--robustness", "--perturbations", "earthquake"], "valid choices"),
+        (["--robustness", "--severities", "1.5"], "severities must lie in"),
+        (["--quality", "--runs", "1"], "--runs N with N >= 2"),
+        (["--fire-rate", "1.0"], "fire_rate must be in"),
+    ]
+    for extra, msg in bad:
+        assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "bad")] + extra) == 2
+        assert msg in capsys.readouterr().err
