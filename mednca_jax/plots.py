@@ -279,3 +279,25 @@ def markdown_table(results: Results) -> str:
             shown = f"{int(sev)} px" if name in SIZE_KEYED else f"{sev:g}"
             lines.append(f"| {name} | {shown} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *, title: str | None = None) -> Path:
+    """Validation Dice against wall-clock minutes, one line per run.
+
+    ``logs``: ``{run_name: records}`` with the records of a run's ``log.jsonl`` (those holding
+    ``val_dice`` are drawn).
+    """
+    fig = _figure(figsize=(6, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for name, records in logs.items():
+        pts = [(r["minutes"], r["val_dice"]) for r in records if "val_dice" in r]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker="o", ms=3, label=name)
+    ax.set_xlabel("minutes of training (2-core CPU)")
+    ax.set_ylabel("validation hard Dice (per patient, mean)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

@@ -107,6 +107,18 @@ def _pick_val_images(val: Any, n: int = 4) -> np.ndarray:
     return rows[np.linspace(0, rows.size - 1, min(n, rows.size)).astype(int)]
 
 
+def _write_curve(cfg: Config, workdir: Path) -> None:
+    """``curve.png``: validation Dice against minutes (skipped, with a note, without matplotlib)."""
+    try:
+        from .plots import plot_training_curves
+
+        records = [json.loads(l) for l in (workdir / LOG_FILE).read_text().splitlines() if l.strip()]
+        if any("val_dice" in r for r in records):
+            plot_training_curves({cfg.name: records}, workdir / "curve.png")
+    except ImportError as e:
+        print(f"note: no curve.png ({e})")
+
+
 def train(
     cfg: Config,
     workdir: str | Path,
@@ -261,6 +273,7 @@ def train(
             writer.close()
             latest.close()
             best_mngr.close()
+    _write_curve(cfg, workdir)
     if reason == "nan":
         raise FloatingPointError(
             f"the loss became non-finite at step {step}; lower train.lr or check the data. "

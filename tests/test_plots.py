@@ -94,3 +94,14 @@ def test_markdown_table():
     assert "| scale | 48 px | 0.880 | – |" in lines
     assert "| blur | 0.5 | – | 0.900 |" in lines
     assert len(lines) == 2 + 3 + 3 + 1
+
+
+def test_training_curves_png(tmp_path):
+    from PIL import Image
+
+    from mednca_jax.plots import plot_training_curves
+
+    logs = {"nca": [{"minutes": 1.0, "val_dice": 0.5}, {"minutes": 2.0, "loss": 0.3}, {"minutes": 3.0, "val_dice": 0.7}]}
+    path = plot_training_curves(logs, tmp_path / "curve.png", title="t")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 200

@@ -69,6 +69,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(task, tmp_path, monkey
     log = [json.loads(l) for l in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert any("val_dice" in r for r in log) and any("loss" in r for r in log)
     assert list((tmp_path / "full" / "tb").iterdir())
+    assert (tmp_path / "full" / "curve.png").stat().st_size > 0
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(task, tmp_path, monkeypatch):
