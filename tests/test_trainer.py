@@ -169,3 +169,15 @@ def test_evaluate_quality_and_robustness_outputs(task, tmp_path, monkeypatch, ca
     for extra, msg in bad:
         assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "bad")] + extra) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_unet_baseline_trains_and_evaluates_through_the_same_cli(task, tmp_path, monkeypatch):
+    data, cfg_path = task
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "unet"
+    sets = ["--set", "model.kind=unet", "--set", "model.unet_width=4", "--set", "model.unet_depth=2", "--set", "train.num_steps=2", "--set", "name=tiny_unet"]
+    assert train_cli.main(["--config", str(cfg_path), "--data", str(data), "--workdir", str(run), "--no-progress"] + sets) == 0
+    out = tmp_path / "unet_eval"
+    assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
