@@ -28,12 +28,15 @@ PredictFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def make_predict_fn(cfg: Config) -> PredictFn:
-    """Jitted ``(params, images (B,H,W,n_in), key, fire_rate) -> probabilities (B,H,W,n_out)``."""
+    """Jitted ``(params, images (B,H,W,n_in), key, fire_rate) -> probabilities (B,H,W,n_out)``.
+
+    The fire rate is static (a Python float): with a known rate only the fired cells are
+    computed (one compile per rate)."""
 
     def predict(params, images, key, fire_rate):
         return jax.nn.sigmoid(networks.forward(params, cfg, images, key, fire_rate))
 
-    return jax.jit(predict)
+    return jax.jit(predict, static_argnums=3)
 
 
 def predict_slices(
@@ -55,7 +58,7 @@ def predict_slices(
         pad = batch_size - chunk.shape[0]
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        probs = predict(params, jnp.asarray(chunk), jax.random.fold_in(key, i), jnp.float32(fire_rate))
+        probs = predict(params, jnp.asarray(chunk), jax.random.fold_in(key, i), float(fire_rate))
         out.append(np.asarray(probs)[: batch_size - pad])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

@@ -250,8 +250,9 @@ def segment(
     check_images(images, model_cfg)
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     check_fire_rate(fire_rate)
-    logits = _jit_forward(params, model_cfg, jnp.asarray(images), key, jnp.float32(fire_rate))
+    # The fire rate is static: with a known rate only the fired cells are computed.
+    logits = _jit_forward(params, model_cfg, jnp.asarray(images), key, float(fire_rate))
     return jax.nn.sigmoid(logits)
 
 
-_jit_forward = jax.jit(forward, static_argnums=(1,), static_argnames=("remat", "return_states"))
+_jit_forward = jax.jit(forward, static_argnums=(1, 4), static_argnames=("remat", "return_states"))

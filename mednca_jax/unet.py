@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .model import count_params  # noqa: F401  (re-exported: one parameter counter for every model)
 from .config import ModelConfig
 
 Params = dict[str, Any]
@@ -150,11 +151,6 @@ def unet_forward(params: Params, model_cfg: ModelConfig, images: jax.Array) -> j
 def _apply(params: Params, model_cfg: ModelConfig, images: jax.Array) -> jax.Array:
     # jitted so that eager calls compile once instead of dispatching op by op
     return _module(model_cfg).apply({"params": params}, images)
-
-
-def count_params(params: Any) -> int:
-    """Total number of scalars in a parameter pytree (works for NCA params too)."""
-    return int(sum(int(math.prod(a.shape)) for a in jax.tree_util.tree_leaves(params)))
 
 
 def expected_param_count(width: int, depth: int, n_in: int = 1, n_out: int = 1) -> int:

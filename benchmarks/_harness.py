@@ -1,0 +1,249 @@
+"""Shared plumbing of the benchmarks: worker subprocesses, interleaved timing, tables, JSON.
+
+Each framework runs in its own worker process (so peak RSS is not mixed and one framework's
+thread pools do not disturb the other's); the parent sends one command per timed call and
+alternates between the workers, so both see the same machine load (the benchmark machines
+are shared). A worker is this same script started with ``--worker NAME``; it answers each
+line of stdin with one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, {platform.system()}"
+
+
+# --------------------------------------------------------------------------- contention
+# Other processes on the (shared) machine distort the comparison, and not evenly: PyTorch's
+# OpenMP barriers slow down far more than XLA's task pool when a core is taken away (measured
+# here: torch 1.3 s -> 40 s per train step, JAX 1.0 s -> 1.6 s). So every timed phase measures
+# the CPU time used by processes other than the benchmark's own, and a run where that exceeds
+# --max-foreign-load cores is reported as inconclusive instead of passing or failing.
+def _busy_jiffies() -> int:
+    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(f) - f[3] - f[4]  # minus idle and iowait
+
+
+def _pid_jiffies(pid: int) -> int:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])  # utime + stime (all threads)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class CpuMeter:
+    """Cores used by processes other than ``pids`` (and this one) between start() and stop()."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = [os.getpid(), *pids]
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> "CpuMeter":
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_jiffies(), sum(map(_pid_jiffies, self.pids))
+        return self
+
+    def stop(self) -> float:
+        wall = time.perf_counter() - self.t0
+        busy = _busy_jiffies() - self.busy0
+        own = sum(map(_pid_jiffies, self.pids)) - self.own0
+        return max(0.0, (busy - own) / self.hz / max(wall, 1e-9))
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------- worker side
+def serve(handlers: dict[str, Callable[..., dict[str, Any]]]) -> None:
+    """Worker loop: each stdin line is ``{"cmd": name, ...}``; reply with one JSON line.
+
+    ``ready`` is sent first; ``quit`` replies with the peak RSS and exits.
+    """
+    out = sys.stdout
+    sys.stdout = sys.stderr  # stray prints must not break the protocol
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg.pop("cmd")
+        if cmd == "quit":
+            out.write(json.dumps({"peak_rss_mib": peak_rss_mib()}) + "\n")
+            out.flush()
+            return
+        try:
+            reply = handlers[cmd](**msg)
+        except Exception as e:  # report, let the parent decide
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------- parent side
+class Worker:
+    """A worker subprocess running ``script --worker name *args``."""
+
+    def __init__(self, script: str, name: str, args: list[str], env: dict[str, str] | None = None):
+        self.name = name
+        full_env = dict(os.environ, **(env or {}))
+        full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.proc = subprocess.Popen(
+            [sys.executable, script, "--worker", name, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
+        )
+        self._ready = False
+
+    def wait_ready(self) -> "Worker":
+        if not self._ready:
+            self._expect("ready")
+            self._ready = True
+        return self
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.name} died (exit code {self.proc.wait()}); see its stderr above")
+        return json.loads(line)
+
+    def _expect(self, key: str) -> dict[str, Any]:
+        reply = self._read()
+        if key not in reply:
+            raise RuntimeError(f"worker {self.name}: {reply}")
+        return reply
+
+    def call(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        self.wait_ready()
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(f"worker {self.name}, {cmd}: {reply['error']}")
+        return reply
+
+    def close(self) -> float:
+        """Stop the worker; returns its peak RSS in MiB."""
+        self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+        self.proc.stdin.flush()
+        rss = self._read()["peak_rss_mib"]
+        self.proc.wait(timeout=60)
+        return rss
+
+
+def start_workers(script: str, names: list[str], args: list[str]) -> dict[str, Worker]:
+    """Start the workers together (their imports overlap), then wait until each is ready."""
+    workers = {n: Worker(script, n, args) for n in names}
+    return {n: w.wait_ready() for n, w in workers.items()}
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """The command line minus the parent-only ``--json PATH``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not a.startswith("--json="):
+            out.append(a)
+    return out
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A Markdown table (also readable in a terminal)."""
+    cells = [[str(c) for c in header]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in cells[1:]])
+
+
+def write_json(path: str | None, figures: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+
+
+def check(failures: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        failures.append(message)
+
+
+def sample_quiet(
+    workers: dict[str, "Worker"], call: Callable[[str, "Worker"], float], repeats: int, limit: float,
+    budget_s: float,
+) -> tuple[dict[str, list[float]], list[float], int]:
+    """Time one call per worker, interleaved, ``repeats`` times, keeping only the rounds in
+    which other processes used at most ``limit`` cores; noisy rounds are retried while
+    ``budget_s`` lasts. Returns ``(times per worker, foreign load of the kept rounds, rounds
+    discarded)``; if no round was quiet, all rounds are returned (and the caller reports the
+    run as inconclusive)."""
+    kept: dict[str, list[float]] = {n: [] for n in workers}
+    noisy: dict[str, list[float]] = {n: [] for n in workers}
+    loads, noisy_loads, t0 = [], [], time.perf_counter()
+    pids = [w.proc.pid for w in workers.values()]
+    while len(loads) < repeats:
+        meter = CpuMeter(pids).start()
+        got = {n: call(n, w) for n, w in workers.items()}
+        foreign = meter.stop()
+        dest, dl = (kept, loads) if foreign <= limit else (noisy, noisy_loads)
+        for n, t in got.items():
+            dest[n].append(t)
+        dl.append(foreign)
+        if len(loads) + len(noisy_loads) >= repeats and time.perf_counter() - t0 > budget_s:
+            break
+    if not loads:  # nothing quiet: return everything; the load figure shows it
+        return noisy, noisy_loads, 0
+    return kept, loads, len(noisy_loads)
+
+
+def contention_note(foreign: float, limit: float) -> str | None:
+    """A warning when other processes used more than ``limit`` cores while we measured."""
+    if foreign <= limit:
+        return None
+    return (f"INCONCLUSIVE: other processes used {foreign:.2f} cores on average while this ran "
+            f"(limit {limit}); timings and ratios are not reliable, rerun on a quiet machine")
+
+
+def finish(failures: list[str], enforce: bool = True, inconclusive: str | None = None) -> int:
+    """Print the verdict. Exit status: 1 when a bound was missed, 3 when the run was
+    inconclusive (a contended machine), 0 otherwise (always 0 with ``enforce=False``)."""
+    if inconclusive:
+        print("\n" + inconclusive + ("" if not failures else "\n(bounds missed anyway: " + "; ".join(failures) + ")"))
+        return 3 if enforce else 0
+    if failures:
+        print("\nMISSED: " + "; ".join(failures))
+        return 1 if enforce else 0
+    print("\nall bounds met")
+    return 0

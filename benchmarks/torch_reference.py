@@ -1,0 +1,146 @@
+"""A plain PyTorch Med-NCA with the original's structure, for side-by-side timing.
+
+Written for this project (nothing copied from the original repository); it follows the
+computation described in ``../shared/reference/REFERENCE.md``:
+
+* one level: state ``(B, H, W, C)`` channels-last; per step the state is moved to
+  channels-first for two separate 3x3 reflect-padded convs ``p0``, ``p1``, the perception
+  ``[x | p0 x | p1 x]`` goes back to channels-last through ``fc0 -> relu -> fc1`` (Linear
+  layers, fc1 without bias), a fresh uniform per cell decides which cells add the update,
+  and the input channels are reset to the image;
+* two levels: bilinear x4 downscale without anti-aliasing (mean of the centre 2x2 pixels of
+  each 4x4 block), level 0, nearest x4 upsample, image written back, level 1 on one random
+  16x16 crop per sample (training) or on the whole image (inference);
+* DiceBCE per output channel over the flattened batch, Adam (betas 0.5, 0.5).
+
+Weights come from our JAX parameter tree (``{"level0": {"p0": {"kernel": (3,3,C,C)...}}}``)
+so that a deterministic run (fire rate 0) can be checked against the JAX path. Our kernels
+are ``[dh, dw, c_in, c_out]`` over ``(H, W)``; torch's ``Conv2d`` on ``(B, C, H, W)`` wants
+``[c_out, c_in, dh, dw]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TorchNCA(nn.Module):
+    """One NCA level with the original's layers (two convs, two Linears, fc1 without bias)."""
+
+    def __init__(self, channels: int, hidden: int, n_in: int = 1):
+        super().__init__()
+        self.n_in = n_in
+        self.p0 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")
+        self.p1 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")
+        self.fc0 = nn.Linear(3 * channels, hidden)
+        self.fc1 = nn.Linear(hidden, channels, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.zero_()  # a fresh NCA is the identity
+
+    def load_jax(self, p: Mapping[str, Any]) -> "TorchNCA":
+        """Copy one level of our JAX params into this module."""
+        t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731
+        with torch.no_grad():
+            for name in ("p0", "p1"):
+                getattr(self, name).weight.copy_(t(p[name]["kernel"]).permute(3, 2, 0, 1))
+                getattr(self, name).bias.copy_(t(p[name]["bias"]))
+            self.fc0.weight.copy_(t(p["fc0"]["kernel"]).T)
+            self.fc0.bias.copy_(t(p["fc0"]["bias"]))
+            self.fc1.weight.copy_(t(p["fc1"]["kernel"]).T)
+        return self
+
+    def step(self, x: Tensor, image: Tensor, fire_rate: float, gen: torch.Generator | None) -> Tensor:
+        """One stochastic step, ``x (B, H, W, C)`` channels-last, as the original."""
+        xc = x.permute(0, 3, 1, 2)
+        y = torch.cat([xc, self.p0(xc), self.p1(xc)], 1).permute(0, 2, 3, 1)
+        d = self.fc1(F.relu(self.fc0(y)))
+        u = 1.0 - torch.rand(x.shape[:3] + (1,), generator=gen)
+        x = x + d * (u > fire_rate).float()
+        return torch.cat([image, x[..., self.n_in :]], -1)
+
+    def forward(self, x: Tensor, image: Tensor, steps: int, fire_rate: float, gen: torch.Generator | None = None) -> Tensor:
+        for _ in range(steps):
+            x = self.step(x, image, fire_rate, gen)
+        return x
+
+
+def downscale_bilinear(images: Tensor, factor: int) -> Tensor:
+    """Bilinear without anti-aliasing for an even factor: centre 2x2 mean of each block."""
+    b, h, w, c = images.shape
+    lo = factor // 2 - 1
+    blocks = images.reshape(b, h // factor, factor, w // factor, factor, c)
+    return blocks[:, :, lo : lo + 2, :, lo : lo + 2, :].mean(dim=(2, 4))
+
+
+def upsample_nearest(x: Tensor, factor: int) -> Tensor:
+    return x.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+
+
+class TorchMedNCA(nn.Module):
+    """Two NCA levels (coarse x4, then full resolution)."""
+
+    def __init__(self, channels: int = 16, hidden: int = 128, steps: tuple[int, int] = (64, 64), scale: int = 4, n_in: int = 1, n_out: int = 1):
+        super().__init__()
+        self.channels, self.steps, self.scale, self.n_in, self.n_out = channels, steps, scale, n_in, n_out
+        self.level0 = TorchNCA(channels, hidden, n_in)
+        self.level1 = TorchNCA(channels, hidden, n_in)
+
+    def load_jax(self, params: Mapping[str, Any]) -> "TorchMedNCA":
+        self.level0.load_jax(params["level0"])
+        self.level1.load_jax(params["level1"])
+        return self
+
+    def _seed(self, image: Tensor) -> Tensor:
+        b, h, w, _ = image.shape
+        return torch.cat([image, torch.zeros(b, h, w, self.channels - self.n_in)], -1)
+
+    def _level0(self, images: Tensor, fire_rate: float, gen: torch.Generator | None) -> Tensor:
+        small = downscale_bilinear(images, self.scale)
+        x = self.level0(self._seed(small), small, self.steps[0], fire_rate, gen)
+        return torch.cat([images, upsample_nearest(x, self.scale)[..., self.n_in :]], -1)
+
+    def forward(self, images: Tensor, fire_rate: float = 0.5, gen: torch.Generator | None = None) -> Tensor:
+        """Inference on whole images ``(B, H, W, n_in) -> logits (B, H, W, n_out)``."""
+        x = self.level1(self._level0(images, fire_rate, gen), images, self.steps[1], fire_rate, gen)
+        return x[..., self.n_in : self.n_in + self.n_out]
+
+    def forward_train(self, images: Tensor, labels: Tensor, patch: int, fire_rate: float, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Level 1 on one random ``patch x patch`` crop per sample (0: whole images)."""
+        x = self._level0(images, fire_rate, gen)
+        h, w = images.shape[1:3]
+        if 0 < patch < min(h, w):
+            ys = torch.randint(0, h - patch + 1, (images.shape[0],), generator=gen).tolist()
+            xs = torch.randint(0, w - patch + 1, (images.shape[0],), generator=gen).tolist()
+            crop = lambda a: torch.stack([a[i, y : y + patch, q : q + patch] for i, (y, q) in enumerate(zip(ys, xs))])  # noqa: E731
+            x, images, labels = crop(x), crop(images), crop(labels)
+        x = self.level1(x, images, self.steps[1], fire_rate, gen)
+        return x[..., self.n_in : self.n_in + self.n_out], labels
+
+
+def dice_bce(logits: Tensor, target: Tensor) -> Tensor:
+    """The original's DiceBCE summed over output channels (channels without foreground skipped)."""
+    z = logits.reshape(-1, logits.shape[-1])
+    t = target.reshape(-1, target.shape[-1])
+    p = torch.sigmoid(z)
+    bce = F.binary_cross_entropy(p, t, reduction="none").mean(0)
+    dice = 1.0 - (2.0 * (p * t).sum(0) + 1.0) / (p.sum(0) + t.sum(0) + 1.0)
+    return torch.where(t.sum(0) > 0, bce + dice, torch.zeros_like(bce)).sum()
+
+
+def make_optimizer(model: nn.Module, lr: float = 1.6e-3) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.5), eps=1e-8)
+
+
+def train_step(model: TorchMedNCA, opt: torch.optim.Optimizer, images: Tensor, labels: Tensor, patch: int, fire_rate: float, gen: torch.Generator | None = None) -> float:
+    """Forward on crops, DiceBCE, backward, one Adam step; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    logits, target = model.forward_train(images, labels, patch, fire_rate, gen)
+    loss = dice_bce(logits, target)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())

@@ -1,0 +1,50 @@
+"""The benchmark scripts parse their options and write their JSON (tiny sizes; no timing claims)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _harness as H  # noqa: E402
+import inference  # noqa: E402
+import rollout_memory  # noqa: E402
+import train_step  # noqa: E402
+
+
+def test_defaults_are_the_original_example_config():
+    a = train_step.parse_args([])
+    assert (a.batch, a.image, a.patch, a.steps, a.channels, a.hidden, a.fire_rate) == (48, 64, 16, 64, 16, 128, 0.5)
+    assert a.max_ratio == 0.5 and a.max_compile_s == 10.0
+    b = inference.parse_args([])
+    assert (b.batch, b.image, b.steps, b.max_ratio) == (32, 64, 64, 0.33)
+    c = rollout_memory.parse_args([])
+    assert (c.steps, c.batch, c.image, c.remat, c.max_growth) == ([64, 256, 1024], 8, 64, "nested", 2.0)
+
+
+def test_parent_only_options_are_not_forwarded_to_workers():
+    assert H.worker_argv(["--repeats", "2", "--json", "x.json", "--batch", "4"]) == ["--repeats", "2", "--batch", "4"]
+    assert H.worker_argv(["--json=x.json", "--no-torch"]) == ["--no-torch"]
+
+
+def test_table_and_json(tmp_path):
+    t = H.table([["a", 1.23456, 2]], ["name", "x", "n"])
+    assert "| a " in t and "1.235" in t
+    H.write_json(str(tmp_path / "d" / "f.json"), {"k": 1})
+    assert json.loads((tmp_path / "d" / "f.json").read_text()) == {"k": 1}
+
+
+def test_train_step_script_writes_its_json(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, "benchmarks/train_step.py", "--batch", "2", "--image", "8", "--patch", "4", "--steps", "2",
+           "--channels", "4", "--hidden", "4", "--repeats", "1", "--warmup", "0", "--budget-s", "0", "--report-only", "--json", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    for key in ("step_s_median", "peak_rss_mib", "compile_s", "torch_step_s_median", "torch_peak_rss_mib", "ratio"):
+        assert isinstance(fig[key], float) and fig[key] >= 0, key
+    assert "JAX / torch" in res.stdout
