@@ -5,6 +5,9 @@ Examples:
   python train.py --config configs/demo.toml
   python train.py --config configs/hippocampus_cpu.toml --data ../shared/data/Task04_Hippocampus --workdir runs/hippo
   python train.py --workdir runs/hippo --resume
+
+Multi-host data parallelism: set train.data_parallel = true and start one process per host
+with JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[1], epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", type=Path, help="TOML config under configs/ (with --resume: defaults to the run's own config.toml)")
     p.add_argument("--data", type=Path, help="MSD task folder (imagesTr/, labelsTr/, dataset.json); default: generate the synthetic demo task inside --workdir")
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--config is required (or --resume with --workdir of an existing run)")
             args.config = args.workdir / CONFIG_FILE
         cfg = load_config(args.config, args.overrides)
+        from mednca_jax.training import initialize_distributed_from_env
+
+        initialize_distributed_from_env()  # multi-host: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
         workdir = args.workdir or Path("runs") / cfg.name
         result = train(cfg, workdir, args.data, resume=args.resume, cache_dir=args.cache_dir, progress=not args.no_progress)
     except (ConfigError, DataError, RunError, CheckpointError) as e:

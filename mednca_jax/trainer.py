@@ -23,7 +23,7 @@ from .config import Config
 from .data import BatchIterator, Case, DataError, list_cases, load_slices, make_synthetic_task, read_split, split_from_config, write_split
 from .evaluation import evaluate_cases, make_predict_fn, predict_slices
 from .networks import init_network_params
-from .training import init_train_state, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated
+from .training import init_train_state, local_part, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated
 
 SPLIT_FILE = "split.json"
 LOG_FILE = "log.jsonl"
@@ -234,7 +234,7 @@ def train(
     with interrupt_flag() as flag:
         try:
             while step < end:
-                batch = put_batch(next(batches), mesh)
+                batch = put_batch(local_part(next(batches)) if mesh is not None else next(batches), mesh)
                 state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step + 1))
                 step += 1
                 window_n += 1

@@ -130,5 +130,31 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> Batch:
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
 
 
+def local_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a global host batch (every process draws the same global batch
+    from the same seed; with one process this is the whole batch)."""
+    n, pid = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    return {k: np.array_split(v, n)[pid] for k, v in batch.items()}
+
+
+def initialize_distributed_from_env() -> bool:
+    """``jax.distributed.initialize`` from the usual variables, when a multi-host run is asked
+    for: ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES``,
+    ``JAX_PROCESS_ID``. Returns whether it initialised."""
+    import os
+
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not addr:
+        return False
+    try:
+        n, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+    except (KeyError, ValueError):
+        raise ValueError("JAX_COORDINATOR_ADDRESS is set: also set JAX_NUM_PROCESSES and JAX_PROCESS_ID (integers)") from None
+    jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+    return True
+
+
 def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
     return tree if mesh is None else jax.device_put(tree, replicated(mesh))
