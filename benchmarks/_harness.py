@@ -247,3 +247,13 @@ def finish(failures: list[str], enforce: bool = True, inconclusive: str | None =
         return 1 if enforce else 0
     print("\nall bounds met")
     return 0
+
+
+def conclude(args: Any, figures: dict[str, Any], failures: list[str], foreign: float, n_rounds: int, discarded: int) -> int:
+    """Shared ending of the timing benchmarks: contention verdict, JSON, exit status."""
+    note = contention_note(foreign, args.max_foreign_load)
+    print(f"other processes used {foreign:.2f} cores (median over the {n_rounds} rounds used; {discarded} noisy rounds discarded)")
+    figures["bounds_met"] = None if note else not failures
+    figures["contended"] = bool(note)
+    write_json(args.json, figures)
+    return finish(failures, enforce=not args.report_only, inconclusive=note)

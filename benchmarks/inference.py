@@ -162,12 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         H.check(failures, figures["ratio_b1"] <= args.max_ratio, f"JAX/torch at batch 1 {figures['ratio_b1']:.3f} > {args.max_ratio}")
     H.check(failures, ms[("jax", args.batch)] <= ms[("jax", 1)],
             f"batch-{args.batch} throughput below batch 1 ({ms[('jax', args.batch)]:.2f} > {ms[('jax', 1)]:.2f} ms/slice)")
-    note = H.contention_note(foreign, args.max_foreign_load)
-    print(f"other processes used {foreign:.2f} cores (median over the {len(loads)} rounds used; {discarded} noisy rounds discarded)")
-    figures["bounds_met"] = None if note else not failures
-    figures["contended"] = bool(note)
-    H.write_json(args.json, figures)
-    return H.finish(failures, enforce=not args.report_only, inconclusive=note)
+    return H.conclude(args, figures, failures, foreign, len(loads), discarded)
 
 
 if __name__ == "__main__":

@@ -168,12 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"JAX / torch = {figures['ratio']:.3f} (bound {args.max_ratio})")
         H.check(failures, figures["ratio"] <= args.max_ratio, f"JAX/torch step time {figures['ratio']:.3f} > {args.max_ratio}")
     H.check(failures, compile_s <= args.max_compile_s, f"compile {compile_s:.1f} s > {args.max_compile_s} s")
-    note = H.contention_note(foreign, args.max_foreign_load)
-    print(f"other processes used {foreign:.2f} cores (median over the {len(loads)} rounds used; {discarded} noisy rounds discarded)")
-    figures["bounds_met"] = None if note else not failures
-    figures["contended"] = bool(note)
-    H.write_json(args.json, figures)
-    return H.finish(failures, enforce=not args.report_only, inconclusive=note)
+    return H.conclude(args, figures, failures, foreign, len(loads), discarded)
 
 
 if __name__ == "__main__":
