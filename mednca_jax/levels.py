@@ -124,23 +124,32 @@ def check_fire_rate(fire_rate: float) -> None:
 
 
 # --------------------------------------------------------------------------- forward passes
+def level_input(x: jax.Array | None, images: jax.Array, model_cfg: ModelConfig, i: int) -> tuple[jax.Array, jax.Array]:
+    """Start state and image of level ``i``: the seed for level 0, else the previous level's
+    state ``x`` upsampled (nearest) with the image of this level written back.
+
+    Returns ``(state (B, h, w, C), image (B, h, w, n_in))`` at this level's resolution.
+    """
+    scales = model_cfg.scales
+    img = downscale(images, scales[i], model_cfg.downscale)
+    if x is None:
+        return seed_state(img, model_cfg.channels), img
+    return reset_inputs(upsample_nearest(x, scales[i - 1] // scales[i]), img), img
+
+
 def _coarse_levels(
     params: Params, model_cfg: ModelConfig, images: jax.Array, keys: jax.Array, fire_rate, remat: str
 ) -> tuple[jax.Array, list[jax.Array]]:
-    """Run levels ``0 .. L-2`` on whole images; return the state upsampled and reset for the
-    finest level ``(B, H, W, C)`` and the per-level final states."""
+    """Run levels ``0 .. L-2`` on whole images; return the start state of the finest level
+    ``(B, H, W, C)`` and the per-level final states."""
     names = level_names(model_cfg)
-    scales = model_cfg.scales
     x = None
     states = []
     for i in range(model_cfg.n_levels - 1):
-        img = downscale(images, scales[i], model_cfg.downscale)
-        x = seed_state(img, model_cfg.channels) if x is None else reset_inputs(upsample_nearest(x, scales[i - 1] // scales[i]), img)
+        x, img = level_input(x, images, model_cfg, i)
         x, _ = rollout(params[names[i]], x, img, keys[i], model_cfg.steps[i], fire_rate, remat=remat)
         states.append(x)
-    if x is None:
-        return seed_state(images, model_cfg.channels), states
-    return reset_inputs(upsample_nearest(x, scales[-2]), images), states
+    return level_input(x, images, model_cfg, model_cfg.n_levels - 1)[0], states
 
 
 def forward(
@@ -182,8 +191,7 @@ def forward_trajectory(
     names, scales = level_names(model_cfg), model_cfg.scales
     x, frames = None, []
     for i in range(model_cfg.n_levels):
-        img = downscale(images, scales[i], model_cfg.downscale)
-        x = seed_state(img, model_cfg.channels) if x is None else reset_inputs(upsample_nearest(x, scales[i - 1] // scales[i]), img)
+        x, img = level_input(x, images, model_cfg, i)
         x, traj = rollout(params[names[i]], x, img, keys[i], model_cfg.steps[i], fire_rate, trajectory=True)
         frames.append(jnp.repeat(jnp.repeat(traj, scales[i], axis=2), scales[i], axis=3))
     return jnp.concatenate(frames, axis=0)

@@ -121,3 +121,15 @@ def test_segment_accepts_2d_3d_4d_and_rejects_bad_input(tiny_cfg):
     for rate in (-0.1, 1.0):
         with pytest.raises(InputError, match="fire_rate"):
             segment(p, tiny_cfg, img, key, fire_rate=rate)
+
+
+def test_trajectory_ends_in_the_forward_state(tiny_cfg):
+    from mednca_jax.levels import forward_trajectory
+
+    m = tiny_cfg.model
+    p = random_params(m)
+    img = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 1))
+    traj = forward_trajectory(p, m, img, jax.random.PRNGKey(1), 0.5)
+    assert traj.shape == (sum(m.steps), 2, 16, 16, m.channels)
+    logits = forward(p, m, img, jax.random.PRNGKey(1), 0.5)
+    np.testing.assert_allclose(traj[-1][..., m.n_in : m.n_in + m.n_out], logits, atol=1e-5)
