@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--robustness", action="store_true", help="Dice under each perturbation and severity, and at other image sizes")
     p.add_argument("--perturbations", nargs="+", help="with --robustness: which ones (default: all; see mednca_jax/perturbations.py, plus 'scale')")
     p.add_argument("--severities", nargs="+", type=float, help="with --robustness: severities in [0, 1] (default: 0.25 0.5 0.75 1.0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. for log files)")
     p.add_argument("--compare-with", nargs="+", type=Path, default=[], help="with --robustness: robustness.json of other models to draw on the same plot")
     return p.parse_args(argv)
 
@@ -64,11 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             fire_rate=args.fire_rate, seed=args.seed, which=args.which, batch_size=args.batch_size,
             cache_dir=args.cache_dir, failure_dice=args.failure_dice, robustness=args.robustness,
             perturbations=args.perturbations, severities=args.severities, compare_with=args.compare_with,
+            progress=not args.no_progress,
         )
     except (ConfigError, DataError, CheckpointError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(metrics))
+    if "model" in metrics:
+        m = metrics["model"]
+        print(f"model: {m['kind']}, {m['params']:,} params, {m['ms_per_slice']:.1f} ms per slice at batch {m['batch_size']} "
+              f"on {m['device']} (compile excluded)")
     if metrics.get("quality", {}).get("spearman_nqm_dice") is None and "quality" in metrics:
         print(f"NQM: {metrics['quality']['note']}")
     elif "quality" in metrics:

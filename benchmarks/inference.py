@@ -30,7 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--fire-rate", type=float, default=0.5)
-    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-torch", action="store_true", help="JAX only (no ratio)")
+    p.add_argument("--torch-layout", default="original", choices=["original", "channels-last"],
+                   help="PyTorch reference: the original's (B, C, W, H) transposes, or a leaner channels-last variant "
+                        "(see benchmarks/torch_reference.py)")
     p.add_argument("--max-ratio", type=float, default=0.33, help="bound on JAX / torch time per slice at batch 1")
     p.add_argument("--max-foreign-load", type=float, default=0.25,
                    help="cores other processes may use while timing before the run counts as inconclusive")
@@ -90,7 +93,7 @@ def torch_worker(args: argparse.Namespace) -> None:
 
     from torch_reference import TorchMedNCA
 
-    model = TorchMedNCA(args.channels, args.hidden, (args.steps, args.steps)).load_jax(jax.device_get(random_params(args))).eval()
+    model = TorchMedNCA(args.channels, args.hidden, (args.steps, args.steps), layout=args.torch_layout).load_jax(jax.device_get(random_params(args))).eval()
     images = {b: torch.from_numpy(make_images(b, args.image)) for b in (1, args.batch)}
     gen = torch.Generator().manual_seed(0)
 
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds_discarded": discarded,
         "jax": info["jax"],
         "machine": H.machine(),
-        "config": {k: getattr(args, k) for k in ("batch", "image", "steps", "channels", "hidden", "fire_rate", "repeats", "repeats_batched")},
+        "config": {k: getattr(args, k) for k in ("batch", "image", "steps", "channels", "hidden", "fire_rate", "repeats", "repeats_batched", "torch_layout")},
     }
     rows = [["JAX (jit forward)", ms[("jax", 1)], ms[("jax", args.batch)], compile_s[1], compile_s[args.batch], rss["jax"]]]
     if "torch" in names:
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             torch_peak_rss_mib=rss["torch"], torch=info["torch"], ratio_b1=ms[("jax", 1)] / ms[("torch", 1)],
             ratio_batched=ms[("jax", args.batch)] / ms[("torch", args.batch)],
         )
-        rows.append(["PyTorch reference", ms[("torch", 1)], ms[("torch", args.batch)], "-", "-", rss["torch"]])
+        rows.append([f"PyTorch reference ({args.torch_layout})", ms[("torch", 1)], ms[("torch", args.batch)], "-", "-", rss["torch"]])
 
     print(f"inference per {args.image}x{args.image} slice, C={args.channels} hidden={args.hidden} "
           f"steps={args.steps}x2 fire={args.fire_rate}; {H.machine()}")

@@ -8,6 +8,12 @@ computation described in ``../shared/reference/REFERENCE.md``:
   ``[x | p0 x | p1 x]`` goes back to channels-last through ``fc0 -> relu -> fc1`` (Linear
   layers, fc1 without bias), a fresh uniform per cell decides which cells add the update,
   and the input channels are reset to the image;
+* ``layout="original"`` (the default) moves the state to channels-first as the original does,
+  with ``transpose(1, 3)`` to ``(B, C, W, H)``, adds the update in that layout and copies the
+  new state before resetting the inputs. That view is not a memory format PyTorch's CPU
+  convolutions take directly, which costs time. ``layout="channels-last"`` is a leaner
+  variant: ``permute(0, 3, 1, 2)`` to ``(B, C, H, W)``, a view PyTorch recognises as
+  channels-last, and no copy. Both compute the same numbers;
 * two levels: bilinear x4 downscale without anti-aliasing (mean of the centre 2x2 pixels of
   each 4x4 block), level 0, nearest x4 upsample, image written back, level 1 on one random
   16x16 crop per sample (training) or on the whole image (inference);
@@ -29,12 +35,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+LAYOUTS = ("original", "channels-last")
+
+
 class TorchNCA(nn.Module):
     """One NCA level with the original's layers (two convs, two Linears, fc1 without bias)."""
 
-    def __init__(self, channels: int, hidden: int, n_in: int = 1):
+    def __init__(self, channels: int, hidden: int, n_in: int = 1, layout: str = "original"):
         super().__init__()
-        self.n_in = n_in
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.n_in, self.layout = n_in, layout
         self.p0 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")
         self.p1 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")
         self.fc0 = nn.Linear(3 * channels, hidden)
@@ -47,7 +58,9 @@ class TorchNCA(nn.Module):
         t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731
         with torch.no_grad():
             for name in ("p0", "p1"):
-                getattr(self, name).weight.copy_(t(p[name]["kernel"]).permute(3, 2, 0, 1))
+                # ours: [dh, dw, in, out]; torch: [out, in, a, b] over its view's two spatial axes
+                perm = (3, 2, 1, 0) if self.layout == "original" else (3, 2, 0, 1)
+                getattr(self, name).weight.copy_(t(p[name]["kernel"]).permute(*perm))
                 getattr(self, name).bias.copy_(t(p[name]["bias"]))
             self.fc0.weight.copy_(t(p["fc0"]["kernel"]).T)
             self.fc0.bias.copy_(t(p["fc0"]["bias"]))
@@ -55,13 +68,21 @@ class TorchNCA(nn.Module):
         return self
 
     def step(self, x: Tensor, image: Tensor, fire_rate: float, gen: torch.Generator | None) -> Tensor:
-        """One stochastic step, ``x (B, H, W, C)`` channels-last, as the original."""
-        xc = x.permute(0, 3, 1, 2)
-        y = torch.cat([xc, self.p0(xc), self.p1(xc)], 1).permute(0, 2, 3, 1)
+        """One stochastic step, ``x (B, H, W, C)`` channels-last."""
+        if self.layout == "original":
+            xc = x.transpose(1, 3)  # (B, C, W, H)
+            y = torch.cat([xc, self.p0(xc), self.p1(xc)], 1).transpose(1, 3)
+        else:
+            xc = x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last in memory
+            y = torch.cat([xc, self.p0(xc), self.p1(xc)], 1).permute(0, 2, 3, 1)
         d = self.fc1(F.relu(self.fc0(y)))
         u = 1.0 - torch.rand(x.shape[:3] + (1,), generator=gen)
-        x = x + d * (u > fire_rate).float()
-        return torch.cat([image, x[..., self.n_in :]], -1)
+        d = d * (u > fire_rate).float()
+        if self.layout == "original":
+            new = (xc + d.transpose(1, 3)).transpose(1, 3).clone()
+        else:
+            new = x + d
+        return torch.cat([image, new[..., self.n_in :]], -1)
 
     def forward(self, x: Tensor, image: Tensor, steps: int, fire_rate: float, gen: torch.Generator | None = None) -> Tensor:
         for _ in range(steps):
@@ -84,11 +105,12 @@ def upsample_nearest(x: Tensor, factor: int) -> Tensor:
 class TorchMedNCA(nn.Module):
     """Two NCA levels (coarse x4, then full resolution)."""
 
-    def __init__(self, channels: int = 16, hidden: int = 128, steps: tuple[int, int] = (64, 64), scale: int = 4, n_in: int = 1, n_out: int = 1):
+    def __init__(self, channels: int = 16, hidden: int = 128, steps: tuple[int, int] = (64, 64), scale: int = 4, n_in: int = 1,
+                 n_out: int = 1, layout: str = "original"):
         super().__init__()
         self.channels, self.steps, self.scale, self.n_in, self.n_out = channels, steps, scale, n_in, n_out
-        self.level0 = TorchNCA(channels, hidden, n_in)
-        self.level1 = TorchNCA(channels, hidden, n_in)
+        self.level0 = TorchNCA(channels, hidden, n_in, layout)
+        self.level1 = TorchNCA(channels, hidden, n_in, layout)
 
     def load_jax(self, params: Mapping[str, Any]) -> "TorchMedNCA":
         self.level0.load_jax(params["level0"])

@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fire-rate", type=float, default=0.5)
     p.add_argument("--remat", default="none", choices=["none", "step", "nested"], help="JAX rollout checkpointing")
     p.add_argument("--no-torch", action="store_true", help="JAX only (no ratio)")
+    p.add_argument("--torch-layout", default="original", choices=["original", "channels-last"],
+                   help="PyTorch reference: the original's (B, C, W, H) transposes, or a leaner channels-last variant "
+                        "(see benchmarks/torch_reference.py)")
     p.add_argument("--max-ratio", type=float, default=0.5, help="bound on JAX step time / torch step time")
     p.add_argument("--max-compile-s", type=float, default=10.0, help="bound on the JAX compile time")
     p.add_argument("--max-foreign-load", type=float, default=0.25,
@@ -103,7 +106,7 @@ def torch_worker(args: argparse.Namespace) -> None:
     from torch_reference import TorchMedNCA, make_optimizer, train_step
 
     torch.manual_seed(0)
-    model = TorchMedNCA(args.channels, args.hidden, (args.steps, args.steps))
+    model = TorchMedNCA(args.channels, args.hidden, (args.steps, args.steps), layout=args.torch_layout)
     opt = make_optimizer(model)
     img, lab = make_batch(args)
     images, labels = torch.from_numpy(img), torch.from_numpy(lab)
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds_discarded": discarded,
         "jax": info["jax"],
         "machine": H.machine(),
-        "config": {k: getattr(args, k) for k in ("batch", "image", "patch", "steps", "channels", "hidden", "fire_rate", "remat", "repeats")},
+        "config": {k: getattr(args, k) for k in ("batch", "image", "patch", "steps", "channels", "hidden", "fire_rate", "remat", "repeats", "torch_layout")},
     }
     rows = [["JAX (make_train_step)", med["jax"], min(times["jax"]), compile_s, rss["jax"]]]
     if "torch" in names:
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             torch_step_s_median=med["torch"], torch_step_s_all=times["torch"], torch_peak_rss_mib=rss["torch"],
             torch=info["torch"], ratio=med["jax"] / med["torch"],
         )
-        rows.append(["PyTorch reference", med["torch"], min(times["torch"]), max(0.0, first["torch"] - med["torch"]), rss["torch"]])
+        rows.append([f"PyTorch reference ({args.torch_layout})", med["torch"], min(times["torch"]), max(0.0, first["torch"] - med["torch"]), rss["torch"]])
 
     print(f"train step, C={args.channels} hidden={args.hidden} steps={args.steps}x2 batch={args.batch} "
           f"{args.image}x{args.image} patch={args.patch} fire={args.fire_rate} remat={args.remat}; {H.machine()}")

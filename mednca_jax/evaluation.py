@@ -10,12 +10,14 @@ volume, and the NQM quality score (sum of std / sum of mean of the sigmoid outpu
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from . import networks
 from .config import Config
@@ -61,6 +63,30 @@ def predict_slices(
         probs = predict(params, jnp.asarray(chunk), jax.random.fold_in(key, i), float(fire_rate))
         out.append(np.asarray(probs)[: batch_size - pad])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float | None, batch_size: int,
+                repeats: int = 3) -> dict[str, Any]:
+    """Kind, parameter count and inference time (ms per slice, compile excluded: the median of
+    ``repeats`` timed batches of ``batch_size`` zero images after one warm-up call)."""
+    from .model import count_params
+
+    fr = float(cfg.model.fire_rate if fire_rate is None else fire_rate)
+    images = jnp.zeros((batch_size, *cfg.data.image_size, cfg.model.n_in), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    predict(params, images, key, fr).block_until_ready()
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        predict(params, images, jax.random.fold_in(key, i), fr).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return {
+        "kind": cfg.model.kind,
+        "params": count_params(params),
+        "ms_per_slice": 1000.0 * float(np.median(times)) / batch_size,
+        "batch_size": batch_size,
+        "device": jax.devices()[0].device_kind,
+    }
 
 
 def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
@@ -110,7 +136,7 @@ def evaluate_cases(
     predict = predict or make_predict_fn(cfg)
     by_name = {c.name: c for c in cases}
     run_probs = np.stack(
-        [predict_slices(predict, params, slices.images, jax.random.fold_in(key, r), fire_rate, batch_size) for r in range(runs)]
+        [predict_slices(predict, params, slices.images, jax.random.fold_in(key, r), fire_rate, batch_size) for r in progress(range(runs))]
     )  # (runs, N, H, W, n_out)
     probs = run_probs.mean(axis=0)
     out = Path(out_dir) if out_dir is not None else None
@@ -221,6 +247,7 @@ def evaluate_checkpoint(
     perturbations: Sequence[str] | None = None,
     severities: Sequence[float] | None = None,
     compare_with: Sequence[Path] = (),
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Everything ``evaluate.py`` does; returns the metrics dict also written to ``out``.
 
@@ -248,12 +275,19 @@ def evaluate_checkpoint(
         raise DataError("--robustness needs labelled cases")
     key = jax.random.PRNGKey(seed)
     predict = make_predict_fn(cfg)
+
+    def bar(desc: str) -> Callable[[Any], Any]:
+        return lambda it: tqdm(it, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+
     metrics: dict[str, Any] = {"summary": {}, "cases": {}}
+    if chosen:
+        metrics["model"] = model_facts(predict, params, cfg, fire_rate, batch_size)
     test_slices = None
     for sub in (labelled, unlabelled):
         if sub:
             slices = load_slices(sub, cfg.data, cache_dir, cfg.model.n_out)
-            m = evaluate_cases(params, cfg, slices, sub, key, fire_rate=fire_rate, runs=runs, batch_size=batch_size, out_dir=out, predict=predict)
+            m = evaluate_cases(params, cfg, slices, sub, key, fire_rate=fire_rate, runs=runs, batch_size=batch_size, out_dir=out,
+                               predict=predict, progress=bar("runs, then cases"))
             metrics["cases"].update(m["cases"])
             if sub is labelled:
                 metrics["summary"], test_slices = m["summary"], slices
@@ -266,7 +300,7 @@ def evaluate_checkpoint(
         from .robustness import robustness_suite
 
         res = robustness_suite(params, cfg, test_slices, key, perturbations=perturbations, severities=severities,
-                               fire_rate=fire_rate, seed=seed, batch_size=batch_size)
+                               fire_rate=fire_rate, seed=seed, batch_size=batch_size, progress=bar("robustness"))
         label = f"{cfg.model.kind}:{cfg.name}"
         combined = {label: res}
         for other in compare_with:

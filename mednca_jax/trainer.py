@@ -23,7 +23,10 @@ from .config import Config
 from .data import BatchIterator, Case, DataError, list_cases, load_slices, make_synthetic_task, read_split, split_from_config, write_split
 from .evaluation import evaluate_cases, make_predict_fn, predict_slices
 from .networks import init_network_params
-from .training import init_train_state, local_part, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated
+from .training import (
+    any_process, init_train_state, is_primary, local_part, make_mesh, make_optimizer, make_train_step, primary_first, put_batch,
+    put_replicated,
+)
 
 SPLIT_FILE = "split.json"
 LOG_FILE = "log.jsonl"
@@ -151,10 +154,17 @@ def train(
         ckpt.check_same_model(saved, cfg, workdir)
         if saved.data != cfg.data:
             raise RunError(f"--resume: the [data] section differs from the run's {workdir / ckpt.CONFIG_FILE}; resume with the same config")
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt.save_run_config(workdir, cfg)
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir(cfg, workdir)
-    data = prepare_data(cfg, data_dir, workdir, Path(cache_dir) if cache_dir else None)
+    # Multi-host: process 0 writes the run files; the others read them (primary_first).
+    primary = is_primary()
+
+    def setup() -> tuple[Path, RunData]:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if primary:
+            ckpt.save_run_config(workdir, cfg)
+        root = Path(data_dir) if data_dir is not None else default_data_dir(cfg, workdir)
+        return root, prepare_data(cfg, root, workdir, Path(cache_dir) if cache_dir else None)
+
+    data_dir, data = primary_first(setup, "setup")
 
     tcfg = cfg.train
     mesh = None
@@ -182,7 +192,7 @@ def train(
 
     predict = make_predict_fn(cfg)
     eval_key = jax.random.fold_in(base_key, 2**31 - 1)
-    writer = SummaryWriter(str(workdir / "tb"))
+    writer = SummaryWriter(str(workdir / "tb")) if primary else None
     log_path = workdir / LOG_FILE
     latest = ckpt.manager(workdir, ckpt.LATEST_DIR, tcfg.keep_checkpoints)
     best_mngr = ckpt.manager(workdir, ckpt.BEST_DIR, 1)
@@ -200,33 +210,44 @@ def train(
             "elapsed_s": elapsed(),
             "config_name": cfg.name,
         }
+        # Host copies: orbax cannot save the single-device key (or any process-local array)
+        # in a multi-host run; params and optimiser state are replicated, so any copy will do.
         params = jax.device_get(state.params)
-        ckpt.save_checkpoint(latest, step, params, meta, {"opt_state": jax.device_get(state.opt_state), "key": base_key})
+        train_items = {"opt_state": jax.device_get(state.opt_state), "key": np.asarray(base_key)}
+        ckpt.save_checkpoint(latest, step, params, meta, train_items)
         if val_dice is not None and val_dice >= best:
             ckpt.save_checkpoint(best_mngr, step, params, dict(meta, val_dice=val_dice))
 
     def log(record: dict[str, Any]) -> None:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if primary:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def tb(kind: str, *args: Any) -> None:
+        if writer is not None:
+            getattr(writer, kind)(*args)
 
     def validate(step: int) -> float | None:
         nonlocal best
         if data.val is None:
             return None
-        m = evaluate_cases(state.params, cfg, data.val, data.cases, eval_key, native=False, predict=predict)
+        # Every process validates on its own devices (the same numbers: same params and key),
+        # so all agree on the best checkpoint; params spanning several processes come to host.
+        params = jax.device_get(state.params) if jax.process_count() > 1 else state.params
+        m = evaluate_cases(params, cfg, data.val, data.cases, eval_key, native=False, predict=predict)
         dice = m["summary"]["dice"]["mean"]
-        writer.add_scalar("val/dice", dice, step)
-        writer.add_scalar("val/dice_soft", m["summary"]["dice_soft"]["mean"], step)
+        tb("add_scalar", "val/dice", dice, step)
+        tb("add_scalar", "val/dice_soft", m["summary"]["dice_soft"]["mean"], step)
         rows = _pick_val_images(data.val)
-        probs = predict_slices(predict, state.params, data.val.images[rows], eval_key, cfg.model.fire_rate, len(rows))
-        writer.add_image("val/input_prediction_label", _image_grid(data.val.images[rows], probs, data.val.labels[rows]), step)
+        probs = predict_slices(predict, params, data.val.images[rows], eval_key, cfg.model.fire_rate, len(rows))
+        tb("add_image", "val/input_prediction_label", _image_grid(data.val.images[rows], probs, data.val.labels[rows]), step)
         log({"step": step, "minutes": elapsed() / 60, "val_dice": dice, "val_dice_soft": m["summary"]["dice_soft"]["mean"]})
         if dice >= best:
             best = dice
         return dice
 
     end = tcfg.num_steps if stop_after is None else min(tcfg.num_steps, start_step + stop_after)
-    bar = tqdm(total=tcfg.num_steps, initial=start_step, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tcfg.num_steps, initial=start_step, disable=not (progress and primary), desc=cfg.name, unit="step", dynamic_ncols=True)
     step = start_step
     last_val: float | None = None
     reason = "done"
@@ -243,8 +264,8 @@ def train(
                     rate = window_n * tcfg.batch_size / max(time.perf_counter() - window_t, 1e-9)
                     window_t, window_n = time.perf_counter(), 0
                     for k in ("loss", "lr", "grad_norm"):
-                        writer.add_scalar(f"train/{k}", m[k], step)
-                    writer.add_scalar("train/slices_per_s", rate, step)
+                        tb("add_scalar", f"train/{k}", m[k], step)
+                    tb("add_scalar", "train/slices_per_s", rate, step)
                     log({"step": step, "minutes": elapsed() / 60, "loss": m["loss"], "lr": m["lr"]})
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", slices_s=f"{rate:.0f}", val=f"{best:.3f}")
                     if not np.isfinite(m["loss"]):
@@ -255,11 +276,9 @@ def train(
                     last_val = validate(step)
                 if step % tcfg.checkpoint_every == 0 or step % tcfg.eval_every == 0 or step == end:
                     save(step, last_val if step % tcfg.eval_every == 0 or step == tcfg.num_steps else None)
-                if flag["stop"]:
-                    reason = "interrupted"
-                    break
-                if tcfg.time_limit_min and elapsed() >= tcfg.time_limit_min * 60:
-                    reason = "time_limit"
+                over_time = bool(tcfg.time_limit_min) and elapsed() >= tcfg.time_limit_min * 60
+                if any_process(flag["stop"] or over_time):
+                    reason = "interrupted" if any_process(flag["stop"]) else "time_limit"
                     break
         finally:
             bar.close()
@@ -270,10 +289,11 @@ def train(
                 else:
                     save(step)
             batches.close()
-            writer.close()
+            tb("close")
             latest.close()
             best_mngr.close()
-    _write_curve(cfg, workdir)
+    if primary:
+        _write_curve(cfg, workdir)
     if reason == "nan":
         raise FloatingPointError(
             f"the loss became non-finite at step {step}; lower train.lr or check the data. "

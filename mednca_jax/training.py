@@ -156,5 +156,32 @@ def initialize_distributed_from_env() -> bool:
     return True
 
 
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes logs and run files in a multi-host run."""
+    return jax.process_index() == 0
+
+
+def primary_first(fn: Callable[[], Any], name: str) -> Any:
+    """Run ``fn`` on process 0, then on the others: what process 0 writes (a split, a synthetic
+    data set, a slice cache) is there when they read it. With one process: just ``fn()``."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    out = fn() if is_primary() else None
+    multihost_utils.sync_global_devices(f"mednca_jax:{name}")
+    return out if is_primary() else fn()
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` OR-ed over processes, so that all of them stop at the same step (a time limit
+    or a Ctrl-C seen by one process must stop all: the others would wait in a collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
 def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
     return tree if mesh is None else jax.device_put(tree, replicated(mesh))

@@ -48,3 +48,26 @@ def test_train_step_script_writes_its_json(tmp_path):
     for key in ("step_s_median", "peak_rss_mib", "compile_s", "torch_step_s_median", "torch_peak_rss_mib", "ratio"):
         assert isinstance(fig[key], float) and fig[key] >= 0, key
     assert "JAX / torch" in res.stdout
+
+
+@pytest.mark.parametrize("layout", ["original", "channels-last"])
+def test_torch_reference_matches_jax_at_fire_0(layout):
+    """The timing reference computes what our forward computes (fire 0 is deterministic)."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import numpy as np
+    from torch_reference import TorchMedNCA
+
+    from mednca_jax.config import ModelConfig
+    from mednca_jax.levels import forward
+
+    args = inference.parse_args(["--channels", "4", "--hidden", "8", "--steps", "3"])
+    params = jax.device_get(inference.random_params(args))
+    images = inference.make_images(2, 16)
+    cfg = ModelConfig(channels=4, hidden=8, steps=(3, 3), scales=(4, 1), fire_rate=0.0)
+    want = np.asarray(forward(params, cfg, images, jax.random.PRNGKey(0), 0.0))
+    model = TorchMedNCA(4, 8, (3, 3), layout=layout).load_jax(params)
+    with torch.inference_mode():
+        got = model(torch.from_numpy(images), 0.0).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -98,6 +98,11 @@ def test_cli_train_then_evaluate(task, tmp_path, monkeypatch, capsys):
     assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out), "--runs", "2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["summary"]) >= {"dice", "dice_soft", "dice_native", "nqm"}
+    from mednca_jax.model import count_params
+    from mednca_jax.checkpoint import load_params
+
+    params, _ = load_params(run)
+    assert metrics["model"]["params"] == count_params(params) and metrics["model"]["ms_per_slice"] > 0
     split = json.loads((run / "split.json").read_text())
     assert set(metrics["cases"]) == set(split["test"])
     import nibabel as nib
@@ -108,7 +113,7 @@ def test_cli_train_then_evaluate(task, tmp_path, monkeypatch, capsys):
         assert pred.shape == img.shape[:3] and np.allclose(pred.affine, img.affine)
         assert (out / "variance" / f"{name}.nii.gz").is_file()
     text = capsys.readouterr().out
-    assert "mean ± std" in text
+    assert "mean ± std" in text and f"{count_params(params):,} params" in text
 
 
 def test_cli_errors_are_clear(task, tmp_path, capsys):
@@ -181,3 +186,45 @@ def test_unet_baseline_trains_and_evaluates_through_the_same_cli(task, tmp_path,
     assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_with_two_devices(task, tmp_path):
+    """Multi-host through jax.distributed (2 local processes, 1 CPU device each) gives the
+    params of 1 process with 2 devices, and only process 0 writes the logs."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data, cfg_path = task
+    cmd = [sys.executable, "train.py", "--config", str(cfg_path), "--data", str(data), "--no-progress", "--set", "train.data_parallel=true"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["MEDNCA_CACHE"] = str(tmp_path / "cache")
+    port = _free_port()
+    procs = [
+        subprocess.Popen(cmd + ["--workdir", str(tmp_path / "multi")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+        for i in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errs]
+    one = subprocess.run(cmd + ["--workdir", str(tmp_path / "one")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    for a, b in zip(_params(tmp_path / "multi"), _params(tmp_path / "one"), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    steps = lambda run: [json.loads(l)["step"] for l in (run / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert steps(tmp_path / "multi") == steps(tmp_path / "one")
