@@ -90,3 +90,40 @@ def test_threshold_single_class():
     assert s["TP"] == 3 and s["specificity"] is None
     with pytest.raises(ValueError, match="one NQM per Dice"):
         failure_detection_summary([0.1], [0.2, 0.3], 0.1, 0.5)
+
+
+def test_evaluate_cases_reports_dice_of_mean_and_mean_of_single_run_dice():
+    """With runs >= 2: ``dice`` scores the mean prediction, ``dice_run_mean`` averages the
+    single runs' Dice (the original's figure); hand-made predictions per run."""
+    import jax
+
+    from mednca_jax.config import Config
+    from mednca_jax.data import SliceSet
+    from mednca_jax.evaluation import evaluate_cases
+
+    labels = np.zeros((4, 4, 4, 1), np.float32)
+    labels[:, :2, :2] = 1.0
+    # run r predicts the label square plus r extra false-positive pixels, on every slice
+    per_run = []
+    for r in range(3):
+        p = labels.copy()
+        p[:, 3, :r] = 1.0
+        per_run.append(p)
+    calls = {"n": 0}
+
+    def predict(params, images, key, fire_rate):
+        out = per_run[calls["n"]]
+        calls["n"] += 1
+        return out[: images.shape[0]]
+
+    slices = SliceSet(np.zeros((4, 4, 4, 1), np.float32), labels, np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]),
+                      ("a", "b"), ((4, 4, 2), (4, 4, 2)), np.stack([np.eye(4)] * 2), (None, None), (None, None))
+    m = evaluate_cases(None, Config(name="t"), slices, [], jax.random.PRNGKey(0), fire_rate=0.5, runs=3, batch_size=4, native=False,
+                       predict=predict)
+    single = [2 * 4 / (2 * 4 + r) for r in range(3)]  # Dice of 4 true pixels with r false positives
+    mean_pred = np.mean(per_run, axis=0)
+    fp = (mean_pred[0, 3] > 0.5).sum()  # pixels above 0.5 in the mean prediction
+    for name in ("a", "b"):
+        assert m["cases"][name]["dice_run_mean"] == pytest.approx(np.mean(single))
+        assert m["cases"][name]["dice"] == pytest.approx(8 / (8 + fp))
+    assert m["cases"]["a"]["nqm"] > 0

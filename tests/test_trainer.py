@@ -97,7 +97,7 @@ def test_cli_train_then_evaluate(task, tmp_path, monkeypatch, capsys):
     out = tmp_path / "eval"
     assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out), "--runs", "2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["summary"]) >= {"dice", "dice_soft", "dice_native", "nqm"}
+    assert set(metrics["summary"]) >= {"dice", "dice_soft", "dice_native", "dice_run_mean", "nqm"}
     from mednca_jax.model import count_params
     from mednca_jax.checkpoint import load_params
 
