@@ -66,7 +66,7 @@ def predict_slices(
 
 
 def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float | None, batch_size: int,
-                repeats: int = 3) -> dict[str, Any]:
+                repeats: int = 5) -> dict[str, Any]:
     """Kind, parameter count and inference time (ms per slice, compile excluded: the median of
     ``repeats`` timed batches of ``batch_size`` zero images after one warm-up call)."""
     from .model import count_params

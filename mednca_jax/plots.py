@@ -64,9 +64,11 @@ def _series(cells: Mapping[Any, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _perturbation_names(results: Results) -> list[str]:
+    """Perturbations in first-seen order, without ``"clean"``: it is every curve's severity 0
+    already, and a panel of its own would hold one point per model."""
     names: list[str] = []
     for per_model in results.values():
-        names += [n for n in per_model if n not in names]
+        names += [n for n in per_model if n not in names and n != "clean"]
     return names
 
 

@@ -39,6 +39,8 @@ def test_plot_robustness_png(tmp_path):
     assert w > 300 and h > 150
     with pytest.raises(ValueError, match="no perturbations"):
         plots.plot_robustness({"m": {}}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no perturbations"):  # clean alone is not a curve
+        plots.plot_robustness({"m": {"clean": {"0": {"mean": 0.9, "std": 0.0}}}}, tmp_path / "x.png")
 
 
 def test_plot_nqm_vs_dice_png(tmp_path):
