@@ -9,6 +9,7 @@ line of stdin with one JSON line on stdout.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -110,6 +111,27 @@ def timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------- options
+def add_torch_args(p: Any) -> None:
+    """``--no-torch`` and ``--torch-layout``, for benchmarks with a PyTorch side."""
+    p.add_argument("--no-torch", action="store_true", help="JAX only (no ratio)")
+    p.add_argument("--torch-layout", default="original", choices=["original", "channels-last"],
+                   help="PyTorch reference: the original's (B, C, W, H) transposes, or a leaner channels-last variant "
+                        "(see benchmarks/torch_reference.py)")
+
+
+def add_run_args(p: Any, *, retry_budget: bool = True) -> None:
+    """The options every benchmark shares: contention limit, exit status, JSON, worker role."""
+    p.add_argument("--max-foreign-load", type=float, default=0.25,
+                   help="cores other processes may use while timing before the run counts as inconclusive")
+    if retry_budget:
+        p.add_argument("--budget-s", type=float, default=120.0,
+                       help="time allowed for retrying rounds spoiled by other processes (after the first --repeats)")
+    p.add_argument("--report-only", action="store_true", help="exit 0 even when a bound is missed")
+    p.add_argument("--json", metavar="PATH", help="write the figures here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
 # --------------------------------------------------------------------------- parent side

@@ -30,18 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--fire-rate", type=float, default=0.5)
-    p.add_argument("--no-torch", action="store_true", help="JAX only (no ratio)")
-    p.add_argument("--torch-layout", default="original", choices=["original", "channels-last"],
-                   help="PyTorch reference: the original's (B, C, W, H) transposes, or a leaner channels-last variant "
-                        "(see benchmarks/torch_reference.py)")
+    H.add_torch_args(p)
     p.add_argument("--max-ratio", type=float, default=0.33, help="bound on JAX / torch time per slice at batch 1")
-    p.add_argument("--max-foreign-load", type=float, default=0.25,
-                   help="cores other processes may use while timing before the run counts as inconclusive")
-    p.add_argument("--budget-s", type=float, default=120.0,
-                   help="time allowed for retrying rounds spoiled by other processes (after the first --repeats)")
-    p.add_argument("--report-only", action="store_true", help="exit 0 even when a bound is missed")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    H.add_run_args(p)
     return p.parse_args(argv)
 
 

@@ -34,11 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-rtol", type=float, default=1e-4)
     p.add_argument("--max-growth", type=float, default=2.0, help="bound on peak(longest) / peak(shortest)")
     p.add_argument("--max-compile-s", type=float, default=10.0)
-    p.add_argument("--max-foreign-load", type=float, default=0.25,
-                   help="cores other processes may use during the compile timings before the run counts as inconclusive")
-    p.add_argument("--report-only", action="store_true", help="exit 0 even when a bound is missed")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    H.add_run_args(p, retry_budget=False)
     return p.parse_args(argv)
 
 
