@@ -277,8 +277,9 @@ def train(
                 if step % tcfg.checkpoint_every == 0 or step % tcfg.eval_every == 0 or step == end:
                     save(step, last_val if step % tcfg.eval_every == 0 or step == tcfg.num_steps else None)
                 over_time = bool(tcfg.time_limit_min) and elapsed() >= tcfg.time_limit_min * 60
-                if any_process(flag["stop"] or over_time):
-                    reason = "interrupted" if any_process(flag["stop"]) else "time_limit"
+                interrupted, over_time = any_process(flag["stop"], over_time)
+                if interrupted or over_time:
+                    reason = "interrupted" if interrupted else "time_limit"
                     break
         finally:
             bar.close()

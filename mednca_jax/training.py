@@ -173,14 +173,16 @@ def primary_first(fn: Callable[[], Any], name: str) -> Any:
     return out if is_primary() else fn()
 
 
-def any_process(flag: bool) -> bool:
-    """``flag`` OR-ed over processes, so that all of them stop at the same step (a time limit
-    or a Ctrl-C seen by one process must stop all: the others would wait in a collective)."""
+def any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over processes (one collective for all of them), so that all processes
+    stop at the same step: a time limit or a Ctrl-C seen by one process must stop all, or the
+    others would wait in a collective."""
     if jax.process_count() == 1:
-        return bool(flag)
+        return tuple(bool(f) for f in flags)
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+    seen = multihost_utils.process_allgather(np.array(flags, np.int32))  # (processes, flags)
+    return tuple(bool(v) for v in np.asarray(seen).reshape(-1, len(flags)).any(axis=0))
 
 
 def put_replicated(tree: Any, mesh: Mesh | None) -> Any:

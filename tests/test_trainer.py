@@ -72,6 +72,17 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(task, tmp_path, monkey
     assert (tmp_path / "full" / "curve.png").stat().st_size > 0
 
 
+def test_time_limit_stops_with_a_checkpoint(task, tmp_path, monkeypatch):
+    data, cfg_path = task
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    from mednca_jax.config import load_config
+
+    cfg = load_config(cfg_path, ["train.time_limit_min=1e-9"])
+    out = train(cfg, tmp_path / "run", data, progress=False)
+    assert out["reason"] == "time_limit" and out["step"] == 1
+    assert ckpt.manager(tmp_path / "run", ckpt.LATEST_DIR, 1).latest_step() == 1
+
+
 def test_existing_run_needs_resume_and_resume_needs_a_run(task, tmp_path, monkeypatch):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
