@@ -67,6 +67,18 @@ def test_input_channels_never_change():
     assert not np.allclose(out[..., 2:], x[..., 2:])  # the rest did change
 
 
+def test_rollout_writes_the_image_before_the_first_step():
+    # The steps leave the input channels alone (fc1's columns for them are zeroed); the
+    # rollout writes the image once, so a stale input channel in x never reaches a step.
+    p = random_level_params(jax.random.PRNGKey(0), C, HID, scale=2.0)
+    x = _state()
+    image = jax.random.uniform(jax.random.PRNGKey(5), x.shape[:-1] + (1,))
+    out, _ = rollout(p, x, image, jax.random.PRNGKey(3), 4, 0.5)
+    ref, _ = rollout(p, x.at[..., :1].set(image), image, jax.random.PRNGKey(3), 4, 0.5)
+    np.testing.assert_array_equal(out, ref)
+    assert not np.allclose(x[..., :1], image)  # the two starts did differ
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 0.9])
 def test_fire_rate_statistics(rate):
     m = fire_mask(jax.random.PRNGKey(0), (4, 64, 64, 8), rate)
