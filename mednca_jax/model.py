@@ -259,7 +259,7 @@ def _prepare(params: Params, n_in: int) -> Params:
     kmat, kbias = _conv_matrix(params)
     w0 = params["fc0"]["kernel"]
     w0 = jnp.concatenate([w0[c:], w0[:c], params["fc0"]["bias"][None]], axis=0)  # rows [p0 | p1 | x | bias]
-    return {"k": kmat, "kt": kmat.T, "kbias": kbias, "w0": w0, "w0t": w0.T, "w1": params["fc1"]["kernel"].at[:, :n_in].set(0.0)}
+    return {"k": kmat, "kt": kmat.T, "kbias": kbias, "w0": w0, "w0t": w0.T, "w1": jnp.asarray(params["fc1"]["kernel"]).at[:, :n_in].set(0.0)}
 
 
 def _update_rows(w: Params, cols: jax.Array) -> jax.Array:
