@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import prng
+
 Params = dict[str, Any]
 
 REMAT_MODES = ("none", "step", "nested")
@@ -128,9 +130,10 @@ def fire_mask(key: jax.Array, shape: tuple[int, ...], fire_rate: float | jax.Arr
     """Per-cell update mask ``u > fire_rate`` as float, shape ``(B, H, W, 1)``.
 
     ``u`` is drawn from (0, 1] (not [0, 1)) so that ``fire_rate = 0`` updates every cell,
-    exactly and deterministically.
+    exactly and deterministically. The numbers are ``jax.random.uniform``'s, drawn through
+    :func:`prng.uniform` (faster on CPU).
     """
-    u = 1.0 - jax.random.uniform(key, shape[:-1] + (1,), jnp.float32)
+    u = 1.0 - prng.uniform(key, shape[:-1] + (1,))
     return (u > fire_rate).astype(jnp.float32)
 
 
