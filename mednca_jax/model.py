@@ -238,6 +238,18 @@ def _take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
     return a.at[jnp.minimum(idx, a.shape[0] - 1)].get(mode="promise_in_bounds")
 
 
+def _scatter_add_rows(a: jax.Array, idx: jax.Array, rows: jax.Array, mode: str = "drop") -> jax.Array:
+    """``a.at[idx].add(rows)`` for ``a (N, C)``, ``idx (M,)``, ``rows (M, C)``.
+
+    Written as a scatter whose window spans both dims, so that XLA gets the updates in its
+    canonical ``(M, 1, C)`` form: ``.at[].add`` made XLA:CPU copy the neighbourhood gradients
+    (3.6 MB, ~0.2 ms per step at 6320 cells) only to move a size-1 axis.
+    """
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,))
+    scatter_mode = {"drop": jax.lax.GatherScatterMode.FILL_OR_DROP, "promise_in_bounds": jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS}[mode]
+    return jax.lax.scatter_add(a, idx[:, None], rows[:, None, :], dims, mode=scatter_mode)
+
+
 def _conv_matrix(params: Params) -> tuple[jax.Array, jax.Array]:
     """Both perception convs as one ``(9C, 2C)`` matrix and a ``(2C,)`` bias."""
     k = jnp.concatenate([params["p0"]["kernel"], params["p1"]["kernel"]], axis=-1)
@@ -334,7 +346,7 @@ def _dense_update_bwd(grid, res, g):
     w, xf, m = res
     cols, nb = _dense_cols(xf, grid)
     grads, gcols, gxc_t = _update_backward(w, cols, (g * m[:, None]).T)
-    gx = (g + gxc_t.T).at[nb.reshape(-1)].add(gcols.reshape(-1, g.shape[-1]), mode="promise_in_bounds")
+    gx = _scatter_add_rows(g + gxc_t.T, nb.reshape(-1), gcols.reshape(-1, g.shape[-1]), mode="promise_in_bounds")
     return grads, gx, None
 
 
@@ -374,7 +386,7 @@ def _add_backward(w, xf, idx, g, grads, gx, grid):
     more, gcols, gxc_t = _update_backward(w, cols, gd_t)
     grads = more if grads is None else jax.tree_util.tree_map(jnp.add, grads, more)
     gx = gx.at[idx].add(gxc_t.T, mode="drop", unique_indices=True, indices_are_sorted=True)
-    return grads, gx.at[nb.reshape(-1)].add(gcols.reshape(-1, g.shape[-1]), mode="drop")
+    return grads, _scatter_add_rows(gx, nb.reshape(-1), gcols.reshape(-1, g.shape[-1]))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
