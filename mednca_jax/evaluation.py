@@ -24,6 +24,7 @@ from .config import Config
 from .data import Case, SliceSet, load_case, resample_to_native, write_volume
 from .data.preprocess import encode_labels
 from .losses import dice_hard, dice_soft
+from .model import count_params
 from .quality import nqm
 
 PredictFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -69,8 +70,6 @@ def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float |
                 repeats: int = 5) -> dict[str, Any]:
     """Kind, parameter count and inference time (ms per slice, compile excluded: the median of
     ``repeats`` timed batches of ``batch_size`` zero images after one warm-up call)."""
-    from .model import count_params
-
     fr = float(cfg.model.fire_rate if fire_rate is None else fire_rate)
     images = jnp.zeros((batch_size, *cfg.data.image_size, cfg.model.n_in), jnp.float32)
     key = jax.random.PRNGKey(0)

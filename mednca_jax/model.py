@@ -238,16 +238,15 @@ def _take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
     return a.at[jnp.minimum(idx, a.shape[0] - 1)].get(mode="promise_in_bounds")
 
 
-def _scatter_add_rows(a: jax.Array, idx: jax.Array, rows: jax.Array, mode: str = "drop") -> jax.Array:
-    """``a.at[idx].add(rows)`` for ``a (N, C)``, ``idx (M,)``, ``rows (M, C)``.
+def _scatter_add_rows(a: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+    """``a.at[idx].add(rows, mode="drop")`` for ``a (N, C)``, ``idx (M,)``, ``rows (M, C)``.
 
     Written as a scatter whose window spans both dims, so that XLA gets the updates in its
     canonical ``(M, 1, C)`` form: ``.at[].add`` made XLA:CPU copy the neighbourhood gradients
     (3.6 MB, ~0.2 ms per step at 6320 cells) only to move a size-1 axis.
     """
     dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,))
-    scatter_mode = {"drop": jax.lax.GatherScatterMode.FILL_OR_DROP, "promise_in_bounds": jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS}[mode]
-    return jax.lax.scatter_add(a, idx[:, None], rows[:, None, :], dims, mode=scatter_mode)
+    return jax.lax.scatter_add(a, idx[:, None], rows[:, None, :], dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def _conv_matrix(params: Params) -> tuple[jax.Array, jax.Array]:
@@ -346,7 +345,7 @@ def _dense_update_bwd(grid, res, g):
     w, xf, m = res
     cols, nb = _dense_cols(xf, grid)
     grads, gcols, gxc_t = _update_backward(w, cols, (g * m[:, None]).T)
-    gx = _scatter_add_rows(g + gxc_t.T, nb.reshape(-1), gcols.reshape(-1, g.shape[-1]), mode="promise_in_bounds")
+    gx = _scatter_add_rows(g + gxc_t.T, nb.reshape(-1), gcols.reshape(-1, g.shape[-1]))
     return grads, gx, None
 
 
@@ -389,52 +388,39 @@ def _add_backward(w, xf, idx, g, grads, gx, grid):
     return grads, _scatter_add_rows(gx, nb.reshape(-1), gcols.reshape(-1, g.shape[-1]))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fired_update(w: Params, xf: jax.Array, m: jax.Array, idx: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fired_update(
+    w: Params, xf: jax.Array, m: jax.Array, idx: jax.Array, grid: tuple[int, int, int], overflow_possible: bool
+) -> jax.Array:
     """``xf + d * m`` computing ``d`` only at the fired cells.
 
     ``m (N,)`` bool; ``idx (cap,)`` the first ``cap`` fired cells in order, padded with ``N``.
+    With ``overflow_possible=False`` the caller knows that at most ``cap`` cells fired: no
+    check and no extra chunks, so the scatter can update the state in place (the check reads
+    the old state afterwards, which cost two state copies per step, ~5 % of a batch-1
+    inference).
     """
     cap = idx.shape[0]
     out = _add_update(w, xf, xf, idx, grid)
-    (out,) = _extra_chunks(m, cap, lambda c, o: (_add_update(w, xf, o, _chunk_indices(m, c, cap), grid),), (out,))
+    if overflow_possible:
+        (out,) = _extra_chunks(m, cap, lambda c, o: (_add_update(w, xf, o, _chunk_indices(m, c, cap), grid),), (out,))
     return out
 
 
-def _fired_update_fwd(w, xf, m, idx, grid):
-    return _fired_update(w, xf, m, idx, grid), (w, xf, m, idx)
+def _fired_update_fwd(w, xf, m, idx, grid, overflow_possible):
+    return _fired_update(w, xf, m, idx, grid, overflow_possible), (w, xf, m, idx)
 
 
-def _fired_update_bwd(grid, res, g):
+def _fired_update_bwd(grid, overflow_possible, res, g):
     w, xf, m, idx = res
     cap = idx.shape[0]
     grads, gx = _add_backward(w, xf, idx, g, None, g, grid)
-    grads, gx = _extra_chunks(m, cap, lambda c, gr, gx_: _add_backward(w, xf, _chunk_indices(m, c, cap), g, gr, gx_, grid), (grads, gx))
+    if overflow_possible:
+        grads, gx = _extra_chunks(m, cap, lambda c, gr, gx_: _add_backward(w, xf, _chunk_indices(m, c, cap), g, gr, gx_, grid), (grads, gx))
     return grads, gx, None, None
 
 
 _fired_update.defvjp(_fired_update_fwd, _fired_update_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _capped_update(w: Params, xf: jax.Array, idx: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-    """:func:`_fired_update` for a step known to have at most ``cap`` fired cells: no check and
-    no extra chunks, so the scatter can update the state in place (the check's access to the
-    old state cost two state copies per step, ~5 % of a batch-1 inference)."""
-    return _add_update(w, xf, xf, idx, grid)
-
-
-def _capped_update_fwd(w, xf, idx, grid):
-    return _capped_update(w, xf, idx, grid), (w, xf, idx)
-
-
-def _capped_update_bwd(grid, res, g):
-    w, xf, idx = res
-    grads, gx = _add_backward(w, xf, idx, g, None, g, grid)
-    return grads, gx, None
-
-
-_capped_update.defvjp(_capped_update_fwd, _capped_update_bwd)
 
 
 def _fired_indices(fired: jax.Array, cap: int) -> jax.Array:
@@ -457,7 +443,7 @@ def _flat_step(
     ``idx`` from :func:`_fired_indices`, or ``None``: dense."""
     if idx is None:
         return _dense_update(w, xf, fired.astype(xf.dtype), grid)
-    return _fired_update(w, xf, fired, idx, grid)
+    return _fired_update(w, xf, fired, idx, grid, True)
 
 
 def _fired_cells(keys: jax.Array, grid: tuple[int, int, int], fire_rate: float | jax.Array) -> jax.Array:
@@ -533,7 +519,7 @@ def rollout(
         # When no step of the block has more fired cells than the capacity, the scan runs the
         # capped step; otherwise the exact one, chunk by chunk. At fire 0.5 a step overflows
         # with p ~ 5e-4 (4096 cells) to 7e-4 (12288), so ~3-5 % of 64-step rollouts are exact.
-        capped = partial(_scan_steps, lambda c, a: _capped_update(w, c, a[1], grid), xs=(fired, idx), trajectory=trajectory)
+        capped = partial(_scan_steps, lambda c, a: _fired_update(w, c, *a, grid, False), xs=(fired, idx), trajectory=trajectory)
         overflow = jnp.any(jnp.sum(fired, axis=1, dtype=jnp.int32) > idx.shape[1])
         return jax.lax.cond(overflow, exact, capped, carry)
 
