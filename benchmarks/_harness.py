@@ -83,13 +83,27 @@ def median(xs: list[float]) -> float:
 
 
 # --------------------------------------------------------------------------- worker side
+_PROTOCOL: list[Any] = []
+
+
+def protocol_out() -> Any:
+    """The worker's reply channel: the original stdout. Everything else written to stdout,
+    by Python or by native code (Gloo announces its connections there), goes to stderr so
+    that it cannot break the protocol. Idempotent."""
+    if not _PROTOCOL:
+        sys.stdout.flush()
+        _PROTOCOL.append(os.fdopen(os.dup(1), "w"))
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+    return _PROTOCOL[0]
+
+
 def serve(handlers: dict[str, Callable[..., dict[str, Any]]]) -> None:
     """Worker loop: each stdin line is ``{"cmd": name, ...}``; reply with one JSON line.
 
     ``ready`` is sent first; ``quit`` replies with the peak RSS and exits.
     """
-    out = sys.stdout
-    sys.stdout = sys.stderr  # stray prints must not break the protocol
+    out = protocol_out()
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -167,9 +181,19 @@ class Worker:
         return reply
 
     def call(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        self.send(cmd, **kw)
+        return self.reply(cmd)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def send(self, cmd: str, **kw: Any) -> None:
         self.wait_ready()
         self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
         self.proc.stdin.flush()
+
+    def reply(self, cmd: str) -> dict[str, Any]:
         reply = self._read()
         if "error" in reply:
             raise RuntimeError(f"worker {self.name}, {cmd}: {reply['error']}")
@@ -177,11 +201,75 @@ class Worker:
 
     def close(self) -> float:
         """Stop the worker; returns its peak RSS in MiB."""
-        self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-        self.proc.stdin.flush()
-        rss = self._read()["peak_rss_mib"]
+        self.send("quit")
+        rss = self.reply("quit")["peak_rss_mib"]
         self.proc.wait(timeout=60)
         return rss
+
+
+class WorkerGroup:
+    """The processes of one multi-process JAX job (``jax.distributed``), each pinned to its own
+    core, driven like one worker: every command goes to all of them, and a timed command
+    takes as long as the slowest (they wait for each other in their collectives)."""
+
+    def __init__(self, script: str, name: str, args: list[str], n: int, port: int):
+        self.name = name
+        self.workers = [
+            Worker(script, f"{name}{i}", args, env={
+                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
+                "JAX_PROCESS_ID": str(i), "MEDNCA_BENCH_CPU": str(i),
+            })
+            for i in range(n)
+        ]
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers]
+
+    def wait_ready(self) -> "WorkerGroup":
+        for w in self.workers:
+            w.wait_ready()
+        return self
+
+    def call(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        for w in self.workers:
+            w.send(cmd, **kw)
+        replies = [w.reply(cmd) for w in self.workers]
+        out = dict(replies[0])
+        if "s" in out:
+            out["s"] = max(r["s"] for r in replies)
+        return out
+
+    def close(self) -> float:
+        """Stop the processes (together: each waits for the others as it shuts down); returns
+        the sum of their peak RSS in MiB."""
+        for w in self.workers:
+            w.send("quit")
+        rss = sum(w.reply("quit")["peak_rss_mib"] for w in self.workers)
+        for w in self.workers:
+            w.proc.wait(timeout=60)
+        return rss
+
+
+def pin_worker_from_env() -> None:
+    """In a worker of a :class:`WorkerGroup`: keep to its core and join the JAX job (call
+    before JAX starts its thread pools)."""
+    cpu = os.environ.get("MEDNCA_BENCH_CPU")
+    if cpu is not None:
+        protocol_out()
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(cpu) % len(cores)]})
+        from mednca_jax.training import initialize_distributed_from_env
+
+        initialize_distributed_from_env()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def start_workers(script: str, names: list[str], args: list[str]) -> dict[str, Worker]:
@@ -234,7 +322,7 @@ def sample_quiet(
     kept: dict[str, list[float]] = {n: [] for n in workers}
     noisy: dict[str, list[float]] = {n: [] for n in workers}
     loads, noisy_loads, t0 = [], [], time.perf_counter()
-    pids = [w.proc.pid for w in workers.values()]
+    pids = [p for w in workers.values() for p in w.pids]
     while len(loads) < repeats:
         meter = CpuMeter(pids).start()
         got = {n: call(n, w) for n, w in workers.items()}

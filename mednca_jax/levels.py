@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config, ModelConfig
-from .model import Params, init_level_params, reset_inputs, rollout
+from .model import BatchPart, Params, init_level_params, reset_inputs, rollout
 
 
 class InputError(ValueError):
@@ -138,7 +138,8 @@ def level_input(x: jax.Array | None, images: jax.Array, model_cfg: ModelConfig, 
 
 
 def _coarse_levels(
-    params: Params, model_cfg: ModelConfig, images: jax.Array, keys: jax.Array, fire_rate, remat: str
+    params: Params, model_cfg: ModelConfig, images: jax.Array, keys: jax.Array, fire_rate, remat: str,
+    part: BatchPart | None = None,
 ) -> tuple[jax.Array, list[jax.Array]]:
     """Run levels ``0 .. L-2`` on whole images; return the start state of the finest level
     ``(B, H, W, C)`` and the per-level final states."""
@@ -147,7 +148,7 @@ def _coarse_levels(
     states = []
     for i in range(model_cfg.n_levels - 1):
         x, img = level_input(x, images, model_cfg, i)
-        x, _ = rollout(params[names[i]], x, img, keys[i], model_cfg.steps[i], fire_rate, remat=remat)
+        x, _ = rollout(params[names[i]], x, img, keys[i], model_cfg.steps[i], fire_rate, remat=remat, part=part)
         states.append(x)
     return level_input(x, images, model_cfg, model_cfg.n_levels - 1)[0], states
 
@@ -197,16 +198,20 @@ def forward_trajectory(
     return jnp.concatenate(frames, axis=0)
 
 
-def random_crops(key: jax.Array, arrays: tuple[jax.Array, ...], size: int) -> tuple[jax.Array, ...]:
+def random_crops(
+    key: jax.Array, arrays: tuple[jax.Array, ...], size: int, part: BatchPart | None = None
+) -> tuple[jax.Array, ...]:
     """One uniformly placed ``size x size`` crop per sample, the same window in every array.
 
     Each array is ``(B, H, W, *)``; crops are taken with ``vmap`` over the batch of
-    ``lax.dynamic_slice``. Returns arrays ``(B, size, size, *)``.
+    ``lax.dynamic_slice``. Returns arrays ``(B, size, size, *)``. With ``part = (index,
+    count)`` the windows are those of part ``index`` of a batch of ``count * B`` samples.
     """
     b, h, w = arrays[0].shape[:3]
+    index, count = (0, 1) if part is None else part
     ky, kx = jax.random.split(key)
-    ys = jax.random.randint(ky, (b,), 0, h - size + 1)
-    xs = jax.random.randint(kx, (b,), 0, w - size + 1)
+    ys = jax.lax.dynamic_slice_in_dim(jax.random.randint(ky, (b * count,), 0, h - size + 1), index * b, b)
+    xs = jax.lax.dynamic_slice_in_dim(jax.random.randint(kx, (b * count,), 0, w - size + 1), index * b, b)
 
     def crop_one(a, y, x):
         return jax.lax.dynamic_slice(a, (y, x) + (0,) * (a.ndim - 2), (size, size) + a.shape[2:])
@@ -223,21 +228,23 @@ def forward_train(
     fire_rate: float | jax.Array | None = None,
     *,
     remat: str | None = None,
+    part: BatchPart | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Training forward pass: ``(logits, labels)`` on the finest level's random crops.
 
     images ``(B, H, W, n_in)``, labels ``(B, H, W, n_out)`` -> both ``(B, P, P, *)`` with
-    ``P = model.patch_size`` (whole images when it is 0 or the image size).
+    ``P = model.patch_size`` (whole images when it is 0 or the image size). ``part``: see
+    :func:`~mednca_jax.model.rollout` (fire masks and crops are the whole batch's).
     """
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     remat = model_cfg.remat if remat is None else remat
     keys = jax.random.split(key, model_cfg.n_levels + 1)
-    x, _ = _coarse_levels(params, model_cfg, images, keys, fire_rate, remat)
+    x, _ = _coarse_levels(params, model_cfg, images, keys, fire_rate, remat, part)
     p = model_cfg.patch_size
     if 0 < p < min(images.shape[1], images.shape[2]):
-        x, images, labels = random_crops(keys[-1], (x, images, labels), p)
+        x, images, labels = random_crops(keys[-1], (x, images, labels), p, part)
     last = level_names(model_cfg)[-1]
-    x, _ = rollout(params[last], x, images, keys[-2], model_cfg.steps[-1], fire_rate, remat=remat)
+    x, _ = rollout(params[last], x, images, keys[-2], model_cfg.steps[-1], fire_rate, remat=remat, part=part)
     return x[..., model_cfg.n_in : model_cfg.n_in + model_cfg.n_out], labels
 
 

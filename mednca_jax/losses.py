@@ -16,6 +16,29 @@ def _bce_with_logits(z: jax.Array, t: jax.Array) -> jax.Array:
     return jax.nn.softplus(z) - z * t
 
 
+def dice_bce_sums(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """The batch sums DiceBCE is computed from, per output channel: ``(n_out, 5)`` holding
+    ``[sum BCE(p, t), sum p t, sum p, sum t, number of pixels]``.
+
+    Sums over parts of a batch add up to the sums of the whole batch, so a data-parallel step
+    adds them over devices before :func:`dice_bce_from_sums`.
+    """
+    z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+    t = target.reshape(-1, target.shape[-1]).astype(jnp.float32)
+    p = jax.nn.sigmoid(z)
+    count = jnp.full((z.shape[1],), z.shape[0], jnp.float32)
+    return jnp.stack([_bce_with_logits(z, t).sum(axis=0), (p * t).sum(axis=0), p.sum(axis=0), t.sum(axis=0), count], axis=1)
+
+
+def dice_bce_from_sums(sums: jax.Array) -> jax.Array:
+    """DiceBCE from :func:`dice_bce_sums` ``(n_out, 5)``: per channel
+    ``mean BCE + 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)``, summed over channels; a channel
+    whose target has no foreground contributes 0, as in the original."""
+    bce, pt, ps, ts, count = (sums[:, i] for i in range(5))
+    dice = 1.0 - (2.0 * pt + 1.0) / (ps + ts + 1.0)
+    return jnp.sum(jnp.where(ts > 0, bce / count + dice, 0.0))
+
+
 def dice_bce_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
     """The original's DiceBCE loss, summed over output channels.
 
@@ -24,17 +47,11 @@ def dice_bce_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
     target has no foreground in the batch contributes 0, as in the original.
 
     Args:
-        logits, target: ``(B, H, W, n_out)``.
+        logits, target: ``(B, H, W, n_out)``, target in [0, 1].
     Returns:
         scalar loss (0 when no channel has foreground).
     """
-    z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
-    t = target.reshape(-1, target.shape[-1]).astype(jnp.float32)
-    p = jax.nn.sigmoid(z)
-    bce = _bce_with_logits(z, t).mean(axis=0)
-    dice = 1.0 - (2.0 * (p * t).sum(axis=0) + 1.0) / (p.sum(axis=0) + t.sum(axis=0) + 1.0)
-    has_fg = t.sum(axis=0) > 0
-    return jnp.sum(jnp.where(has_fg, bce + dice, 0.0))
+    return dice_bce_from_sums(dice_bce_sums(logits, target))
 
 
 def has_foreground(target: jax.Array) -> jax.Array:

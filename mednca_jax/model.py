@@ -452,9 +452,25 @@ def _fired_cells(keys: jax.Array, grid: tuple[int, int, int], fire_rate: float |
     return jax.vmap(lambda k: fire_mask(k, grid + (1,), fire_rate).reshape(-1) > 0)(keys)
 
 
-def _step_inputs(keys: jax.Array, grid: tuple[int, int, int], fire_rate: float | jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """Per-step scan inputs: fired masks ``(S, N)`` and fired indices ``(S, cap)`` (or None)."""
-    fired = _fired_cells(keys, grid, fire_rate)
+BatchPart = tuple[jax.Array, int]  # (index, count): this batch is part `index` of `count` equal parts
+
+
+def _step_inputs(
+    keys: jax.Array, grid: tuple[int, int, int], fire_rate: float | jax.Array, part: BatchPart | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per-step scan inputs: fired masks ``(S, N)`` and fired indices ``(S, cap)`` (or None).
+
+    With ``part``, the masks are drawn for the whole batch (``count`` times ``grid``'s) and
+    this part's rows are kept, so each device of a data-parallel step sees the numbers one
+    device would.
+    """
+    if part is None:
+        fired = _fired_cells(keys, grid, fire_rate)
+    else:
+        index, count = part
+        n = grid[0] * grid[1] * grid[2]
+        fired = _fired_cells(keys, (grid[0] * count,) + grid[1:], fire_rate)
+        fired = jax.lax.dynamic_slice_in_dim(fired, index * n, n, axis=1)
     cap = fired_capacity(fired.shape[-1], fire_rate)
     return fired, (None if cap is None else _fired_indices(fired, cap))
 
@@ -485,6 +501,7 @@ def rollout(
     *,
     remat: str = "none",
     trajectory: bool = False,
+    part: BatchPart | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Iterate :func:`nca_step` ``steps`` times with ``jax.lax.scan``.
 
@@ -499,6 +516,9 @@ def rollout(
             ``"nested"`` also checkpoints blocks of ~sqrt(steps) steps, so memory grows as
             ~2*sqrt(steps) states.
         trajectory: also return every state after each step, ``(steps, B, H, W, C)``.
+        part: ``(index, count)`` when ``x`` is part ``index`` of ``count`` equal parts of a
+            batch (a data-parallel step): the fire masks are then the whole batch's rows for
+            this part.
 
     Returns:
         ``(final state (B, H, W, C), trajectory or None)``.
@@ -512,7 +532,7 @@ def rollout(
     # No jax.checkpoint per step: the custom VJP of a step already keeps only the state (and
     # the fired cells) for the backward pass, so "none" and "step" store the same.
     def run(carry, step_keys):
-        fired, idx = _step_inputs(step_keys, grid, fire_rate)
+        fired, idx = _step_inputs(step_keys, grid, fire_rate, part)
         exact = partial(_scan_steps, lambda c, a: _flat_step(w, c, *a, grid), xs=(fired, idx), trajectory=trajectory)
         if idx is None:
             return exact(carry)

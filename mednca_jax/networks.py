@@ -36,13 +36,16 @@ def check_network_params(params: Any, cfg: Config) -> None:
         raise ValueError(f"params do not fit the {cfg.model.kind} config at {bad[:5]}")
 
 
-def forward_train(params: Any, cfg: Config, images: jax.Array, labels: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(logits, labels)`` the loss is computed on: NCA random crops, UNet whole images."""
+def forward_train(
+    params: Any, cfg: Config, images: jax.Array, labels: jax.Array, key: jax.Array, part: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """``(logits, labels)`` the loss is computed on: NCA random crops, UNet whole images.
+    ``part``: see :func:`levels.forward_train` (the UNet has no randomness to share)."""
     if cfg.model.kind == "unet":
         from .unet import unet_forward
 
         return unet_forward(params, cfg.model, images), labels
-    return levels.forward_train(params, cfg.model, images, labels, key)
+    return levels.forward_train(params, cfg.model, images, labels, key, part=part)
 
 
 def forward(params: Any, cfg: Config, images: jax.Array, key: jax.Array, fire_rate: Any = None) -> jax.Array:

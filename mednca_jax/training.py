@@ -8,6 +8,7 @@ random numbers do not depend on the sharding, so N devices compute the same step
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -18,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import networks
 from .config import Config, TrainConfig
-from .losses import dice_bce_loss, has_foreground
+from .losses import dice_bce_from_sums, dice_bce_loss, dice_bce_sums, has_foreground
+from .model import BatchPart
 
 Batch = dict[str, jax.Array]  # {"image": (B, H, W, n_in), "label": (B, H, W, n_out)}
 
@@ -55,10 +57,37 @@ def loss_fn(params: Any, cfg: Config, batch: Batch, key: jax.Array) -> tuple[jax
     return dice_bce_loss(logits, labels), has_foreground(labels)
 
 
+def loss_and_grads(
+    params: Any, cfg: Config, batch: Batch, key: jax.Array, axis: str | None = None, part: BatchPart | None = None
+) -> tuple[jax.Array, Any, jax.Array]:
+    """``(loss, grads, active)`` of one batch, or with ``axis`` of the whole batch whose part
+    ``part`` this is (inside ``shard_map``).
+
+    DiceBCE is a function of batch sums (:func:`dice_bce_sums`): each part differentiates its
+    sums, the sums are added over ``axis``, and the loss's gradient with respect to them is
+    pulled back through each part's VJP. Nothing is differentiated through a collective.
+    ``active``: whether the (cropped) labels have any foreground.
+    """
+
+    def sums(p):
+        logits, labels = networks.forward_train(p, cfg, batch["image"], batch["label"], key, part)
+        return dice_bce_sums(logits, labels)
+
+    s, pullback = jax.vjp(sums, params)
+    if axis is not None:
+        s = jax.lax.psum(s, axis)
+    loss, g_sums = jax.value_and_grad(dice_bce_from_sums)(s)
+    (grads,) = pullback(g_sums)
+    if axis is not None:
+        grads = jax.lax.psum(grads, axis)
+    return loss, grads, jnp.any(s[:, 3] > 0)  # labels are in [0, 1]: a positive sum is foreground
+
+
 def _train_step(
-    state: TrainState, batch: Batch, key: jax.Array, *, cfg: Config, tx: optax.GradientTransformation
+    state: TrainState, batch: Batch, key: jax.Array, *, cfg: Config, tx: optax.GradientTransformation,
+    axis: str | None = None, part: BatchPart | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    (loss, active), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, batch, key)
+    loss, grads, active = loss_and_grads(state.params, cfg, batch, key, axis, part)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A batch without foreground makes no update at all, as in the original (whose loss is 0
@@ -107,12 +136,23 @@ def make_train_step(
     :func:`put_batch`) and the state replicated; outputs keep those shardings.
     """
 
-    def step(state, batch, key):
-        return _train_step(state, batch, key, cfg=cfg, tx=tx)
-
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(partial(_train_step, cfg=cfg, tx=tx), donate_argnums=0)
     check_batch_divisible(cfg.train.batch_size, mesh)
+    n = mesh.devices.size
+
+    # Each device runs the whole step on its rows, with the whole batch's random numbers (see
+    # `part`); only the loss sums and the gradients cross devices. Letting XLA partition the
+    # global program instead moved the gathers of every NCA step across devices.
+    def local_step(state, batch, key):
+        return _train_step(state, batch, key, cfg=cfg, tx=tx, axis="data", part=(jax.lax.axis_index("data"), n))
+
+    # check_vma=False: the custom VJPs of the NCA step return per-device gradients that the
+    # psum above makes equal; the outputs are replicated by construction.
+    step = jax.shard_map(
+        local_step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec()),
+        out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False,
+    )
     rep, data = replicated(mesh), batch_sharding(mesh)
     return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
 

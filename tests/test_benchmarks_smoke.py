@@ -1,6 +1,7 @@
 """The benchmark scripts parse their options and write their JSON (tiny sizes; no timing claims)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ import train_step  # noqa: E402
 def test_defaults_are_the_original_example_config():
     a = train_step.parse_args([])
     assert (a.batch, a.image, a.patch, a.steps, a.channels, a.hidden, a.fire_rate) == (48, 64, 16, 64, 16, 128, 0.5)
-    assert a.max_ratio == 0.5 and a.max_compile_s == 10.0
+    assert a.max_ratio == 0.5 and a.max_compile_s == 10.0 and a.jax_processes == 0
     b = inference.parse_args([])
     assert (b.batch, b.image, b.steps, b.max_ratio) == (32, 64, 64, 0.33)
     c = rollout_memory.parse_args([])
@@ -47,7 +48,11 @@ def test_train_step_script_writes_its_json(tmp_path):
     fig = json.loads(out.read_text())
     for key in ("step_s_median", "peak_rss_mib", "compile_s", "torch_step_s_median", "torch_peak_rss_mib", "ratio"):
         assert isinstance(fig[key], float) and fig[key] >= 0, key
-    assert "JAX / torch" in res.stdout
+    # By default one JAX process per usable core (here as on CI: 2 -> the data-parallel group).
+    cores = len(os.sched_getaffinity(0))
+    assert fig["jax_processes"] == cores
+    assert fig["single_process"]["step_s_median"] > 0
+    assert f"{cores} processes x 1 core, data parallel / torch =" in res.stdout if cores > 1 else "1 process / torch =" in res.stdout
 
 
 @pytest.mark.parametrize("layout", ["original", "channels-last"])
