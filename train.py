@@ -7,13 +7,15 @@ Examples:
   python train.py --workdir runs/hippo --resume
 
 Multi-host data parallelism: set train.data_parallel = true and start one process per host
-with JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i. On a CPU
-machine, one process per core (each under `taskset -c i`) trains faster than one process.
+with JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i. On one CPU
+machine, --cpu-processes 0 starts one such process per core, which trains faster than one
+process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,11 +32,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
+    p.add_argument("--cpu-processes", type=int, default=1, metavar="N",
+                   help="train as one data-parallel job of N processes on this machine (jax.distributed), each on its "
+                        "own cores; sets train.data_parallel=true. On a CPU machine one process per core is faster than "
+                        "one process (README, Performance). 0: one per usable core. The batch size must divide by N")
     return p.parse_args(argv)
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` minus ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.cpu_processes != 1 and "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        from mednca_jax.launch import core_blocks, run_local_job, usable_cores
+
+        n = args.cpu_processes or len(usable_cores())
+        try:
+            core_blocks(n)
+        except ValueError as e:
+            print(f"error: --cpu-processes: {e}", file=sys.stderr)
+            return 2
+        child = _without_option(argv, "--cpu-processes") + ["--set", "train.data_parallel=true"]
+        return run_local_job([sys.executable, str(Path(__file__).resolve()), *child], n)
     from mednca_jax.checkpoint import CONFIG_FILE, CheckpointError
     from mednca_jax.config import ConfigError, load_config
     from mednca_jax.data import DataError

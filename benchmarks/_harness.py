@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from mednca_jax.launch import core_blocks, free_port  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -217,7 +219,7 @@ class WorkerGroup:
         self.workers = [
             Worker(script, f"{name}{i}", args, env={
                 "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
-                "JAX_PROCESS_ID": str(i), "MEDNCA_BENCH_CPU": str(i),
+                "JAX_PROCESS_ID": str(i), "MEDNCA_BENCH_GROUP": "1",
             })
             for i in range(n)
         ]
@@ -252,24 +254,15 @@ class WorkerGroup:
 
 
 def pin_worker_from_env() -> None:
-    """In a worker of a :class:`WorkerGroup`: keep to its core and join the JAX job (call
-    before JAX starts its thread pools)."""
-    cpu = os.environ.get("MEDNCA_BENCH_CPU")
-    if cpu is not None:
+    """In a worker of a :class:`WorkerGroup`: keep to its cores (as ``train.py
+    --cpu-processes`` does) and join the JAX job; call before JAX starts its thread pools."""
+    if os.environ.get("MEDNCA_BENCH_GROUP"):
         protocol_out()
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[int(cpu) % len(cores)]})
+        n, i = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        os.sched_setaffinity(0, core_blocks(n)[i])
         from mednca_jax.training import initialize_distributed_from_env
 
         initialize_distributed_from_env()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def start_workers(script: str, names: list[str], args: list[str]) -> dict[str, Worker]:
