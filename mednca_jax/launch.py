@@ -49,14 +49,14 @@ def run_local_job(cmd: Sequence[str], n: int, env: dict[str, str] | None = None,
     blocks = core_blocks(n)
     base = dict(os.environ if env is None else env)
     base.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(n))
-    pin = hasattr(os, "sched_setaffinity")
-    procs = [
-        subprocess.Popen(
-            list(cmd), env=dict(base, JAX_PROCESS_ID=str(i)),
-            preexec_fn=(lambda b=block: os.sched_setaffinity(0, b)) if pin else None,
-        )
-        for i, block in enumerate(blocks)
-    ]
+    procs = []
+    for i, block in enumerate(blocks):
+        procs.append(subprocess.Popen(list(cmd), env=dict(base, JAX_PROCESS_ID=str(i))))
+        # Pinned from here rather than in a preexec_fn (which forces a fork of this possibly
+        # multithreaded process): the child is still starting Python, and the threads JAX
+        # starts later inherit the affinity.
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(procs[-1].pid, block)
     try:
         while True:
             codes = [p.poll() for p in procs]

@@ -27,8 +27,8 @@ def test_core_blocks_refuse_more_processes_than_cores(n):
 def test_processes_get_the_job_variables_and_their_own_cores(tmp_path):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 usable cores")
-    code = (
-        "import json, os, sys; "
+    code = (  # the sleep: the launcher pins a process right after starting it
+        "import json, os, sys, time; time.sleep(0.5); "
         "json.dump({'id': os.environ['JAX_PROCESS_ID'], 'n': os.environ['JAX_NUM_PROCESSES'], "
         "'addr': os.environ['JAX_COORDINATOR_ADDRESS'], 'cores': sorted(os.sched_getaffinity(0))}, "
         "open(sys.argv[1] + os.environ['JAX_PROCESS_ID'], 'w'))"
