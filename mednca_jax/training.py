@@ -2,8 +2,10 @@
 
 ``train_step(state, batch, key) -> (state, metrics)`` is compiled once per run: the config
 and the optimiser are closed over (static), only arrays flow in. With a device mesh the
-batch is sharded along its first axis and params / optimiser state are replicated; the
-random numbers do not depend on the sharding, so N devices compute the same step as one.
+batch is sharded along its first axis and params / optimiser state are replicated; the step
+is a ``shard_map`` in which each device works on its rows and only the loss sums and the
+gradients are added across devices. The random numbers do not depend on the sharding, so N
+devices compute the same step as one (up to float rounding).
 """
 
 from __future__ import annotations
