@@ -39,33 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _without_option(argv: list[str], name: str) -> list[str]:
-    """``argv`` minus ``name VALUE`` / ``name=VALUE``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == name:
-            skip = True
-        elif not a.startswith(name + "="):
-            out.append(a)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.cpu_processes != 1 and "JAX_COORDINATOR_ADDRESS" not in os.environ:
-        from mednca_jax.launch import core_blocks, run_local_job, usable_cores
+        from mednca_jax.launch import run_local_job, usable_cores, without_option
 
-        n = args.cpu_processes or len(usable_cores())
+        child = without_option(argv, "--cpu-processes") + ["--set", "train.data_parallel=true"]
         try:
-            core_blocks(n)
-        except ValueError as e:
+            return run_local_job([sys.executable, str(Path(__file__).resolve()), *child], args.cpu_processes or len(usable_cores()))
+        except ValueError as e:  # more processes than cores, raised before anything starts
             print(f"error: --cpu-processes: {e}", file=sys.stderr)
             return 2
-        child = _without_option(argv, "--cpu-processes") + ["--set", "train.data_parallel=true"]
-        return run_local_job([sys.executable, str(Path(__file__).resolve()), *child], n)
     from mednca_jax.checkpoint import CONFIG_FILE, CheckpointError
     from mednca_jax.config import ConfigError, load_config
     from mednca_jax.data import DataError

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from mednca_jax.launch import core_blocks, free_port  # noqa: E402
+from mednca_jax.launch import free_port, start_job_process, without_option  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -154,14 +154,15 @@ def add_run_args(p: Any, *, retry_budget: bool = True) -> None:
 class Worker:
     """A worker subprocess running ``script --worker name *args``."""
 
-    def __init__(self, script: str, name: str, args: list[str], env: dict[str, str] | None = None):
+    def __init__(self, script: str, name: str, args: list[str], job: tuple[int, int, int] | None = None):
+        """``job = (n, i, port)``: process ``i`` of an ``n``-process JAX job (see
+        :func:`mednca_jax.launch.start_job_process`)."""
         self.name = name
-        full_env = dict(os.environ, **(env or {}))
-        full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        self.proc = subprocess.Popen(
-            [sys.executable, script, "--worker", name, *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
-        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        cmd = [sys.executable, script, "--worker", name, *args]
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True, "cwd": REPO}
+        self.proc = subprocess.Popen(cmd, env=env, **pipes) if job is None else start_job_process(cmd, *job, env=env, **pipes)
         self._ready = False
 
     def wait_ready(self) -> "Worker":
@@ -210,19 +211,15 @@ class Worker:
 
 
 class WorkerGroup:
-    """The processes of one multi-process JAX job (``jax.distributed``), each pinned to its own
-    core, driven like one worker: every command goes to all of them, and a timed command
-    takes as long as the slowest (they wait for each other in their collectives)."""
+    """The processes of one multi-process JAX job (``jax.distributed``), each on its own cores
+    as with ``train.py --cpu-processes``, driven like one worker: every command goes to all of
+    them, and a timed command takes as long as the slowest (they wait for each other in their
+    collectives). Each worker calls :func:`join_job` first."""
 
-    def __init__(self, script: str, name: str, args: list[str], n: int, port: int):
+    def __init__(self, script: str, name: str, args: list[str], n: int):
         self.name = name
-        self.workers = [
-            Worker(script, f"{name}{i}", args, env={
-                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
-                "JAX_PROCESS_ID": str(i), "MEDNCA_BENCH_GROUP": "1",
-            })
-            for i in range(n)
-        ]
+        port = free_port()
+        self.workers = [Worker(script, f"{name}{i}", args, job=(n, i, port)) for i in range(n)]
 
     @property
     def pids(self) -> list[int]:
@@ -253,16 +250,13 @@ class WorkerGroup:
         return rss
 
 
-def pin_worker_from_env() -> None:
-    """In a worker of a :class:`WorkerGroup`: keep to its cores (as ``train.py
-    --cpu-processes`` does) and join the JAX job; call before JAX starts its thread pools."""
-    if os.environ.get("MEDNCA_BENCH_GROUP"):
-        protocol_out()
-        n, i = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
-        os.sched_setaffinity(0, core_blocks(n)[i])
-        from mednca_jax.training import initialize_distributed_from_env
+def join_job() -> None:
+    """In a worker of a :class:`WorkerGroup`: keep native stdout writes off the protocol (Gloo
+    prints there) and join the JAX job; call before JAX starts."""
+    protocol_out()
+    from mednca_jax.training import initialize_distributed_from_env
 
-        initialize_distributed_from_env()
+    initialize_distributed_from_env()
 
 
 def start_workers(script: str, names: list[str], args: list[str]) -> dict[str, Worker]:
@@ -273,15 +267,7 @@ def start_workers(script: str, names: list[str], args: list[str]) -> dict[str, W
 
 def worker_argv(argv: list[str]) -> list[str]:
     """The command line minus the parent-only ``--json PATH``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--json":
-            skip = True
-        elif not a.startswith("--json="):
-            out.append(a)
-    return out
+    return without_option(argv, "--json")
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         jax_worker(args)
         return 0
     if args.worker and args.worker.startswith("jaxdp"):
-        H.pin_worker_from_env()
+        H.join_job()
         jax_worker(args, data_parallel=True)
         return 0
     if args.worker == "torch":
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = ["jax"] + (["jaxdp"] if n_proc > 1 else []) + ([] if args.no_torch else ["torch"])
     wargs = H.worker_argv(argv)
-    workers = {n: (H.WorkerGroup(__file__, n, wargs, n_proc, H.free_port()) if n == "jaxdp" else H.Worker(__file__, n, wargs)) for n in names}
+    workers = {n: (H.WorkerGroup(__file__, n, wargs, n_proc) if n == "jaxdp" else H.Worker(__file__, n, wargs)) for n in names}
     workers = {n: w.wait_ready() for n, w in workers.items()}
     info = {n: w.call("info") for n, w in workers.items()}
     first = {n: w.call("step")["s"] for n, w in workers.items()}  # JAX: trace + compile + one step
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mib": rss[best],
         "compile_s": compile_s[best],
         "first_call_s": first[best],
-        "jax_processes": n_proc if best == "jaxdp" else 1,
+        "jax_processes": n_proc,
         "single_process": {"step_s_median": med["jax"], "step_s_all": times["jax"], "peak_rss_mib": rss["jax"],
                            "compile_s": compile_s["jax"]},
         "foreign_load_cores": foreign,
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"JAX 1 process / torch = {figures['single_process']['ratio']:.3f} (for reference)")
         print(f"{labels[best].split(' (')[0]} / torch = {figures['ratio']:.3f} (bound {args.max_ratio})")
         H.check(failures, figures["ratio"] <= args.max_ratio, f"JAX/torch step time {figures['ratio']:.3f} > {args.max_ratio}")
-    for n in names[:-1] if "torch" in names else names:
+    for n in [n for n in names if n != "torch"]:
         H.check(failures, compile_s[n] <= args.max_compile_s, f"{labels[n]}: compile {compile_s[n]:.1f} s > {args.max_compile_s} s")
     return H.conclude(args, figures, failures, foreign, len(loads), discarded)
 

@@ -39,24 +39,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def without_option(argv: Sequence[str], name: str) -> list[str]:
+    """``argv`` minus ``name VALUE`` and ``name=VALUE`` (to pass a command line on)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def start_job_process(
+    cmd: Sequence[str], n: int, i: int, port: int, env: dict[str, str] | None = None, **popen_kwargs
+) -> subprocess.Popen:
+    """Start process ``i`` of an ``n``-process ``jax.distributed`` job whose coordinator is
+    ``localhost:port``, kept to the ``i``-th block of :func:`core_blocks`."""
+    env = dict(os.environ if env is None else env)
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
+    proc = subprocess.Popen(list(cmd), env=env, **popen_kwargs)
+    # Pinned from here rather than in a preexec_fn (which forces a fork of this possibly
+    # multithreaded process): the child is still starting Python, and the threads JAX starts
+    # later inherit the affinity.
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(proc.pid, core_blocks(n)[i])
+    return proc
+
+
 def run_local_job(cmd: Sequence[str], n: int, env: dict[str, str] | None = None, poll_s: float = 0.2) -> int:
-    """Run ``cmd`` as processes ``0 .. n-1`` of one ``jax.distributed`` job on this machine,
-    process ``i`` on the ``i``-th block of :func:`core_blocks`. Returns 0 when all succeed,
-    else the first non-zero exit status (the other processes are then stopped: they would
-    wait for the failed one in their next collective). Ctrl-C reaches every process (same
-    process group); this waits for them to stop and returns their status.
+    """Run ``cmd`` as processes ``0 .. n-1`` of one ``jax.distributed`` job on this machine
+    (:func:`start_job_process`). Returns 0 when all succeed, else the first non-zero exit
+    status (the other processes are then stopped: they would wait for the failed one in their
+    next collective). Ctrl-C reaches every process (same process group); this waits for them
+    to stop and returns their status. Raises ``ValueError`` (before starting anything) when
+    there are fewer usable cores than ``n``.
     """
-    blocks = core_blocks(n)
-    base = dict(os.environ if env is None else env)
-    base.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(n))
-    procs = []
-    for i, block in enumerate(blocks):
-        procs.append(subprocess.Popen(list(cmd), env=dict(base, JAX_PROCESS_ID=str(i))))
-        # Pinned from here rather than in a preexec_fn (which forces a fork of this possibly
-        # multithreaded process): the child is still starting Python, and the threads JAX
-        # starts later inherit the affinity.
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(procs[-1].pid, block)
+    core_blocks(n)
+    port = free_port()
+    procs = [start_job_process(cmd, n, i, port, env) for i in range(n)]
     try:
         while True:
             codes = [p.poll() for p in procs]

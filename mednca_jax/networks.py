@@ -13,6 +13,7 @@ import numpy as np
 
 from . import levels
 from .config import Config
+from .model import BatchPart
 
 
 def init_network_params(cfg: Config, key: jax.Array) -> Any:
@@ -37,7 +38,7 @@ def check_network_params(params: Any, cfg: Config) -> None:
 
 
 def forward_train(
-    params: Any, cfg: Config, images: jax.Array, labels: jax.Array, key: jax.Array, part: Any = None
+    params: Any, cfg: Config, images: jax.Array, labels: jax.Array, key: jax.Array, part: BatchPart | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """``(logits, labels)`` the loss is computed on: NCA random crops, UNet whole images.
     ``part``: see :func:`levels.forward_train` (the UNet has no randomness to share)."""
