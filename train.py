@@ -70,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"{result['reason']}: step {result['step']} in {result['minutes']:.1f} min, "
-        f"best validation Dice {result['best_val_dice']:.4f}; run folder {workdir}"
-    )
+    from mednca_jax.training import is_primary
+
+    if is_primary():  # every process of a data-parallel job ends with the same result
+        print(
+            f"{result['reason']}: step {result['step']} in {result['minutes']:.1f} min, "
+            f"best validation Dice {result['best_val_dice']:.4f}; run folder {workdir}"
+        )
     return 130 if result["reason"] == "interrupted" else 0
 
 
