@@ -65,3 +65,18 @@ def test_neighbour_table_is_the_reflect_padded_im2col():
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 4, 3))
     cols, _ = M._dense_cols(x.reshape(-1, 3), (2, 5, 4))
     np.testing.assert_array_equal(cols, M.im2col3x3(x).reshape(-1, 27))
+
+
+@pytest.mark.parametrize(
+    "steps,cells,p_fire,cap",
+    [(4, 4096, 0.5, 2152), (3, 100, 0.5, 40), (4, 70, 1.0, 70), (4, 70, 0.0, 8), (5, 130, 0.3, 200), (2, 64, 0.9, 64)],
+)
+def test_fired_indices_is_nonzero_per_step(steps, cells, p_fire, cap):
+    # Cell counts that are and are not multiples of the compaction's block, capacities below,
+    # at and above the fired counts, nothing and everything fired.
+    fired = jnp.asarray(np.random.default_rng(cells).random((steps, cells)) < p_fire)
+    idx, more = jax.jit(M._fired_indices, static_argnums=1)(fired, cap)
+    for s, f in enumerate(np.asarray(fired)):
+        first = np.flatnonzero(f)[:cap]
+        np.testing.assert_array_equal(idx[s], np.r_[first, np.full(cap - first.size, cells)])
+    assert bool(more) == bool((np.asarray(fired).sum(axis=1) > cap).any())
