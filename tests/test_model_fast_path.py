@@ -61,6 +61,24 @@ def test_overflowing_the_capacity_is_exact(monkeypatch, rate):
     _compare(rate)
 
 
+@pytest.mark.parametrize("overflow", [False, True])
+def test_cells_in_independent_pieces_equal_reference(monkeypatch, overflow):
+    # Two usable cores and small pieces: each step's fired cells are processed in two chains.
+    monkeypatch.setattr(M, "usable_cores", lambda: [0, 1])
+    monkeypatch.setattr(M, "MIN_ROWS_PER_CHAIN", 8)
+    if overflow:
+        monkeypatch.setattr(M, "SPARSE_SIGMAS", -6.0)
+    assert M.cell_chains(M.fired_capacity(360, 0.5)) == 2
+    _compare(0.5)
+
+
+def test_one_piece_on_one_core(monkeypatch):
+    monkeypatch.setattr(M, "usable_cores", lambda: [3])
+    assert M.cell_chains(100_000) == 1
+    monkeypatch.setattr(M, "usable_cores", lambda: [0, 1])
+    assert M.cell_chains(100_000) == 2 and M.cell_chains(2 * M.MIN_ROWS_PER_CHAIN - 1) == 1
+
+
 def test_neighbour_table_is_the_reflect_padded_im2col():
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 4, 3))
     cols, _ = M._dense_cols(x.reshape(-1, 3), (2, 5, 4))
