@@ -322,20 +322,46 @@ def _update_backward(w: Params, cols: jax.Array, gd_t: jax.Array) -> tuple[Param
     return grads, _dot(gconv_t, w["kt"], (0, 0)), gy_t[2 * c :]
 
 
-# ---- every cell (fire rate unknown at trace time, or most cells fire)
-def _dense_cols(xf: jax.Array, grid: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
-    """Neighbourhood columns ``(N, 9C)`` of every cell, and the neighbour indices used.
+MIN_ROWS_PER_CHAIN = 512  # smaller pieces gained nothing (batch-1 level 0: 160 cells)
+
+
+def cell_chains(n_rows: int) -> int:
+    """Into how many independent pieces one step splits the work on ``n_rows`` fired cells.
+
+    XLA:CPU runs independent ops concurrently, one per core, but runs a matmul of a few
+    thousand rows on one core. Two pieces (gather, perception, MLP, and their backward) run
+    side by side. Measured on 2 cores: batch-1 inference 17 % faster, batch 4 10 %, batch
+    32 unchanged, a one-process train step 7 % faster; on one core 3 % slower, and 3 or 4
+    pieces on 2 cores gained less. So: two pieces on CPU when at least two cores are usable
+    (a process of ``train.py --cpu-processes`` has one), else one.
+    """
+    if n_rows < 2 * MIN_ROWS_PER_CHAIN or jax.default_backend() != "cpu":
+        return 1
+    return 2 if len(usable_cores()) >= 2 else 1
+
+
+def _row_pieces(n_rows: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the :func:`cell_chains` near-equal pieces of ``n_rows`` rows."""
+    k = cell_chains(n_rows)
+    bounds = [i * n_rows // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _gather_cols(xf: jax.Array, nb: jax.Array) -> jax.Array:
+    """Neighbourhood columns ``(K, 9C)`` from neighbour indices ``nb (K, 9)`` (all ``< N``).
 
     A row gather: on CPU ~3x cheaper than the slice-and-concatenate :func:`im2col3x3`.
     """
-    nb = jnp.asarray(_neighbour_table(grid)[:-1])
-    return xf.at[nb].get(mode="promise_in_bounds").reshape(xf.shape[0], -1), nb
+    return xf.at[nb].get(mode="promise_in_bounds").reshape(nb.shape[0], -1)
 
 
+# ---- every cell (fire rate unknown at trace time, or most cells fire)
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dense_update(w: Params, xf: jax.Array, m: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
     """``xf + d * m`` computed for every cell; ``xf (N, C)``, ``m (N,)`` float."""
-    return xf + _update_rows(w, _dense_cols(xf, grid)[0]) * m[:, None]
+    nb = jnp.asarray(_neighbour_table(grid)[:-1])
+    d = jnp.concatenate([_update_rows(w, _gather_cols(xf, nb[a:b])) for a, b in _row_pieces(xf.shape[0])])
+    return xf + d * m[:, None]
 
 
 def _dense_update_fwd(w, xf, m, grid):
@@ -344,9 +370,13 @@ def _dense_update_fwd(w, xf, m, grid):
 
 def _dense_update_bwd(grid, res, g):
     w, xf, m = res
-    cols, nb = _dense_cols(xf, grid)
-    grads, gcols, gxc_t = _update_backward(w, cols, (g * m[:, None]).T)
-    gx = _scatter_add_rows(g + gxc_t.T, nb.reshape(-1), gcols.reshape(-1, g.shape[-1]))
+    nb = jnp.asarray(_neighbour_table(grid)[:-1])
+    gd = g * m[:, None]
+    grads, gx = None, g
+    for a, b in _row_pieces(xf.shape[0]):
+        more, gcols, gxc_t = _update_backward(w, _gather_cols(xf, nb[a:b]), gd[a:b].T)
+        grads = more if grads is None else jax.tree_util.tree_map(jnp.add, grads, more)
+        gx = _scatter_add_rows(gx.at[a:b].add(gxc_t.T), nb[a:b].reshape(-1), gcols.reshape(-1, g.shape[-1]))
     return grads, gx, None
 
 
@@ -373,27 +403,9 @@ def _extra_chunks(m: jax.Array, cap: int, body: Callable, init: tuple) -> tuple:
     return jax.lax.cond(count > cap, loop, lambda init: init, init)
 
 
-MIN_ROWS_PER_CHAIN = 512  # smaller pieces gained nothing (batch-1 level 0: 160 cells)
-
-
-def cell_chains(n_rows: int) -> int:
-    """Into how many independent pieces one step splits the work on ``n_rows`` fired cells.
-
-    XLA:CPU runs independent ops concurrently, one per core, but runs a matmul of a few
-    thousand rows on one core. Two pieces (gather, perception, MLP, and their backward) run
-    side by side. Measured on 2 cores: batch-1 inference 17 % faster, batch 4 10 %, batch
-    32 unchanged, a one-process train step 7 % faster; on one core 3 % slower, and 3 or 4
-    pieces on 2 cores gained less. So: two pieces on CPU when at least two cores are usable
-    (a process of ``train.py --cpu-processes`` has one), else one.
-    """
-    if n_rows < 2 * MIN_ROWS_PER_CHAIN or jax.default_backend() != "cpu":
-        return 1
-    return 2 if len(usable_cores()) >= 2 else 1
-
-
 def _add_update(w: Params, xf: jax.Array, out: jax.Array, idx: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
     """``out`` plus the update of the cells ``idx (K,)`` (padding ``N`` dropped), from state ``xf``."""
-    pieces = jnp.array_split(idx, cell_chains(idx.shape[0]))
+    pieces = [idx[a:b] for a, b in _row_pieces(idx.shape[0])]
     d = jnp.concatenate([_update_rows(w, _take_rows(xf, _neighbours(p, grid)).reshape(p.shape[0], -1)) for p in pieces])
     return out.at[idx].add(d, mode="drop", unique_indices=True, indices_are_sorted=True)
 
@@ -401,7 +413,7 @@ def _add_update(w: Params, xf: jax.Array, out: jax.Array, idx: jax.Array, grid: 
 def _add_backward(w, xf, idx, g, grads, gx, grid):
     """Adds the gradients of :func:`_add_update` given ``g = dL/dout`` to ``grads`` (or None)
     and ``gx``, in :func:`cell_chains` independent pieces as the forward."""
-    for piece in jnp.array_split(idx, cell_chains(idx.shape[0])):
+    for piece in [idx[a:b] for a, b in _row_pieces(idx.shape[0])]:
         nb = _neighbours(piece, grid)
         cols = _take_rows(xf, nb).reshape(piece.shape[0], -1)
         gd_t = jnp.where(piece[:, None] < g.shape[0], _take_rows(g, piece), 0.0).T  # padding: no gradient

@@ -61,15 +61,15 @@ def test_overflowing_the_capacity_is_exact(monkeypatch, rate):
     _compare(rate)
 
 
-@pytest.mark.parametrize("overflow", [False, True])
-def test_cells_in_independent_pieces_equal_reference(monkeypatch, overflow):
-    # Two usable cores and small pieces: each step's fired cells are processed in two chains.
+@pytest.mark.parametrize("path", ["compacted", "overflow", "dense"])
+def test_cells_in_independent_pieces_equal_reference(monkeypatch, path):
+    # Two usable cores and small pieces: each step's cells are processed in two chains.
     monkeypatch.setattr(M, "usable_cores", lambda: [0, 1])
     monkeypatch.setattr(M, "MIN_ROWS_PER_CHAIN", 8)
-    if overflow:
+    if path == "overflow":
         monkeypatch.setattr(M, "SPARSE_SIGMAS", -6.0)
-    assert M.cell_chains(M.fired_capacity(360, 0.5)) == 2
-    _compare(0.5)
+    assert M.cell_chains(M.fired_capacity(360, 0.5)) == 2 and M._row_pieces(21) == [(0, 10), (10, 21)]
+    _compare(0.5, traced=path == "dense")
 
 
 def test_one_piece_on_one_core(monkeypatch):
@@ -81,7 +81,7 @@ def test_one_piece_on_one_core(monkeypatch):
 
 def test_neighbour_table_is_the_reflect_padded_im2col():
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 4, 3))
-    cols, _ = M._dense_cols(x.reshape(-1, 3), (2, 5, 4))
+    cols = M._gather_cols(x.reshape(-1, 3), jnp.asarray(M._neighbour_table((2, 5, 4))[:-1]))
     np.testing.assert_array_equal(cols, M.im2col3x3(x).reshape(-1, 27))
 
 
