@@ -331,7 +331,7 @@ def cell_chains(n_rows: int) -> int:
     XLA:CPU runs independent ops concurrently, one per core, but runs a matmul of a few
     thousand rows on one core. Two pieces (gather, perception, MLP, and their backward) run
     side by side. Measured on 2 cores: batch-1 inference 17 % faster, batch 4 10 %, batch
-    32 unchanged, a one-process train step 7 % faster; on one core 3 % slower, and 3 or 4
+    32 unchanged, a one-process train step 6-9 % faster; on one core 3 % slower, and 3 or 4
     pieces on 2 cores gained less. So: two pieces on CPU when at least two cores are usable
     (a process of ``train.py --cpu-processes`` has one), else one.
     """
@@ -468,8 +468,9 @@ def _fired_indices(fired: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
     and whether any step has more than ``cap`` fired cells (bool scalar).
 
     One compaction for all steps (per step it costs ~0.3 ms of small-op overhead on CPU), and
-    not through ``jnp.nonzero``, which is 2.4x slower here (64 x 4096 cells: 2.0 against 0.85
-    ms, with the masks drawn: ~5 % of a batch-1 inference). The running count of fired cells
+    not through ``jnp.nonzero``, which is 2.4x slower here (64 x 4096 cells: 2.0 against 0.81
+    ms; with the masks computed once, see :func:`_fired_cells`, a batch-1 inference got 4 %
+    faster). The running count of fired cells
     is a matmul with a triangular matrix inside blocks of 64 cells (exact in float32) plus a
     cumsum over the block totals; each fired cell is then scattered to its slot in one flat
     scatter, whose last element collects the cells that get no slot.

@@ -61,6 +61,10 @@ def test_overflowing_the_capacity_is_exact(monkeypatch, rate):
     _compare(rate)
 
 
+ON_CPU = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the step is split in pieces on CPU only")
+
+
+@ON_CPU
 @pytest.mark.parametrize("path", ["compacted", "overflow", "dense"])
 def test_cells_in_independent_pieces_equal_reference(monkeypatch, path):
     # Two usable cores and small pieces: each step's cells are processed in two chains.
@@ -72,6 +76,7 @@ def test_cells_in_independent_pieces_equal_reference(monkeypatch, path):
     _compare(0.5, traced=path == "dense")
 
 
+@ON_CPU
 def test_one_piece_on_one_core(monkeypatch):
     monkeypatch.setattr(M, "usable_cores", lambda: [3])
     assert M.cell_chains(100_000) == 1
