@@ -13,12 +13,12 @@ or the JAX compile time > --max-compile-s (unless --report-only).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
+from mednca_jax.launch import usable_cores  # noqa: E402  (the harness put the repo on sys.path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_worker(args)
         return 0
 
-    n_proc = args.jax_processes or len(os.sched_getaffinity(0))
+    n_proc = args.jax_processes or len(usable_cores())
     if n_proc > 1 and args.batch % n_proc:
         print(f"--batch {args.batch} must be divisible by the {n_proc} JAX processes (--jax-processes)")
         return 2

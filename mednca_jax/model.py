@@ -348,11 +348,12 @@ def _row_pieces(n_rows: int) -> list[tuple[int, int]]:
 
 
 def _gather_cols(xf: jax.Array, nb: jax.Array) -> jax.Array:
-    """Neighbourhood columns ``(K, 9C)`` from neighbour indices ``nb (K, 9)`` (all ``< N``).
+    """Neighbourhood columns ``(K, 9C)`` from neighbour indices ``nb (K, 9)`` (padding ``N``
+    reads the last row, see :func:`_take_rows`).
 
     A row gather: on CPU ~3x cheaper than the slice-and-concatenate :func:`im2col3x3`.
     """
-    return xf.at[nb].get(mode="promise_in_bounds").reshape(nb.shape[0], -1)
+    return _take_rows(xf, nb).reshape(nb.shape[0], -1)
 
 
 # ---- every cell (fire rate unknown at trace time, or most cells fire)
@@ -386,8 +387,7 @@ _dense_update.defvjp(_dense_update_fwd, _dense_update_bwd)
 # ---- fired cells only
 def _chunk_indices(m: jax.Array, chunk: jax.Array, cap: int) -> jax.Array:
     """Indices of the fired cells number ``[chunk*cap, (chunk+1)*cap)``, padded with ``N``."""
-    n = m.shape[0]
-    order = jnp.nonzero(m, size=n + cap, fill_value=n)[0].astype(jnp.int32)
+    order = _fired_indices(m[None], m.shape[0] + cap)[0][0]
     return jax.lax.dynamic_slice(order, (chunk * cap,), (cap,))
 
 
@@ -406,7 +406,7 @@ def _extra_chunks(m: jax.Array, cap: int, body: Callable, init: tuple) -> tuple:
 def _add_update(w: Params, xf: jax.Array, out: jax.Array, idx: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
     """``out`` plus the update of the cells ``idx (K,)`` (padding ``N`` dropped), from state ``xf``."""
     pieces = [idx[a:b] for a, b in _row_pieces(idx.shape[0])]
-    d = jnp.concatenate([_update_rows(w, _take_rows(xf, _neighbours(p, grid)).reshape(p.shape[0], -1)) for p in pieces])
+    d = jnp.concatenate([_update_rows(w, _gather_cols(xf, _neighbours(p, grid))) for p in pieces])
     return out.at[idx].add(d, mode="drop", unique_indices=True, indices_are_sorted=True)
 
 
@@ -415,7 +415,7 @@ def _add_backward(w, xf, idx, g, grads, gx, grid):
     and ``gx``, in :func:`cell_chains` independent pieces as the forward."""
     for piece in [idx[a:b] for a, b in _row_pieces(idx.shape[0])]:
         nb = _neighbours(piece, grid)
-        cols = _take_rows(xf, nb).reshape(piece.shape[0], -1)
+        cols = _gather_cols(xf, nb)
         gd_t = jnp.where(piece[:, None] < g.shape[0], _take_rows(g, piece), 0.0).T  # padding: no gradient
         more, gcols, gxc_t = _update_backward(w, cols, gd_t)
         grads = more if grads is None else jax.tree_util.tree_map(jnp.add, grads, more)
