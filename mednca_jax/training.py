@@ -145,13 +145,13 @@ def make_train_step(
         from .launch import backend_for
 
         backend = backend_for(cfg.model)
-    batch_size = cfg.train.batch_size
     if mesh is None:
         def single(state, batch, key):
-            return _train_step(state, batch, sample_keys(key, batch_size), cfg=cfg, tx=tx, backend=backend)
+            keys = sample_keys(key, batch["image"].shape[0])
+            return _train_step(state, batch, keys, cfg=cfg, tx=tx, backend=backend)
 
         return jax.jit(single, donate_argnums=0)
-    check_batch_divisible(batch_size, mesh)
+    check_batch_divisible(cfg.train.batch_size, mesh)
 
     # Each device runs the whole step on its rows with its samples' keys; only the loss sums
     # and the gradients cross devices. Letting XLA partition the global program instead moved
@@ -167,7 +167,7 @@ def make_train_step(
     )
 
     def step(state, batch, key):
-        return sharded(state, batch, sample_keys(key, batch_size))
+        return sharded(state, batch, sample_keys(key, batch["image"].shape[0]))
 
     rep, data = replicated(mesh), batch_sharding(mesh)
     return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
