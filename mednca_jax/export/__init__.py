@@ -6,7 +6,10 @@ Folders written here::
     to-torch DIR2: mednca_torch.py (copy of runtime_torch.py), model0.pth, model1.pth, ..., config.json
     from-torch DIR: a run folder (config.toml + orbax checkpoint) via mednca_jax.checkpoint
 
-``weights.npz`` holds our (channels-last) layout under keys ``level{i}.p0.kernel`` ...;
+``weights.npz`` holds our (channels-last) layout, one generic perception per level:
+``level{i}.perception.kernel (3, 3, C, F)``, ``level{i}.perception.bias (F,)``,
+``level{i}.fc0.kernel (C + F, hidden)``, ``fc0.bias``, ``fc1.kernel`` (format 2; format 1
+had ``p0.*``/``p1.*``, which the runtimes still read);
 ``model{i}.pth`` the original Med-NCA layout (mednca_jax.weights converts, exactly).
 ``config.json`` is the full training config (``Config.to_dict()``) plus a format tag; the
 runtimes read its ``model`` and ``data`` sections.
@@ -36,11 +39,12 @@ TORCH_RUNTIME_NAME = "mednca_torch.py"
 WEIGHTS_NPZ = "weights.npz"
 CONFIG_JSON = "config.json"
 FORMAT = "mednca-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIGS_DIR = HERE.parents[1] / "configs"
 # The original module declares fc0, fc1 before p0, p1: its state dicts list keys in this order.
 ORIGINAL_KEY_ORDER = ("fc0.weight", "fc0.bias", "fc1.weight", "p0.weight", "p0.bias", "p1.weight", "p1.bias")
 LEVEL_KEYS = ("p0.kernel", "p0.bias", "p1.kernel", "p1.bias", "fc0.kernel", "fc0.bias", "fc1.kernel")
+EXPORT_KEYS = ("perception.kernel", "perception.bias", "fc0.kernel", "fc0.bias", "fc1.kernel")
 
 __all__ = [
     "ExportError", "export_numpy", "export_torch", "import_torch", "load_checkpoint", "resolve_config",
@@ -83,25 +87,54 @@ def export_config(cfg: Config) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- params <-> files
+def perception_filters(perception: str, level_params: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The level's perception as one 3x3 conv: ``kernel (3, 3, C, F)``, ``bias (F,)``.
+
+    Local stand-in until ``mednca_jax.rule.perception_filters`` lands (replace this body by a
+    call to it): only the learned perception, ``y = [x | p0(x) | p1(x)]`` -> F = 2C.
+    """
+    if perception != "learned":
+        raise ExportError(f"perception {perception!r} cannot be exported yet (only 'learned')")
+    k = np.concatenate([np.asarray(level_params["p0"]["kernel"], np.float32),
+                        np.asarray(level_params["p1"]["kernel"], np.float32)], axis=-1)
+    b = np.concatenate([np.asarray(level_params["p0"]["bias"], np.float32),
+                        np.asarray(level_params["p1"]["bias"], np.float32)])
+    assert k.shape[:3] == (3, 3, channels)
+    return k, b
+
+
 def params_to_npz_arrays(params: Any, cfg: Config) -> dict[str, np.ndarray]:
-    """``{"level0": {"p0": {"kernel": ...}}}`` -> flat float32 arrays ``{"level0.p0.kernel": ...}``."""
+    """Params -> flat float32 arrays of ``weights.npz`` (format 2): per level
+    ``level{i}.perception.kernel (3, 3, C, F)``, ``.perception.bias (F,)``, ``.fc0.kernel
+    (C + F, hidden)``, ``.fc0.bias (hidden,)``, ``.fc1.kernel (hidden, C)``."""
     out = {}
+    perception = getattr(cfg.model, "perception", "learned")
     for i in range(cfg.model.n_levels):
         level = params[f"level{i}"]
-        for key in LEVEL_KEYS:
+        k, b = perception_filters(perception, level, cfg.model.channels)
+        out[f"level{i}.perception.kernel"] = np.ascontiguousarray(k)
+        out[f"level{i}.perception.bias"] = np.ascontiguousarray(b)
+        for key in ("fc0.kernel", "fc0.bias", "fc1.kernel"):
             layer, leaf = key.split(".")
             out[f"level{i}.{key}"] = np.ascontiguousarray(np.asarray(level[layer][leaf], np.float32))
     return out
 
 
 def npz_arrays_to_params(arrays: dict[str, np.ndarray], cfg: Config) -> dict[str, Any]:
-    """Inverse of :func:`params_to_npz_arrays`."""
+    """Inverse of :func:`params_to_npz_arrays` for the learned perception (the kernel splits
+    back into p0/p1); also reads format-1 arrays (``p0.*``/``p1.*``)."""
     params: dict[str, Any] = {}
+    c = cfg.model.channels
     for i in range(cfg.model.n_levels):
-        level: dict[str, dict[str, np.ndarray]] = {}
-        for key in LEVEL_KEYS:
-            layer, leaf = key.split(".")
-            level.setdefault(layer, {})[leaf] = arrays[f"level{i}.{key}"]
+        g = lambda k: np.asarray(arrays[f"level{i}.{k}"], np.float32)  # noqa: E731
+        if f"level{i}.perception.kernel" in arrays:
+            k, b = g("perception.kernel"), g("perception.bias")
+            level = {"p0": {"kernel": k[..., :c], "bias": b[:c]}, "p1": {"kernel": k[..., c:], "bias": b[c:]}}
+        else:
+            level = {"p0": {"kernel": g("p0.kernel"), "bias": g("p0.bias")},
+                     "p1": {"kernel": g("p1.kernel"), "bias": g("p1.bias")}}
+        level["fc0"] = {"kernel": g("fc0.kernel"), "bias": g("fc0.bias")}
+        level["fc1"] = {"kernel": g("fc1.kernel")}
         params[f"level{i}"] = level
     return params
 
