@@ -670,3 +670,39 @@ def test_numpy_explicit_masks(small):
     assert not z.any()  # no cell ever fires: the output channels stay at their zero seed
     with pytest.raises(rt_np.InputError, match=r"masks\[1\] must be a bool array"):
         m_np.logits(x, masks=[ones[0], ones[1][:, :1]])
+
+
+def test_torch_chunked_steps_and_masks(small):
+    """The torch runtime: chunk sizes do not change the result (same draws); explicit masks
+    (shared with the NumPy runtime) give the same logits in both runtimes; masks drawn as the
+    module draws them reproduce a seeded run."""
+    cfg, _, _, m_np, m_pt, _, _ = small
+    x = torch.from_numpy(np.random.default_rng(9).random((3, 40, 36, 1), dtype=np.float32))
+    with torch.inference_mode():
+        whole = m_pt.forward(x, 0.5, 4, None, 1 << 20)
+        for chunk in (1, 38, 7 * 38 + 5, 2 * 42 * 38 + 1):
+            torch.testing.assert_close(m_pt.forward(x, 0.5, 4, None, chunk), whole, rtol=1e-6, atol=1e-6)
+    s = m_np.spec
+    rng = np.random.default_rng(12)
+    masks = [rng.random((st, 3, 40 // f, 36 // f)) > 0.5 for st, f in zip(s.steps, s.scales)]
+    z_np = m_np.logits(x.numpy(), masks=masks)
+    z_pt = m_pt.predict(x, masks=[torch.from_numpy(m) for m in masks]).numpy()
+    assert np.abs(z_np).max() > 0.5 and np.abs(z_np - z_pt).max() <= 1e-5
+    assert np.abs(z_np - m_np.logits(x.numpy(), fire_rate=0.0)).max() > 1e-2  # the masks matter
+    gen = torch.Generator()
+    gen.manual_seed(5)
+    drawn = []
+    for st, f in zip(s.steps, s.scales):  # the module's draw: rand((B, 1, W, H)) per step
+        u = torch.stack([1.0 - torch.rand((3, 1, 36 // f, 40 // f), generator=gen) for _ in range(st)])
+        drawn.append((u[:, :, 0] > 0.5).transpose(2, 3))
+    assert torch.equal(m_pt.predict(x, masks=drawn), m_pt.predict(x, fire_rate=0.5, seed=5))
+    with pytest.raises(ValueError, match=r"masks\[0\] must be a bool tensor"):
+        m_pt.predict(x, masks=[drawn[0][:1], drawn[1]])
+    assert m_pt.plan([3, 40, 36, 1], None) == 8192
+    assert 38 <= m_pt.plan([3, 40, 36, 1], 201) < 8192
+    with pytest.raises(m_pt_input_error(m_pt), match="too small"):
+        m_pt.plan([3, 40, 36, 1], 100)
+
+
+def m_pt_input_error(model) -> type:
+    return sys.modules[type(model).__module__].InputError
