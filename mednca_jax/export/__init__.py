@@ -4,6 +4,7 @@ Folders written here::
 
     to-numpy DIR2: mednca_numpy.py (copy of runtime_numpy.py), weights.npz, config.json
     to-torch DIR2: mednca_torch.py (copy of runtime_torch.py), model0.pth, model1.pth, ..., config.json
+    to-onnx DIR2: mednca.onnx (the whole inference, steps as ONNX Loops), config.json
     from-torch DIR: a run folder (config.toml + orbax checkpoint) via mednca_jax.checkpoint
 
 ``weights.npz`` holds our (channels-last) layout, one generic perception per level:
@@ -47,7 +48,7 @@ LEVEL_KEYS = ("p0.kernel", "p0.bias", "p1.kernel", "p1.bias", "fc0.kernel", "fc0
 EXPORT_KEYS = ("perception.kernel", "perception.bias", "fc0.kernel", "fc0.bias", "fc1.kernel")
 
 __all__ = [
-    "ExportError", "export_numpy", "export_torch", "import_torch", "load_checkpoint", "resolve_config",
+    "ExportError", "export_numpy", "export_torch", "export_onnx", "onnx_logits", "verify_onnx", "import_torch", "load_checkpoint", "resolve_config",
     "params_to_npz_arrays", "npz_arrays_to_params", "export_config", "load_runtime_module",
 ]
 
@@ -206,6 +207,60 @@ def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     shutil.copyfile(TORCH_RUNTIME_SOURCE, files[-2])
     files[-1].write_text(json.dumps(export_config(cfg), indent=2) + "\n")
     return files
+
+
+def export_onnx(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
+    """Write ``mednca.onnx`` (the whole inference, steps as ONNX Loops; see ``onnx_export``) and
+    ``config.json``; returns the files."""
+    from ..levels import check_params
+
+    _check_exportable(cfg, "config")
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ExportError("to-onnx needs the onnx package: pip install 'mednca-jax[onnx]'") from None
+    m = cfg.model
+    if m.downscale == "antialias":
+        raise ExportError("model.downscale = 'antialias' has no ONNX export (only 'bilinear' and 'area', "
+                          "which are strided convolutions)")
+    try:
+        check_params(params, m)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    from .onnx_export import write_onnx
+
+    out = _prepare_out(out_dir)
+    return write_onnx(params_to_npz_arrays(params, cfg), m, export_config(cfg), out)
+
+
+def onnx_logits(path: str | Path, images: np.ndarray, fire_rate: float = 0.0, seed: int = 0, threads: int = 1) -> np.ndarray:
+    """Run ``mednca.onnx`` with onnxruntime on CPU: ``images (B, H, W)`` -> logits ``(B, H, W, n_out)``."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("running the ONNX export needs onnxruntime: pip install 'mednca-jax[onnx]'") from None
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {"images": np.ascontiguousarray(images, np.float32), "fire_rate": np.array(fire_rate, np.float32),
+            "seed": np.array(seed, np.int64)}
+    return sess.run(None, feed)[0]
+
+
+def verify_onnx(out_dir: str | Path, params: Any, cfg: Config, seed: int = 0) -> float:
+    """Max abs logit difference between ``mednca.onnx`` (onnxruntime) and JAX at fire rate 0
+    on one random image of the config's size."""
+    import jax
+
+    from ..levels import forward
+
+    h, w = cfg.data.image_size
+    n_in = cfg.model.n_in
+    x = np.random.default_rng(seed).random((1, h, w, n_in), dtype=np.float32)
+    ours = onnx_logits(Path(out_dir) / "mednca.onnx", x[..., 0] if n_in == 1 else x)
+    ref = np.asarray(jax.jit(forward, static_argnums=1)(params, cfg.model, x, jax.random.PRNGKey(0), 0.0))
+    return float(np.abs(ours - ref).max())
 
 
 def import_torch(cfg: Config, weight_paths: Sequence[str | Path], out_dir: str | Path, force: bool = False) -> Path:
