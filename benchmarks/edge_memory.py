@@ -120,7 +120,7 @@ def build_folders(base: Path, runtimes: list[str], baseline: Optional[str]) -> t
         export_torch(params, cfg, base / "torch")
         folders["torch"] = base / "torch"
     if "onnx" in runtimes:
-        from mednca_jax.export.onnx_export import export_onnx
+        from mednca_jax.export import export_onnx
 
         export_onnx(params, cfg, base / "onnx")
         folders["onnx"] = base / "onnx"

@@ -706,3 +706,20 @@ def test_torch_chunked_steps_and_masks(small):
 
 def m_pt_input_error(model) -> type:
     return sys.modules[type(model).__module__].InputError
+
+
+def test_edge_memory_benchmark_smoke(tmp_path):
+    """benchmarks/edge_memory.py at 64x64, one round: a row per runtime, figures > 0, JSON."""
+    import importlib.util
+
+    runtimes = ["numpy", "torch"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
+    out = tmp_path / "edge.json"
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "benchmarks/edge_memory.py", "--sizes", "64", "--rounds", "1", "--runtimes",
+                          *runtimes, "--json", str(out)], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    assert [r["runtime"] for r in fig["rows"]] == runtimes and fig["failures"] == []
+    for r in fig["rows"]:
+        assert r["size"] == 64 and r["segment_s_median"] > 0 and 20 < r["peak_rss_mib"] < 2000
+    assert "| 64² | numpy |" in res.stdout
