@@ -3,8 +3,8 @@
 For every size (default 256, 512, 1024, 2048) and runtime (numpy, torch, onnx) a fresh
 subprocess with 1 thread (OMP/OpenBLAS/MKL = 1, torch.set_num_threads(1), onnxruntime
 intra-op 1) loads the exported runtime, segments one random slice at fire rate 0.5 and
-reports its peak RSS (``ru_maxrss`` of the whole process: interpreter, libraries, image,
-state and temporaries) and the time of the segmentation; the parent also times the whole
+reports its peak RSS (``ru_maxrss`` of the whole process, read by a small launcher process:
+interpreter, libraries, image, state and temporaries) and the time of the segmentation; the parent also times the whole
 process. Rounds are interleaved (size by size, runtime by runtime) so that every runtime sees
 the same machine load.
 
@@ -46,7 +46,7 @@ RSS_BOUNDS_MIB = {1024: 400.0, 2048: 1200.0}
 MAX_TIME_VS_BASELINE = 1.10
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 kind, folder, size, max_mb = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 max_mb = None if max_mb == "none" else float(max_mb)
 sys.path.insert(0, folder)
@@ -74,8 +74,23 @@ else:
     z = s.run(None, {"images": x[None], "fire_rate": np.array(0.5, np.float32), "seed": np.array(0, np.int64)})[0]
     out = (z[0, ..., 0] > 0).astype(np.uint8)
 dt = time.perf_counter() - t
-print(json.dumps(dict(segment_s=dt, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                      foreground=int(out.sum()))))
+print(json.dumps(dict(segment_s=dt, foreground=int(out.sum()))))
+"""
+
+
+# Peak RSS must come from a process forked by a small one: Linux carries a parent's high-water
+# RSS into a forked child's ru_maxrss (recorded again at exec), and this script has imported
+# JAX. So each child is started by this launcher (a bare interpreter, ~10 MiB), which reports
+# the child's ru_maxrss from RUSAGE_CHILDREN.
+LAUNCHER = r"""
+import json, resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(r.stderr)
+if r.returncode:
+    sys.exit(r.returncode)
+out = json.loads(r.stdout.strip().splitlines()[-1])
+out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+print(json.dumps(out))
 """
 
 
@@ -148,7 +163,7 @@ def build_folders(base: Path, runtimes: list[str], baseline: Optional[str]) -> t
 
 def run_child(kind: str, folder: Path, size: int, max_mb: Optional[float], timeout: float) -> dict[str, Any]:
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", CHILD, kind, str(folder), str(size), "none" if max_mb is None else str(max_mb)],
+    res = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-c", CHILD, kind, str(folder), str(size), "none" if max_mb is None else str(max_mb)],
                          capture_output=True, text=True, env=thread_env(), timeout=timeout)
     wall = time.perf_counter() - t
     if res.returncode != 0:
