@@ -1,4 +1,4 @@
-"""Edge export (issue 4): NumPy and PyTorch runtimes vs the original fixture and vs JAX,
+"""Edge export: NumPy and PyTorch runtimes vs the original fixture and vs JAX,
 round trips of the original weights, isolation of the NumPy runtime, bad input.
 
 CPU budget: the machine has 2 shared cores. Heavy NumPy work runs in one isolated
@@ -506,7 +506,7 @@ def test_numpy_runtime_folder_errors(small, tmp_path):
     conf = json.loads((d / "config.json").read_text())
     conf["model"]["channels"] = 12
     (d / "config.json").write_text(json.dumps(conf))
-    with pytest.raises(rt_np.ExportFormatError, match=r"weights\.npz.*level0\.p0\.kernel.*\(3, 3, 8, 8\).*\(3, 3, 12, 12\)"):
+    with pytest.raises(rt_np.ExportFormatError, match=r"weights\.npz.*level0\.perception\.kernel.*\(3, 3, 8, 16\).*\(3, 3, 12, 16\)"):
         rt_np.MedNCA.load(d)
     conf["model"]["channels"], conf["model"]["steps"] = 8, [4, 4, 4]
     (d / "config.json").write_text(json.dumps(conf))
@@ -588,3 +588,135 @@ def test_export_refuses_unet(tmp_path):
     unet = cfg.replace(model=dataclasses.replace(cfg.model, kind="unet", unet_width=4, unet_depth=1))
     with pytest.raises(ExportError, match="only Med-NCA"):
         export_numpy({}, unet, tmp_path / "o")
+
+
+# --------------------------------------------------------------------------- chunked steps, masks, format
+def test_numpy_format1_weights_still_load(small, tmp_path):
+    """Exports written before the generic perception (keys p0.*/p1.*) load and agree."""
+    cfg, params, _, m_np, _, rt_np, _ = small
+    d = tmp_path / "old"
+    export_numpy(params, cfg, d)
+    with np.load(d / "weights.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    assert "level0.perception.kernel" in arrays and "level0.p0.kernel" not in arrays
+    old = {}
+    for i in range(cfg.model.n_levels):
+        for layer in ("p0", "p1"):
+            for leaf in ("kernel", "bias"):
+                old[f"level{i}.{layer}.{leaf}"] = np.asarray(params[f"level{i}"][layer][leaf], np.float32)
+        for key in ("fc0.kernel", "fc0.bias", "fc1.kernel"):
+            old[f"level{i}.{key}"] = arrays[f"level{i}.{key}"]
+    np.savez(d / "weights.npz", **old)
+    x = np.random.default_rng(4).random((2, 32, 32), dtype=np.float32)
+    got = rt_np.MedNCA.load(d).segment(x, seed=1, fire_rate=0.5, return_logits=True)
+    assert np.array_equal(got, m_np.segment(x, seed=1, fire_rate=0.5, return_logits=True))
+    del old["level1.p1.bias"]
+    np.savez(d / "weights.npz", **old)
+    with pytest.raises(rt_np.ExportFormatError, match=r"weights\.npz.*missing level1\.p1\.bias"):
+        rt_np.MedNCA.load(d)
+
+
+@pytest.mark.parametrize("fire", [0.0, 0.5])
+def test_numpy_chunked_steps_match_unchunked(small, fire):
+    """Chunks of any size (row bands that do not divide the image, single rows, groups of
+    slices) give the one-chunk result to float32 round-off, with the same random draws."""
+    cfg, _, _, m_np, _, rt_np, _ = small
+    x = np.random.default_rng(5).random((3, 40, 36, 1), dtype=np.float32)
+    whole = rt_np.forward(m_np.levels, m_np.spec, x, fire, np.random.default_rng(7), chunk_pixels=1 << 20)
+    assert np.abs(whole).max() > 0.5
+    for chunk in (1, 38, 7 * 38 + 5, 40 * 38, 2 * 42 * 38 + 1):
+        got = rt_np.forward(m_np.levels, m_np.spec, x, fire, np.random.default_rng(7), chunk_pixels=chunk)
+        np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6, err_msg=f"chunk_pixels={chunk}")
+
+
+def test_numpy_max_memory_plans_and_matches(small):
+    """A budget first shrinks the chunks (same draws: identical at any fire rate), then the
+    groups of slices (the fire masks of a group are drawn together, so only fire 0 and
+    explicit masks stay identical); below the state's size it is a clear error."""
+    _, _, _, m_np, _, rt_np, _ = small
+    x = np.random.default_rng(6).random((70, 32, 32), dtype=np.float32)
+    assert m_np.plan((70, 32, 32, 1)) == (70, rt_np.CHUNK_PIXELS)  # up to BATCH_PIXELS / (32*32) = 256 slices
+    per, chunk = m_np.plan((70, 32, 32, 1), max_memory_mb=44.5)
+    assert per == 70 and 34 <= chunk < rt_np.CHUNK_PIXELS
+    want = m_np.segment(x, seed=2, fire_rate=0.5, return_logits=True)
+    got = m_np.segment(x, seed=2, fire_rate=0.5, return_logits=True, max_memory_mb=44.5)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    per, chunk = m_np.plan((70, 32, 32, 1), max_memory_mb=41)
+    assert per < 70 and 34 <= chunk < rt_np.CHUNK_PIXELS
+    want = m_np.segment(x, fire_rate=0.0, return_logits=True)
+    got = m_np.segment(x, fire_rate=0.0, return_logits=True, max_memory_mb=41)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(rt_np.InputError, match=r"max_memory_mb=10 is too small.*at least"):
+        m_np.segment(x, max_memory_mb=10)
+
+
+def test_numpy_explicit_masks(small):
+    """Explicit masks: all-true equals fire rate 0; the runtime's own draws, passed back as
+    masks, reproduce a seeded run; a bad mask shape is a clear error."""
+    cfg, _, _, m_np, _, rt_np, _ = small
+    s = m_np.spec
+    x = np.random.default_rng(8).random((2, 32, 32, 1), dtype=np.float32)
+    shapes = [(st, 2, 32 // f, 32 // f) for st, f in zip(s.steps, s.scales)]
+    ones = [np.ones(sh, bool) for sh in shapes]
+    assert np.array_equal(m_np.logits(x, masks=ones), m_np.logits(x, fire_rate=0.0))
+    rng = np.random.default_rng(11)
+    drawn = [1.0 - rng.random(sh + (1,), dtype=np.float32)[..., 0] > np.float32(0.5) for sh in shapes]
+    want = m_np.logits(x, seed=11, fire_rate=0.5)
+    assert np.array_equal(m_np.logits(x, masks=drawn), want)
+    got = rt_np.forward(m_np.levels, s, x, 0.0, None, masks=drawn, chunk_pixels=50)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    zeros = [np.zeros(sh, bool) for sh in shapes]
+    z = m_np.logits(x, masks=zeros)
+    assert not z.any()  # no cell ever fires: the output channels stay at their zero seed
+    with pytest.raises(rt_np.InputError, match=r"masks\[1\] must be a bool array"):
+        m_np.logits(x, masks=[ones[0], ones[1][:, :1]])
+
+
+def test_torch_chunked_steps_and_masks(small):
+    """The torch runtime: chunk sizes do not change the result (same draws); explicit masks
+    (shared with the NumPy runtime) give the same logits in both runtimes; masks drawn as the
+    module draws them reproduce a seeded run."""
+    cfg, _, _, m_np, m_pt, _, _ = small
+    x = torch.from_numpy(np.random.default_rng(9).random((3, 40, 36, 1), dtype=np.float32))
+    with torch.inference_mode():
+        whole = m_pt.forward(x, 0.5, 4, None, 1 << 20)
+        for chunk in (1, 38, 7 * 38 + 5, 2 * 42 * 38 + 1):
+            torch.testing.assert_close(m_pt.forward(x, 0.5, 4, None, chunk), whole, rtol=1e-6, atol=1e-6)
+    s = m_np.spec
+    rng = np.random.default_rng(12)
+    masks = [rng.random((st, 3, 40 // f, 36 // f)) > 0.5 for st, f in zip(s.steps, s.scales)]
+    z_np = m_np.logits(x.numpy(), masks=masks)
+    z_pt = m_pt.predict(x, masks=[torch.from_numpy(m) for m in masks]).numpy()
+    assert np.abs(z_np).max() > 0.5 and np.abs(z_np - z_pt).max() <= 1e-5
+    assert np.abs(z_np - m_np.logits(x.numpy(), fire_rate=0.0)).max() > 1e-2  # the masks matter
+    gen = torch.Generator()
+    gen.manual_seed(5)
+    drawn = []
+    for st, f in zip(s.steps, s.scales):  # the module's draw: rand((B, 1, W, H)) per step
+        u = torch.stack([1.0 - torch.rand((3, 1, 36 // f, 40 // f), generator=gen) for _ in range(st)])
+        drawn.append((u[:, :, 0] > 0.5).transpose(2, 3))
+    assert torch.equal(m_pt.predict(x, masks=drawn), m_pt.predict(x, fire_rate=0.5, seed=5))
+    with pytest.raises(ValueError, match=r"masks\[0\] must be a bool tensor"):
+        m_pt.predict(x, masks=[drawn[0][:1], drawn[1]])
+    assert m_pt.plan([3, 40, 36, 1], None) == 8192
+    rt = sys.modules[type(m_pt).__module__]
+    assert 38 <= m_pt.plan([3, 40, 36, 1], rt.BASE_MB + 1) < 8192
+    with pytest.raises(rt.InputError, match="too small"):
+        m_pt.plan([3, 40, 36, 1], rt.BASE_MB - 50)
+
+
+def test_edge_memory_benchmark_smoke(tmp_path):
+    """benchmarks/edge_memory.py at 64x64, one round: a row per runtime, figures > 0, JSON."""
+    import importlib.util
+
+    runtimes = ["numpy", "torch"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
+    out = tmp_path / "edge.json"
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "benchmarks/edge_memory.py", "--sizes", "64", "--rounds", "1", "--runtimes",
+                          *runtimes, "--json", str(out)], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    assert [r["runtime"] for r in fig["rows"]] == runtimes and fig["failures"] == []
+    for r in fig["rows"]:
+        assert r["size"] == 64 and r["segment_s_median"] > 0 and 20 < r["peak_rss_mib"] < 2000
+    assert "| 64² | numpy |" in res.stdout

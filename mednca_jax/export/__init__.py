@@ -4,9 +4,13 @@ Folders written here::
 
     to-numpy DIR2: mednca_numpy.py (copy of runtime_numpy.py), weights.npz, config.json
     to-torch DIR2: mednca_torch.py (copy of runtime_torch.py), model0.pth, model1.pth, ..., config.json
+    to-onnx DIR2: mednca.onnx (the whole inference, steps as ONNX Loops), config.json
     from-torch DIR: a run folder (config.toml + orbax checkpoint) via mednca_jax.checkpoint
 
-``weights.npz`` holds our (channels-last) layout under keys ``level{i}.p0.kernel`` ...;
+``weights.npz`` holds our (channels-last) layout, one generic perception per level:
+``level{i}.perception.kernel (3, 3, C, F)``, ``level{i}.perception.bias (F,)``,
+``level{i}.fc0.kernel (C + F, hidden)``, ``fc0.bias``, ``fc1.kernel`` (format 2; format 1
+had ``p0.*``/``p1.*``, which the runtimes still read);
 ``model{i}.pth`` the original Med-NCA layout (mednca_jax.weights converts, exactly).
 ``config.json`` is the full training config (``Config.to_dict()``) plus a format tag; the
 runtimes read its ``model`` and ``data`` sections.
@@ -36,14 +40,15 @@ TORCH_RUNTIME_NAME = "mednca_torch.py"
 WEIGHTS_NPZ = "weights.npz"
 CONFIG_JSON = "config.json"
 FORMAT = "mednca-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIGS_DIR = HERE.parents[1] / "configs"
 # The original module declares fc0, fc1 before p0, p1: its state dicts list keys in this order.
 ORIGINAL_KEY_ORDER = ("fc0.weight", "fc0.bias", "fc1.weight", "p0.weight", "p0.bias", "p1.weight", "p1.bias")
 LEVEL_KEYS = ("p0.kernel", "p0.bias", "p1.kernel", "p1.bias", "fc0.kernel", "fc0.bias", "fc1.kernel")
+EXPORT_KEYS = ("perception.kernel", "perception.bias", "fc0.kernel", "fc0.bias", "fc1.kernel")
 
 __all__ = [
-    "ExportError", "export_numpy", "export_torch", "import_torch", "load_checkpoint", "resolve_config",
+    "ExportError", "export_numpy", "export_torch", "export_onnx", "onnx_logits", "verify_onnx", "import_torch", "load_checkpoint", "resolve_config",
     "params_to_npz_arrays", "npz_arrays_to_params", "export_config", "load_runtime_module",
 ]
 
@@ -83,25 +88,54 @@ def export_config(cfg: Config) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- params <-> files
+def perception_filters(perception: str, level_params: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The level's perception as one 3x3 conv: ``kernel (3, 3, C, F)``, ``bias (F,)``.
+
+    Local stand-in until ``mednca_jax.rule.perception_filters`` lands (replace this body by a
+    call to it): only the learned perception, ``y = [x | p0(x) | p1(x)]`` -> F = 2C.
+    """
+    if perception != "learned":
+        raise ExportError(f"perception {perception!r} cannot be exported yet (only 'learned')")
+    k = np.concatenate([np.asarray(level_params["p0"]["kernel"], np.float32),
+                        np.asarray(level_params["p1"]["kernel"], np.float32)], axis=-1)
+    b = np.concatenate([np.asarray(level_params["p0"]["bias"], np.float32),
+                        np.asarray(level_params["p1"]["bias"], np.float32)])
+    assert k.shape[:3] == (3, 3, channels)
+    return k, b
+
+
 def params_to_npz_arrays(params: Any, cfg: Config) -> dict[str, np.ndarray]:
-    """``{"level0": {"p0": {"kernel": ...}}}`` -> flat float32 arrays ``{"level0.p0.kernel": ...}``."""
+    """Params -> flat float32 arrays of ``weights.npz`` (format 2): per level
+    ``level{i}.perception.kernel (3, 3, C, F)``, ``.perception.bias (F,)``, ``.fc0.kernel
+    (C + F, hidden)``, ``.fc0.bias (hidden,)``, ``.fc1.kernel (hidden, C)``."""
     out = {}
+    perception = getattr(cfg.model, "perception", "learned")
     for i in range(cfg.model.n_levels):
         level = params[f"level{i}"]
-        for key in LEVEL_KEYS:
+        k, b = perception_filters(perception, level, cfg.model.channels)
+        out[f"level{i}.perception.kernel"] = np.ascontiguousarray(k)
+        out[f"level{i}.perception.bias"] = np.ascontiguousarray(b)
+        for key in ("fc0.kernel", "fc0.bias", "fc1.kernel"):
             layer, leaf = key.split(".")
             out[f"level{i}.{key}"] = np.ascontiguousarray(np.asarray(level[layer][leaf], np.float32))
     return out
 
 
 def npz_arrays_to_params(arrays: dict[str, np.ndarray], cfg: Config) -> dict[str, Any]:
-    """Inverse of :func:`params_to_npz_arrays`."""
+    """Inverse of :func:`params_to_npz_arrays` for the learned perception (the kernel splits
+    back into p0/p1); also reads format-1 arrays (``p0.*``/``p1.*``)."""
     params: dict[str, Any] = {}
+    c = cfg.model.channels
     for i in range(cfg.model.n_levels):
-        level: dict[str, dict[str, np.ndarray]] = {}
-        for key in LEVEL_KEYS:
-            layer, leaf = key.split(".")
-            level.setdefault(layer, {})[leaf] = arrays[f"level{i}.{key}"]
+        g = lambda k: np.asarray(arrays[f"level{i}.{k}"], np.float32)  # noqa: E731
+        if f"level{i}.perception.kernel" in arrays:
+            k, b = g("perception.kernel"), g("perception.bias")
+            level = {"p0": {"kernel": k[..., :c], "bias": b[:c]}, "p1": {"kernel": k[..., c:], "bias": b[c:]}}
+        else:
+            level = {"p0": {"kernel": g("p0.kernel"), "bias": g("p0.bias")},
+                     "p1": {"kernel": g("p1.kernel"), "bias": g("p1.bias")}}
+        level["fc0"] = {"kernel": g("fc0.kernel"), "bias": g("fc0.bias")}
+        level["fc1"] = {"kernel": g("fc1.kernel")}
         params[f"level{i}"] = level
     return params
 
@@ -173,6 +207,60 @@ def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     shutil.copyfile(TORCH_RUNTIME_SOURCE, files[-2])
     files[-1].write_text(json.dumps(export_config(cfg), indent=2) + "\n")
     return files
+
+
+def export_onnx(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
+    """Write ``mednca.onnx`` (the whole inference, steps as ONNX Loops; see ``onnx_export``) and
+    ``config.json``; returns the files."""
+    from ..levels import check_params
+
+    _check_exportable(cfg, "config")
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ExportError("to-onnx needs the onnx package: pip install 'mednca-jax[onnx]'") from None
+    m = cfg.model
+    if m.downscale == "antialias":
+        raise ExportError("model.downscale = 'antialias' has no ONNX export (only 'bilinear' and 'area', "
+                          "which are strided convolutions)")
+    try:
+        check_params(params, m)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    from .onnx_export import write_onnx
+
+    out = _prepare_out(out_dir)
+    return write_onnx(params_to_npz_arrays(params, cfg), m, export_config(cfg), out)
+
+
+def onnx_logits(path: str | Path, images: np.ndarray, fire_rate: float = 0.0, seed: int = 0, threads: int = 1) -> np.ndarray:
+    """Run ``mednca.onnx`` with onnxruntime on CPU: ``images (B, H, W)`` -> logits ``(B, H, W, n_out)``."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("running the ONNX export needs onnxruntime: pip install 'mednca-jax[onnx]'") from None
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {"images": np.ascontiguousarray(images, np.float32), "fire_rate": np.array(fire_rate, np.float32),
+            "seed": np.array(seed, np.int64)}
+    return sess.run(None, feed)[0]
+
+
+def verify_onnx(out_dir: str | Path, params: Any, cfg: Config, seed: int = 0) -> float:
+    """Max abs logit difference between ``mednca.onnx`` (onnxruntime) and JAX at fire rate 0
+    on one random image of the config's size."""
+    import jax
+
+    from ..levels import forward
+
+    h, w = cfg.data.image_size
+    n_in = cfg.model.n_in
+    x = np.random.default_rng(seed).random((1, h, w, n_in), dtype=np.float32)
+    ours = onnx_logits(Path(out_dir) / "mednca.onnx", x[..., 0] if n_in == 1 else x)
+    ref = np.asarray(jax.jit(forward, static_argnums=1)(params, cfg.model, x, jax.random.PRNGKey(0), 0.0))
+    return float(np.abs(ours - ref).max())
 
 
 def import_torch(cfg: Config, weight_paths: Sequence[str | Path], out_dir: str | Path, force: bool = False) -> Path:

@@ -1,4 +1,4 @@
-"""``python -m mednca_jax.export {from-torch, to-numpy, to-torch}``: move Med-NCA weights
+"""``python -m mednca_jax.export {from-torch, to-numpy, to-torch, to-onnx}``: move Med-NCA weights
 between the original PyTorch files, this project's run folders and the edge runtimes."""
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import ExportError, export_numpy, export_torch, import_torch, load_checkpoint, resolve_config, verify_numpy
+from . import (
+    ExportError, export_numpy, export_onnx, export_torch, import_torch, load_checkpoint, resolve_config, verify_numpy,
+    verify_onnx,
+)
 
 
 def _size(paths: Sequence[Path]) -> str:
@@ -43,6 +46,20 @@ def cmd_to_torch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_to_onnx(args: argparse.Namespace) -> int:
+    params, cfg = load_checkpoint(args.checkpoint, args.which)
+    files = export_onnx(params, cfg, args.out)
+    print(f"wrote {args.out}: {_size(files)}")
+    print("inputs: images (B, H, W) float32, fire_rate () float32, seed () int64; output: logits (B, H, W, n_out)")
+    if args.verify:
+        diff = verify_onnx(args.out, params, cfg)
+        print(f"verify: max |logits(onnxruntime) - logits(JAX)| = {diff:.3g} at fire rate 0")
+        if diff > 1e-3:
+            print("error: the ONNX export disagrees with JAX beyond 1e-3", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mednca_jax.export",
@@ -68,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, what in (
         ("to-numpy", cmd_to_numpy, "mednca_numpy.py + weights.npz + config.json (needs only numpy; nibabel for NIfTI)"),
         ("to-torch", cmd_to_torch, "mednca_torch.py + model0.pth, model1.pth, ... (original layout) + config.json"),
+        ("to-onnx", cmd_to_onnx, "mednca.onnx (whole inference, steps as ONNX Loops; needs onnx) + config.json"),
     ):
         s = sub.add_parser(name, help=f"run folder -> {what}", description=f"Export a checkpoint as {what}.")
         s.add_argument("--checkpoint", required=True, metavar="DIR",
@@ -75,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", required=True, metavar="DIR2", help="folder to write (created; existing files replaced)")
         s.add_argument("--which", choices=("best", "latest"), default="best",
                        help="checkpoint to export: best by validation Dice (falls back to latest) or latest")
-        if name == "to-numpy":
+        if name in ("to-numpy", "to-onnx"):
             s.add_argument("--verify", action="store_true",
-                           help="after writing, run the exported runtime and JAX at fire rate 0 on a random image and "
-                                "fail if the logits differ by more than 1e-3")
+                           help="after writing, run the exported runtime (onnxruntime for to-onnx) and JAX at fire rate 0 "
+                                "on a random image and fail if the logits differ by more than 1e-3")
         s.set_defaults(func=func)
     return p
 

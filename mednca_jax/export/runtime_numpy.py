@@ -16,12 +16,20 @@ As a program::
 
     python mednca_numpy.py DIR IN.nii.gz OUT.nii.gz [--channel K] [--seed S] [--runs N]
     python mednca_numpy.py DIR IN.npy OUT.npy [--logits] [--fire-rate F] [--seed S] [--runs N]
+    add --max-memory-mb MB to bound the peak memory (large images on small devices)
 
 What it computes (channels-last states ``(B, H, W, C)``): level ``i`` runs on the image
-downscaled by ``scales[i]``; each step is ``x += fc1(relu(fc0([x | p0(x) | p1(x)]))) * mask``
-with 3x3 reflect-padded convs ``p0``/``p1`` and ``mask = u > fire_rate`` drawn per cell and
-step, after which the input channels are reset to the image; between levels the state is
-upsampled by nearest neighbour. Logits are channels ``[n_in, n_in + n_out)`` of the final state.
+downscaled by ``scales[i]``; each step is ``x += fc1(relu(fc0([x | conv(x; K) + b]))) * mask``
+with the level's perception: a 3x3 reflect-padded conv ``K (3, 3, C, F)`` (the original's
+learned ``p0``/``p1`` side by side, F = 2C, or a fixed filter bank), and ``mask = u > fire_rate``
+drawn per cell and step, after which the input channels are reset to the image; between levels
+the state is upsampled by nearest neighbour. Logits are channels ``[n_in, n_in + n_out)`` of the
+final state. Each step runs in chunks of cells, updating the state in place, so memory is the
+state plus a fixed working set (``--max-memory-mb`` shrinks it further).
+
+``weights.npz`` keys per level: ``level{i}.perception.kernel (3, 3, C, F)``, ``.perception.bias
+(F,)``, ``.fc0.kernel (C + F, hidden)``, ``.fc0.bias``, ``.fc1.kernel (hidden, C)``; older
+exports with ``level{i}.p0.*``/``p1.*`` are converted on load.
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ DOWNSCALE_METHODS = ("bilinear", "area", "antialias")
 CHUNK_PIXELS = 8192
 # Slices segmented together; bounds the state memory of a whole volume.
 BATCH_PIXELS = 1 << 18
+# Peak RSS of the interpreter with numpy loaded and this module imported, before any image
+# (measured ~30 MiB with OpenBLAS; a margin for the allocator): the floor of --max-memory-mb.
+BASE_MB = 40
 
 
 class ExportFormatError(ValueError):
@@ -118,33 +129,76 @@ def spec_from_config(cfg: dict, source: str = CONFIG_FILE) -> Spec:
     return spec
 
 
-def expected_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of ``weights.npz`` (the training layout, channels-last)."""
+def expected_shapes(spec: Spec, features: int) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of ``weights.npz`` (channels-last) for ``features`` perception filters F.
+
+    Every supported perception is ``y = [x | conv3x3_reflect(x, K) + b]``: the learned one
+    (the original's p0/p1, F = 2C) and fixed filter banks alike, so one kernel describes it.
+    """
     c, h = spec.channels, spec.hidden
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(spec.n_levels):
         shapes.update({
-            f"level{i}.p0.kernel": (3, 3, c, c), f"level{i}.p0.bias": (c,),
-            f"level{i}.p1.kernel": (3, 3, c, c), f"level{i}.p1.bias": (c,),
-            f"level{i}.fc0.kernel": (3 * c, h), f"level{i}.fc0.bias": (h,),
+            f"level{i}.perception.kernel": (3, 3, c, features), f"level{i}.perception.bias": (features,),
+            f"level{i}.fc0.kernel": (c + features, h), f"level{i}.fc0.bias": (h,),
             f"level{i}.fc1.kernel": (h, c),
         })
     return shapes
 
 
-def check_weights(arrays: dict[str, np.ndarray], spec: Spec, source: str = WEIGHTS_FILE) -> None:
-    """Raise :class:`ExportFormatError` naming ``source`` unless ``arrays`` fit ``spec``."""
-    exp = expected_shapes(spec)
-    missing, extra = sorted(set(exp) - set(arrays)), sorted(set(arrays) - set(exp))
-    what = f"config.json (channels={spec.channels}, hidden={spec.hidden}, {spec.n_levels} levels)"
-    if missing or extra:
-        raise ExportFormatError(
-            f"{source} does not match {what}: missing {missing or 'nothing'}, unexpected {extra or 'nothing'}")
+def legacy_shapes(spec: Spec, i: int) -> dict[str, tuple[int, ...]]:
+    """Level ``i``'s keys in format-1 exports (two learned convs ``p0``/``p1``)."""
+    c = spec.channels
+    return {f"level{i}.p0.kernel": (3, 3, c, c), f"level{i}.p0.bias": (c,),
+            f"level{i}.p1.kernel": (3, 3, c, c), f"level{i}.p1.bias": (c,)}
+
+
+def upgrade_legacy(arrays: dict[str, np.ndarray], spec: Spec, source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:
+    """Convert format-1 levels (``p0.*``/``p1.*``) to one perception kernel ``(3, 3, C, 2C)``:
+    ``concat([p0, p1], -1)``, the order fc0 reads ``[x | p0(x) | p1(x)]``. Other keys pass."""
+    out = dict(arrays)
+    for i in range(spec.n_levels):
+        old = legacy_shapes(spec, i)
+        if not any(k in arrays for k in old):
+            continue
+        _check_shapes(arrays, old, spec, source)
+        for k in old:
+            del out[k]
+        g = lambda k: np.asarray(arrays[f"level{i}.{k}"], np.float32)  # noqa: E731
+        out[f"level{i}.perception.kernel"] = np.concatenate([g("p0.kernel"), g("p1.kernel")], axis=-1)
+        out[f"level{i}.perception.bias"] = np.concatenate([g("p0.bias"), g("p1.bias")])
+    return out
+
+
+def _what(spec: Spec) -> str:
+    return f"config.json (channels={spec.channels}, hidden={spec.hidden}, {spec.n_levels} levels)"
+
+
+def _check_shapes(arrays: dict[str, np.ndarray], exp: dict[str, tuple[int, ...]], spec: Spec, source: str) -> None:
     for k, shape in exp.items():
+        if k not in arrays:
+            raise ExportFormatError(f"{source} does not match {_what(spec)}: missing {k}")
         if tuple(arrays[k].shape) != shape:
-            raise ExportFormatError(f"{source}: {k} has shape {tuple(arrays[k].shape)}, {what} expects {shape}")
+            raise ExportFormatError(f"{source}: {k} has shape {tuple(arrays[k].shape)}, {_what(spec)} expects {shape}")
         if not np.issubdtype(arrays[k].dtype, np.floating) or not np.all(np.isfinite(arrays[k])):
             raise ExportFormatError(f"{source}: {k} must hold finite floats, got dtype {arrays[k].dtype}")
+
+
+def check_weights(arrays: dict[str, np.ndarray], spec: Spec, source: str = WEIGHTS_FILE) -> int:
+    """Raise :class:`ExportFormatError` naming ``source`` unless ``arrays`` (current format)
+    fit ``spec``; returns the number of perception filters F."""
+    k0 = "level0.perception.kernel"
+    if k0 not in arrays or np.ndim(arrays[k0]) != 4:
+        raise ExportFormatError(f"{source} does not match {_what(spec)}: missing {k0} (3, 3, C, F) "
+                                f"(or level0.p0.kernel in the older layout); re-export the model")
+    features = int(arrays[k0].shape[-1])
+    exp = expected_shapes(spec, features)
+    missing, extra = sorted(set(exp) - set(arrays)), sorted(set(arrays) - set(exp))
+    if missing or extra:
+        raise ExportFormatError(
+            f"{source} does not match {_what(spec)}: missing {missing or 'nothing'}, unexpected {extra or 'nothing'}")
+    _check_shapes(arrays, exp, spec, source)
+    return features
 
 
 # --------------------------------------------------------------------------- resampling
@@ -188,27 +242,26 @@ def upsample_nearest(x: np.ndarray, factor: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- one NCA level
 class LevelWeights(NamedTuple):
-    """One level's weights rearranged for matmuls (C channels, ``hid`` hidden units)."""
+    """One level's weights rearranged for matmuls (C channels, F filters, ``hid`` hidden units)."""
 
-    conv: np.ndarray  # (9C, 2C): p0 and p1 side by side, rows ordered (dh, dw, c_in)
-    conv_bias: np.ndarray  # (2C,)
-    fc0: np.ndarray  # (3C, hid): rows read [x | p0(x) | p1(x)]
+    conv: np.ndarray  # (9C, F): the perception kernel, rows ordered (dh, dw, c_in)
+    conv_bias: np.ndarray  # (F,)
+    fc0: np.ndarray  # (C + F, hid): rows read [x | conv(x)]
     fc0_bias: np.ndarray  # (hid,)
     fc1: np.ndarray  # (hid, C)
 
 
 def level_weights(arrays: dict[str, np.ndarray], i: int) -> LevelWeights:
-    """Rearrange ``level{i}.*`` arrays of ``weights.npz`` into :class:`LevelWeights`.
+    """Rearrange ``level{i}.*`` arrays of ``weights.npz`` (current format) into :class:`LevelWeights`.
 
-    (Folding the conv biases into fc0's bias would save a pass per step, but moves the logits
+    (Folding the conv bias into fc0's bias would save a pass per step, but moves the logits
     further from the JAX/original round-off: the operation order here is theirs.)
     """
     g = lambda k: np.ascontiguousarray(arrays[f"level{i}.{k}"], dtype=np.float32)  # noqa: E731
-    c = g("p0.kernel").shape[-1]
-    conv = np.concatenate([g("p0.kernel"), g("p1.kernel")], axis=-1).reshape(9 * c, 2 * c)
+    k = g("perception.kernel")
     return LevelWeights(
-        conv=np.ascontiguousarray(conv),
-        conv_bias=np.concatenate([g("p0.bias"), g("p1.bias")]),
+        conv=np.ascontiguousarray(k.reshape(9 * k.shape[2], k.shape[3])),
+        conv_bias=g("perception.bias"),
         fc0=g("fc0.kernel"),
         fc0_bias=g("fc0.bias"),
         fc1=g("fc1.kernel"),
@@ -225,13 +278,19 @@ def reflect_border_(xp: np.ndarray) -> None:
 
 
 def _chunks(b: int, h: int, w: int, pixels: int) -> list[tuple[int, int, int, int]]:
-    """Split ``(B, H, W)`` into ``(b0, b1, r0, r1)`` blocks of at most ~``pixels`` pixels:
-    groups of whole images when they are small, else row bands of one image."""
+    """Split ``(B, H, W)`` into ``(b0, b1, r0, r1)`` blocks of at most ~``pixels`` pixels, in
+    C order: groups of whole images when they are small, else row bands of one image."""
     if h * w <= pixels:
         g = max(1, pixels // (h * w))
         return [(b0, min(b, b0 + g), 0, h) for b0 in range(0, b, g)]
     rows = max(1, pixels // w)
     return [(i, i + 1, r0, min(h, r0 + rows)) for i in range(b) for r0 in range(0, h, rows)]
+
+
+def working_bytes_per_pixel(channels: int, features: int, hidden: int) -> int:
+    """Bytes per pixel of a chunk's temporaries in :func:`run_level_padded`: the im2col matrix
+    (9C), ``[x | conv]`` (C+F), the hidden layer, two delta slots (2C) and the fire draw."""
+    return 4 * (9 * channels + channels + features + hidden + 2 * channels) + 8
 
 
 class PaddedState(NamedTuple):
@@ -248,95 +307,168 @@ class PaddedState(NamedTuple):
     xp: np.ndarray
 
     @classmethod
-    def from_state(cls, x: np.ndarray) -> "PaddedState":
-        b, h, w, c = x.shape
+    def empty(cls, b: int, h: int, w: int, c: int) -> "PaddedState":
+        """A zero state ``(B, H, W, C)`` (its border is consistent: all zeros)."""
         buf = np.zeros((b * (h + 2) * (w + 2) + 2, c), np.float32)
-        xp = buf[1:-1].reshape(b, h + 2, w + 2, c)
-        xp[:, 1:-1, 1:-1] = x
-        reflect_border_(xp)
-        return cls(buf, xp)
+        return cls(buf, buf[1:-1].reshape(b, h + 2, w + 2, c))
+
+    @classmethod
+    def from_state(cls, x: np.ndarray) -> "PaddedState":
+        st = cls.empty(*x.shape)
+        st.xp[:, 1:-1, 1:-1] = x
+        reflect_border_(st.xp)
+        return st
+
+    @property
+    def inner(self) -> np.ndarray:
+        """The state ``(B, H, W, C)`` (a view)."""
+        return self.xp[:, 1:-1, 1:-1]
 
 
-def nca_update(lw: LevelWeights, st: PaddedState, delta: np.ndarray, chunk_pixels: int = CHUNK_PIXELS) -> None:
-    """Residual ``fc1(relu(fc0([x | p0(x) | p1(x)])))`` of the padded state into ``delta``
-    (flat ``(B*(H+2)*(W+2), C)``, same positions as ``st.xp``), chunk by chunk.
+def upsampled_state(coarse: np.ndarray, factor: int, image: np.ndarray, channels: int) -> PaddedState:
+    """Nearest-neighbour upsampling of ``coarse (B, h, w, C)`` by ``factor`` written straight
+    into a new padded state (no full-size temporary), with ``image (B, h*f, w*f, n_in)`` put
+    back into the input channels."""
+    b, h, w, _ = image.shape
+    st = PaddedState.empty(b, h, w, channels)
+    for i in range(factor):
+        for j in range(factor):
+            st.xp[:, 1 + i:h + 1:factor, 1 + j:w + 1:factor] = coarse
+    st.inner[..., :image.shape[-1]] = image
+    reflect_border_(st.xp)
+    return st
+
+
+def _chunk_update(lw: LevelWeights, buf: np.ndarray, wp: int, q0: int, n: int, out: np.ndarray,
+                  cols_buf: np.ndarray, y_buf: np.ndarray, hid_buf: np.ndarray) -> None:
+    """Residual ``fc1(relu(fc0([x | conv(x) + b])))`` at the ``n`` flat positions from ``q0``
+    of the padded state (``buf``, row width ``wp = W+2``) into ``out (n, C)``.
 
     im2col: for each kernel row ``dh`` the three taps ``dw = 0, 1, 2`` of a position are
-    ``3C`` consecutive floats of ``st.buf``, copied through one overlapping strided view;
-    then one matmul does both convs.
+    ``3C`` consecutive floats of ``buf``, copied through one overlapping strided view.
+    """
+    c = buf.shape[1]
+    cols = cols_buf[:n].reshape(n, 3, 3 * c)
+    for dh in range(3):
+        s = q0 + (dh - 1) * wp  # buf index of tap (dh, dw=0) = xp index + 1 - 1
+        cols[:, dh, :] = np.lib.stride_tricks.as_strided(buf[s:], shape=(n, 3 * c), strides=(buf.strides[0], buf.strides[1]))
+    y = y_buf[:n]
+    np.matmul(cols_buf[:n], lw.conv, out=y[:, c:])
+    y[:, c:] += lw.conv_bias
+    y[:, :c] = buf[q0 + 1:q0 + 1 + n]  # the centre tap is x itself
+    hid = np.matmul(y, lw.fc0, out=hid_buf[:n])
+    hid += lw.fc0_bias
+    np.maximum(hid, 0.0, out=hid)
+    np.matmul(hid, lw.fc1, out=out)
+
+
+def run_level_padded(
+    lw: LevelWeights, st: PaddedState, image: np.ndarray, steps: int, fire_rate: float,
+    rng: Optional[np.random.Generator], masks: Optional[np.ndarray] = None, chunk_pixels: int = CHUNK_PIXELS,
+) -> None:
+    """``steps`` NCA steps on the padded state ``st`` (``(B, H, W, C)`` inside), in place,
+    with ``image (B, H, W, n_in)`` held fixed.
+
+    Fire mask ``u > fire_rate`` with ``u = 1 - rng.random`` uniform in (0, 1], one per cell,
+    drawn fresh every step, chunk by chunk in C order: the same numbers as one
+    ``rng.random((B, H, W, 1))`` per step. ``masks (steps, B, H, W)`` bool replaces the draw;
+    ``fire_rate = 0`` (and no masks) updates every cell and draws nothing.
+
+    Memory: besides the state only two delta slots of one chunk (+2 rows) and the chunk's
+    temporaries. A step reads the old state of every neighbour, so the delta of chunk k is
+    added only after chunk k+1 has been computed (k+1 reads k's last row, k-1 is not read by
+    k+1); the pad columns of a chunk's rows are refreshed when it is written, the pad rows
+    at the end of the step.
     """
     b, hp, wp, c = st.xp.shape
-    h = hp - 2
+    h, w = hp - 2, wp - 2
+    n_in = image.shape[-1]
     buf = st.buf
-    step = buf.strides[0]
-    chunks = []
-    for b0, b1, r0, r1 in _chunks(b, h, wp, chunk_pixels):
-        q0 = b0 * hp * wp + (r0 + 1) * wp  # flat (xp) position of the chunk's first output
-        q1 = (b1 - 1) * hp * wp + (r1 + 1) * wp  # spans the pad rows between images: unused
-        chunks.append((q0, q1 - q0))
-    n_max = max(n for _, n in chunks)
+    chunks = _chunks(b, h, wp, chunk_pixels)
+    spans = [(b1 - b0) * (r1 - r0 + 2) * wp for b0, b1, r0, r1 in chunks]
+    n_max = max(spans)
     cols_buf = np.empty((n_max, 9 * c), np.float32)
-    y_buf = np.empty((n_max, 3 * c), np.float32)  # [x | p0(x) | p1(x)]
+    y_buf = np.empty((n_max, c + lw.conv.shape[1]), np.float32)  # [x | conv(x)]
     hid_buf = np.empty((n_max, lw.fc1.shape[0]), np.float32)
-    for q0, n in chunks:
-        cols = cols_buf[:n].reshape(n, 3, 3 * c)
-        for dh in range(3):
-            s = q0 + (dh - 1) * wp  # buf index of tap (dh, dw=0) = xp index + 1 - 1
-            cols[:, dh, :] = np.lib.stride_tricks.as_strided(buf[s:], shape=(n, 3 * c), strides=(step, buf.strides[1]))
-        y = y_buf[:n]
-        np.matmul(cols_buf[:n], lw.conv, out=y[:, c:])
-        y[:, c:] += lw.conv_bias
-        y[:, :c] = buf[q0 + 1:q0 + 1 + n]  # the centre tap is x itself
-        hid = np.matmul(y, lw.fc0, out=hid_buf[:n])
-        hid += lw.fc0_bias
-        np.maximum(hid, 0.0, out=hid)
-        np.matmul(hid, lw.fc1, out=delta[q0:q0 + n])
+    slots = [np.empty((n_max, c), np.float32), np.empty((n_max, c), np.float32)]
+    thr = np.float32(fire_rate)
+
+    def write(k: int, step: int) -> None:
+        b0, b1, r0, r1 = chunks[k]
+        # slot row j <-> xp flat position of (b0, r0, 0) + j: whole rows, the pad rows unused.
+        d = slots[k % 2][:spans[k]].reshape(b1 - b0, r1 - r0 + 2, wp, c)[:, 1:-1, 1:-1]
+        if masks is not None:
+            d *= masks[step, b0:b1, r0:r1, :, None]
+        elif fire_rate > 0.0:
+            assert rng is not None
+            u = 1.0 - rng.random((b1 - b0, r1 - r0, w, 1), dtype=np.float32)
+            d *= u > thr
+        rows = st.xp[b0:b1, r0 + 1:r1 + 1]
+        rows[:, :, 1:-1] += d
+        rows[:, :, 1:-1, :n_in] = image[b0:b1, r0:r1]
+        rows[:, :, 0] = rows[:, :, 2]
+        rows[:, :, -1] = rows[:, :, -3]
+
+    for step in range(steps):
+        for k, (b0, b1, r0, r1) in enumerate(chunks):
+            q0 = b0 * hp * wp + (r0 + 1) * wp  # flat (xp) position of the chunk's first output
+            n = spans[k] - 2 * wp  # spans the pad rows between images: computed, never used
+            _chunk_update(lw, buf, wp, q0, n, slots[k % 2][wp:wp + n], cols_buf, y_buf, hid_buf)
+            if k:
+                write(k - 1, step)
+        write(len(chunks) - 1, step)
+        st.xp[:, 0] = st.xp[:, 2]
+        st.xp[:, -1] = st.xp[:, -3]
 
 
 def run_level(
     lw: LevelWeights, x: np.ndarray, image: np.ndarray, steps: int, fire_rate: float,
-    rng: Optional[np.random.Generator],
+    rng: Optional[np.random.Generator], masks: Optional[np.ndarray] = None, chunk_pixels: int = CHUNK_PIXELS,
 ) -> np.ndarray:
-    """``steps`` NCA steps on ``x (B, H, W, C)`` with ``image (B, H, W, n_in)`` held fixed.
+    """``steps`` NCA steps on ``x (B, H, W, C)`` with ``image (B, H, W, n_in)`` held fixed
+    -> the new state (a copy). See :func:`run_level_padded` for the masks and the draws."""
+    st = PaddedState.from_state(np.asarray(x, np.float32))
+    run_level_padded(lw, st, image, steps, fire_rate, rng, _check_masks(masks, steps, image.shape[:3], 0),
+                     chunk_pixels)
+    return np.ascontiguousarray(st.inner)
 
-    The fire mask is ``u > fire_rate`` with ``u`` uniform in (0, 1], one per cell, drawn
-    fresh every step; ``fire_rate = 0`` updates every cell and draws nothing.
-    """
-    b, h, w, c = x.shape
-    n_in = image.shape[-1]
-    st = PaddedState.from_state(x)
-    inner = st.xp[:, 1:-1, 1:-1]
-    delta = np.zeros((b * (h + 2) * (w + 2), c), np.float32)
-    d_inner = delta.reshape(b, h + 2, w + 2, c)[:, 1:-1, 1:-1]
-    for _ in range(steps):
-        nca_update(lw, st, delta)
-        if fire_rate > 0.0:
-            assert rng is not None
-            u = 1.0 - rng.random((b, h, w, 1), dtype=np.float32)
-            d_inner *= u > np.float32(fire_rate)
-        inner += d_inner
-        inner[..., :n_in] = image
-        reflect_border_(st.xp)
-    return np.ascontiguousarray(inner)
+
+def _check_masks(m: Any, steps: int, shape: tuple[int, ...], level: int) -> Optional[np.ndarray]:
+    if m is None:
+        return None
+    m = np.asarray(m)
+    want = (steps,) + tuple(shape)
+    if m.dtype != np.bool_ or m.shape != want:
+        raise InputError(f"masks[{level}] must be a bool array (steps, B, h, w) = {want}, got {m.dtype} {m.shape}")
+    return m
 
 
 def forward(
     levels: Sequence[LevelWeights], spec: Spec, images: np.ndarray, fire_rate: float,
-    rng: Optional[np.random.Generator],
+    rng: Optional[np.random.Generator], masks: Optional[Sequence[np.ndarray]] = None,
+    chunk_pixels: int = CHUNK_PIXELS,
 ) -> np.ndarray:
-    """Multi-level inference: ``images (B, H, W, n_in)`` float32 -> logits ``(B, H, W, n_out)``."""
-    x = None
+    """Multi-level inference: ``images (B, H, W, n_in)`` float32 -> logits ``(B, H, W, n_out)``.
+
+    ``masks``: optional explicit fire masks, one bool array ``(steps_i, B, h_i, w_i)`` per
+    level (``h_i = H / scales[i]``), used instead of drawing (``fire_rate``/``rng`` unused).
+    ``chunk_pixels`` bounds the per-step temporaries (see :func:`run_level_padded`).
+    """
+    if masks is not None and len(masks) != spec.n_levels:
+        raise InputError(f"masks must hold one array per level ({spec.n_levels}), got {len(masks)}")
+    st: Optional[PaddedState] = None
     for i, lw in enumerate(levels):
         img = downscale(images, spec.scales[i], spec.downscale)
-        if x is None:
-            b, h, w, _ = img.shape
-            x = np.zeros((b, h, w, spec.channels), np.float32)
+        if st is None:
+            st = PaddedState.empty(*img.shape[:3], spec.channels)
+            st.inner[..., :spec.n_in] = img
+            reflect_border_(st.xp)
         else:
-            x = upsample_nearest(x, spec.scales[i - 1] // spec.scales[i])
-        x[..., :spec.n_in] = img
-        x = run_level(lw, x, img, spec.steps[i], fire_rate, rng)
-    assert x is not None
-    return np.ascontiguousarray(x[..., spec.n_in:spec.n_in + spec.n_out])
+            st = upsampled_state(st.inner, spec.scales[i - 1] // spec.scales[i], img, spec.channels)
+        m = None if masks is None else _check_masks(masks[i], spec.steps[i], img.shape[:3], i)
+        run_level_padded(lw, st, img, spec.steps[i], fire_rate, rng, m, chunk_pixels)
+    assert st is not None
+    return np.ascontiguousarray(st.inner[..., spec.n_in:spec.n_in + spec.n_out])
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -383,14 +515,18 @@ def nqm_from_runs(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 class MedNCA:
     """A loaded Med-NCA: ``MedNCA.load(DIR).segment(images, seed=...)``."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], spec: Spec, source: str = WEIGHTS_FILE):
-        check_weights(arrays, spec, source)
+    def __init__(self, arrays: dict[str, np.ndarray], spec: Spec, source: str = WEIGHTS_FILE,
+                 max_memory_mb: Optional[float] = None):
+        arrays = upgrade_legacy(arrays, spec, source)
+        self.features = check_weights(arrays, spec, source)
         self.spec = spec
         self.levels = [level_weights(arrays, i) for i in range(spec.n_levels)]
+        self.max_memory_mb = max_memory_mb
 
     @classmethod
-    def load(cls, directory: "str | Path") -> "MedNCA":
-        """Read ``DIR/config.json`` and ``DIR/weights.npz`` (written by the exporter)."""
+    def load(cls, directory: "str | Path", max_memory_mb: Optional[float] = None) -> "MedNCA":
+        """Read ``DIR/config.json`` and ``DIR/weights.npz`` (written by the exporter);
+        ``max_memory_mb`` is the default budget of :meth:`segment` (see :meth:`plan`)."""
         d = Path(directory)
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
         if not d.is_dir():
@@ -406,13 +542,13 @@ class MedNCA:
         spec = spec_from_config(cfg, str(cfg_path))
         if not w_path.is_file():
             raise ExportFormatError(f"{w_path} is missing: expected the weights of {spec.n_levels} levels "
-                                    f"(keys like level0.p0.kernel), written by the exporter")
+                                    f"(keys like level0.perception.kernel), written by the exporter")
         try:
             with np.load(w_path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as e:  # zip/npy errors come in many types
             raise ExportFormatError(f"{w_path} is not a readable .npz file: {e}") from None
-        return cls(arrays, spec, str(w_path))
+        return cls(arrays, spec, str(w_path), max_memory_mb)
 
     # ---------------------------------------------------------------- input handling
     def _as_batch(self, images: Any) -> tuple[np.ndarray, bool]:
@@ -439,11 +575,13 @@ class MedNCA:
             raise InputError("images contain NaN or inf values")
         return a, single
 
-    def logits(self, images: Any, seed: Optional[int] = None, fire_rate: Optional[float] = None) -> np.ndarray:
-        """One inference run: ``(B, H, W, n_in)`` (or see :meth:`segment`) -> ``(B, H, W, n_out)``."""
+    def logits(self, images: Any, seed: Optional[int] = None, fire_rate: Optional[float] = None,
+               masks: Optional[Sequence[np.ndarray]] = None, max_memory_mb: Optional[float] = None) -> np.ndarray:
+        """One inference run: ``(B, H, W, n_in)`` (or see :meth:`segment`) -> ``(B, H, W, n_out)``.
+        ``masks``: explicit fire masks, one bool ``(steps_i, B, h_i, w_i)`` per level."""
         x, _ = self._as_batch(images)
         rate = self._fire_rate(fire_rate)
-        return self._run(x, rate, np.random.default_rng(seed))
+        return self._run(x, rate, np.random.default_rng(seed), masks, max_memory_mb)
 
     def _fire_rate(self, fire_rate: Optional[float]) -> float:
         rate = self.spec.fire_rate if fire_rate is None else float(fire_rate)
@@ -451,15 +589,67 @@ class MedNCA:
             raise InputError(f"fire_rate must be in [0, 1), got {rate}")
         return rate
 
-    def _run(self, x: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
-        # Bounded groups of slices keep memory flat for whole volumes.
-        per = max(1, BATCH_PIXELS // (x.shape[1] * x.shape[2]))
-        outs = [forward(self.levels, self.spec, x[i:i + per], rate, rng) for i in range(0, len(x), per)]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+    def plan(self, shape: Sequence[int], max_memory_mb: Optional[float] = None) -> tuple[int, int]:
+        """``(slices per group, chunk pixels)`` for a batch ``(B, H, W, ...)`` within
+        ``max_memory_mb`` MiB of peak memory (None: this model's default, else unbounded:
+        groups of ``BATCH_PIXELS`` pixels, ``CHUNK_PIXELS`` per chunk).
+
+        The budget covers the interpreter and numpy (``BASE_MB``), the input and output
+        arrays, the finest level's padded state plus the next-coarser one (both live while
+        upsampling) and the chunk temporaries; the chunk gets what is left, at most
+        ``CHUNK_PIXELS`` (larger chunks are not faster) and at least one padded row. Groups
+        shrink only when the default one does not fit: a group's fire masks are drawn together,
+        so a smaller group changes the draws (fire 0 and explicit masks stay identical).
+        """
+        budget = self.max_memory_mb if max_memory_mb is None else max_memory_mb
+        b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
+        per = max(1, BATCH_PIXELS // (h * w))
+        if budget is None:
+            return min(per, b), CHUNK_PIXELS
+        s = self.spec
+        per_px = working_bytes_per_pixel(s.channels, self.features, s.hidden)
+        io = b * h * w * 4 * (s.n_in + 2 * s.n_out)  # input, output, one group's logits
+
+        def state(g: int) -> int:  # padded states of the two finest levels for g slices
+            fine = g * (h + 2) * (w + 2) * s.channels * 4
+            if s.n_levels < 2:
+                return fine
+            f = s.scales[-2]
+            return fine + g * (h // f + 2) * (w // f + 2) * s.channels * 4 + g * h * w * 4 * s.n_in
+
+        free = float(budget) * 2 ** 20 - BASE_MB * 2 ** 20 - io
+        row = (w + 2) * per_px * 3  # the smallest chunk: one row (+ the two halo rows of a slot)
+        g = min(per, b)
+        while g > 1 and state(g) + row > free:
+            g = max(1, g // 2)
+        if state(g) + row > free:
+            need = (BASE_MB * 2 ** 20 + io + state(1) + row) / 2 ** 20
+            raise InputError(f"max_memory_mb={budget:g} is too small for {h}x{w} slices with C={s.channels}: the "
+                             f"state alone needs {state(1) / 2 ** 20:.0f} MiB; allow at least {need:.0f} MiB")
+        chunk = int((free - state(g)) // per_px) - 2 * (w + 2)
+        return g, max(w + 2, min(CHUNK_PIXELS, chunk))
+
+    def _run(self, x: np.ndarray, rate: float, rng: np.random.Generator,
+             masks: Optional[Sequence[np.ndarray]] = None, max_memory_mb: Optional[float] = None) -> np.ndarray:
+        # Bounded groups of slices keep memory flat for whole volumes; the output is filled in
+        # place (no list of pieces + concatenate, which would hold the logits twice).
+        per, chunk = self.plan(x.shape, max_memory_mb)
+        s = self.spec
+        if masks is not None:
+            if len(masks) != s.n_levels:
+                raise InputError(f"masks must hold one array per level ({s.n_levels}), got {len(masks)}")
+            masks = [np.asarray(m) for m in masks]
+            for i, m in enumerate(masks):
+                _check_masks(m, s.steps[i], (len(x), x.shape[1] // s.scales[i], x.shape[2] // s.scales[i]), i)
+        out = np.empty(x.shape[:3] + (s.n_out,), np.float32)
+        for i in range(0, len(x), per):
+            m = None if masks is None else [a[:, i:i + per] for a in masks]
+            out[i:i + per] = forward(self.levels, s, x[i:i + per], rate, rng, m, chunk)
+        return out
 
     def segment(
         self, images: Any, seed: Optional[int] = None, fire_rate: Optional[float] = None, runs: int = 1,
-        return_logits: bool = False,
+        return_logits: bool = False, max_memory_mb: Optional[float] = None,
     ) -> "np.ndarray | Uncertainty":
         """Segment preprocessed slices.
 
@@ -469,6 +659,8 @@ class MedNCA:
             fire_rate: defaults to the config's; 0 is deterministic.
             runs: N > 1 runs N times and returns an :class:`Uncertainty`.
             return_logits: for runs == 1 return logits instead of labels.
+            max_memory_mb: bound on the peak memory (MiB, whole process) that picks the group
+                and chunk sizes (:meth:`plan`); results are identical whatever it is.
 
         Returns:
             runs == 1: labels ``(B, H, W)`` uint8, or logits ``(B, H, W, n_out)`` float32
@@ -481,9 +673,9 @@ class MedNCA:
         rng = np.random.default_rng(seed)
         sq = (lambda a: a[0]) if single else (lambda a: a)  # noqa: E731
         if runs == 1:
-            z = self._run(x, rate, rng)
+            z = self._run(x, rate, rng, max_memory_mb=max_memory_mb)
             return sq(z) if return_logits else sq(labels_from_probability(sigmoid(z)))
-        all_logits = np.stack([self._run(x, rate, rng) for _ in range(int(runs))])
+        all_logits = np.stack([self._run(x, rate, rng, max_memory_mb=max_memory_mb) for _ in range(int(runs))])
         mean, var, nqm = nqm_from_runs(sigmoid(all_logits))
         return Uncertainty(
             labels=sq(labels_from_probability(mean)), probability=sq(mean), variance=sq(var), nqm=nqm,
@@ -661,6 +853,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", default=None, metavar="PATH",
                    help="with --runs N>1: also write the per-pixel variance of the probability to PATH")
     p.add_argument("--channel", type=int, default=None, help="NIfTI mode: channel of a 4D image to segment")
+    p.add_argument("--max-memory-mb", type=float, default=None, metavar="MB",
+                   help="bound the peak memory (MiB, whole process) by processing each step in smaller chunks of "
+                        "cells and fewer slices at a time; results are identical (default: ~20 MiB of temporaries "
+                        "beyond the state)")
     return p
 
 
@@ -671,7 +867,7 @@ def _is_nifti(path: str) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        model = MedNCA.load(args.model_dir)
+        model = MedNCA.load(args.model_dir, max_memory_mb=args.max_memory_mb)
         if args.runs > 1 and args.logits:
             raise InputError("--logits writes one run's logits; use it without --runs")
         if _is_nifti(args.input):
