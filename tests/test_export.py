@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -720,3 +721,34 @@ def test_edge_memory_benchmark_smoke(tmp_path):
     for r in fig["rows"]:
         assert r["size"] == 64 and r["segment_s_median"] > 0 and 20 < r["peak_rss_mib"] < 2000
     assert "| 64² | numpy |" in res.stdout
+
+
+@pytest.mark.parametrize("perception", ["learned", "sobel"])
+def test_runtimes_equal_reference_on_given_masks(tmp_path, perception):
+    """The exported NumPy and PyTorch runtimes against the JAX reference backend, the same fire
+    masks given to all three, for both perceptions (the exports carry the rule's filters)."""
+    import torch
+
+    from mednca_jax.levels import init_params
+    from mednca_jax.model import REFERENCE as REFERENCE_BACKEND
+
+    cfg = small_cfg(perception=perception)
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
+    for i in range(cfg.model.n_levels):
+        k = jax.random.fold_in(jax.random.PRNGKey(1), i)
+        params[f"level{i}"]["fc1"]["kernel"] = jax.random.normal(k, (16, 8)) / 4.0
+    export_numpy(params, cfg, tmp_path / "np")
+    export_torch(params, cfg, tmp_path / "pt")
+    m_np = load_runtime_module(tmp_path / "np" / "mednca_numpy.py", f"eq_np_{perception}").MedNCA.load(tmp_path / "np")
+    m_pt = load_runtime_module(tmp_path / "pt" / "mednca_torch.py", f"eq_pt_{perception}").MedNCATorch.load(tmp_path / "pt")
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 32, 32, 1), dtype=np.float32)
+    masks = [rng.random((st, 2, 32 // f, 32 // f)) > 0.5 for st, f in zip(cfg.model.steps, cfg.model.scales)]
+    ref = np.asarray(forward(params, cfg.model, jnp.asarray(x), jax.random.PRNGKey(0), 0.5, backend=REFERENCE_BACKEND,
+                             masks=[jnp.asarray(m) for m in masks]))
+    z_np = m_np.logits(x, masks=masks)
+    with torch.inference_mode():
+        z_pt = m_pt.predict(torch.from_numpy(x), masks=[torch.from_numpy(m) for m in masks]).numpy()
+    assert np.abs(ref).max() > 0.1  # the rule does something
+    np.testing.assert_allclose(z_np, ref, atol=1e-4)
+    np.testing.assert_allclose(z_pt, ref, atol=1e-4)

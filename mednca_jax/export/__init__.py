@@ -89,19 +89,13 @@ def export_config(cfg: Config) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- params <-> files
 def perception_filters(perception: str, level_params: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The level's perception as one 3x3 conv: ``kernel (3, 3, C, F)``, ``bias (F,)``.
+    """The level's perception as one 3x3 conv, ``kernel (3, 3, C, F)``, ``bias (F,)``: the
+    rule's own filters (:func:`mednca_jax.rule.perception_filters`), so the runtimes run
+    whatever rule was trained."""
+    from ..rule import perception_filters as rule_filters
 
-    Local stand-in until ``mednca_jax.rule.perception_filters`` lands (replace this body by a
-    call to it): only the learned perception, ``y = [x | p0(x) | p1(x)]`` -> F = 2C.
-    """
-    if perception != "learned":
-        raise ExportError(f"perception {perception!r} cannot be exported yet (only 'learned')")
-    k = np.concatenate([np.asarray(level_params["p0"]["kernel"], np.float32),
-                        np.asarray(level_params["p1"]["kernel"], np.float32)], axis=-1)
-    b = np.concatenate([np.asarray(level_params["p0"]["bias"], np.float32),
-                        np.asarray(level_params["p1"]["bias"], np.float32)])
-    assert k.shape[:3] == (3, 3, channels)
-    return k, b
+    k, b = rule_filters(perception, level_params, channels, 2)
+    return np.asarray(k, np.float32), np.asarray(b, np.float32)
 
 
 def params_to_npz_arrays(params: Any, cfg: Config) -> dict[str, np.ndarray]:
@@ -109,7 +103,7 @@ def params_to_npz_arrays(params: Any, cfg: Config) -> dict[str, np.ndarray]:
     ``level{i}.perception.kernel (3, 3, C, F)``, ``.perception.bias (F,)``, ``.fc0.kernel
     (C + F, hidden)``, ``.fc0.bias (hidden,)``, ``.fc1.kernel (hidden, C)``."""
     out = {}
-    perception = getattr(cfg.model, "perception", "learned")
+    perception = cfg.model.perception
     for i in range(cfg.model.n_levels):
         level = params[f"level{i}"]
         k, b = perception_filters(perception, level, cfg.model.channels)
@@ -122,13 +116,16 @@ def params_to_npz_arrays(params: Any, cfg: Config) -> dict[str, np.ndarray]:
 
 
 def npz_arrays_to_params(arrays: dict[str, np.ndarray], cfg: Config) -> dict[str, Any]:
-    """Inverse of :func:`params_to_npz_arrays` for the learned perception (the kernel splits
-    back into p0/p1); also reads format-1 arrays (``p0.*``/``p1.*``)."""
+    """Inverse of :func:`params_to_npz_arrays`: for the learned perception the kernel splits
+    back into p0/p1 (format-1 arrays ``p0.*``/``p1.*`` are read too); fixed perceptions have
+    no parameters of their own."""
     params: dict[str, Any] = {}
     c = cfg.model.channels
     for i in range(cfg.model.n_levels):
         g = lambda k: np.asarray(arrays[f"level{i}.{k}"], np.float32)  # noqa: E731
-        if f"level{i}.perception.kernel" in arrays:
+        if cfg.model.perception != "learned":
+            level = {}
+        elif f"level{i}.perception.kernel" in arrays:
             k, b = g("perception.kernel"), g("perception.bias")
             level = {"p0": {"kernel": k[..., :c], "bias": b[:c]}, "p1": {"kernel": k[..., c:], "bias": b[c:]}}
         else:
@@ -181,6 +178,17 @@ def export_numpy(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     return files
 
 
+def _generic_torch_level(level: Any, cfg: Config) -> dict[str, np.ndarray]:
+    """A level in the PyTorch runtime's own layout (any linear perception): ``perception.weight
+    (F, C, 3, 3)`` in the original's transposed spatial order, as its p0/p1 weights."""
+    k, b = perception_filters(cfg.model.perception, level, cfg.model.channels)
+    return {
+        "perception.weight": k.transpose(3, 2, 1, 0), "perception.bias": b,
+        "fc0.weight": np.asarray(level["fc0"]["kernel"], np.float32).T, "fc0.bias": np.asarray(level["fc0"]["bias"], np.float32),
+        "fc1.weight": np.asarray(level["fc1"]["kernel"], np.float32).T,
+    }
+
+
 def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     """Write the PyTorch runtime folder (original-layout ``model{i}.pth``); returns the files."""
     from ..weights import params_to_torch_state_dicts
@@ -198,10 +206,13 @@ def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
         raise ExportError(str(e)) from None
     out = _prepare_out(out_dir)
     files = []
-    for i, sd in enumerate(params_to_torch_state_dicts(params, cfg.model)):
+    if cfg.model.perception == "learned":  # the original's layout, loadable by its code
+        state_dicts = [{k: sd[k] for k in ORIGINAL_KEY_ORDER} for sd in params_to_torch_state_dicts(params, cfg.model)]
+    else:
+        state_dicts = [_generic_torch_level(params[f"level{i}"], cfg) for i in range(cfg.model.n_levels)]
+    for i, sd in enumerate(state_dicts):
         path = out / f"model{i}.pth"
-        ordered = {k: sd[k] for k in ORIGINAL_KEY_ORDER}
-        torch.save({k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in ordered.items()}, path)
+        torch.save({k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in sd.items()}, path)
         files.append(path)
     files += [out / TORCH_RUNTIME_NAME, out / CONFIG_JSON]
     shutil.copyfile(TORCH_RUNTIME_SOURCE, files[-2])
