@@ -113,8 +113,9 @@ def test_per_sample_keys_a_batch_equals_its_halves_with_their_own_keys(batch):
     key = jax.random.PRNGKey(11)
     whole = augment_batch(batch, augment_keys(key, 4), acfg)
     halves = [augment_batch({k: v[i : i + 2] for k, v in batch.items()}, augment_keys(key, 2, i), acfg) for i in (0, 2)]
-    for k in ("image", "label"):
-        np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]))
+    # the same draws; the float ops may vectorise differently at another batch size
+    np.testing.assert_allclose(whole["image"], np.concatenate([h["image"] for h in halves]), atol=1e-6)
+    np.testing.assert_array_equal(whole["label"], np.concatenate([h["label"] for h in halves]))
     # ... and a sample's result does not depend on its neighbours
     one = augment_sample(batch["image"][3], batch["label"][3], sample_keys(jax.random.fold_in(key, AUGMENT_KEY_TAG), 1, 3)[0], acfg)
     np.testing.assert_allclose(one[0], whole["image"][3], atol=1e-6)

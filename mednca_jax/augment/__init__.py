@@ -7,7 +7,7 @@ that augments only its own rows gets the numbers one device would, and a resumed
 step keys are ``fold_in(base_key, step)``) augments exactly as an uninterrupted one.
 
 Each transform fires with its own probability ``acfg.p_*`` and draws its parameters from its
-own key (``fold_in(sample_key, transform id)``: adding a transform changes no other's draws).
+own slots of the sample's random numbers (:class:`_Draws`; a transform id never changes).
 A transform that does not fire is a ``jnp.where`` back to its input, so shapes stay static and
 the result is bit-identical to skipping it; one whose probability is 0 is not traced at all.
 
@@ -28,6 +28,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from .. import prng
 from ..config import AugmentConfig
 from . import intensity, kspace, spatial
 
@@ -48,21 +49,46 @@ TRANSFORM_IDS = {
     )
 }
 SPATIAL = ("shift", "scale", "rotate", "flip_h", "flip_w", "elastic")
-AFFINE = SPATIAL[:-1]
 
 
-def _keys(key: jax.Array, name: str) -> tuple[jax.Array, jax.Array]:
-    """``(fire_key, param_key)`` of one transform for one sample."""
-    k = jax.random.fold_in(key, TRANSFORM_IDS[name])
-    return jax.random.fold_in(k, 0), jax.random.fold_in(k, 1)
+# Each transform owns SLOTS uniforms of the sample's draw: slot 0 decides whether it fires,
+# the others are its parameters.
+SLOTS = 8
 
 
-def _fires(key: jax.Array, p: float) -> jax.Array:
-    return jax.random.uniform(key) < p
+class _Draws:
+    """All random numbers of one sample from one call of :func:`mednca_jax.prng.uniform`.
 
+    Why one call: every ``jax.random`` call (and every ``fold_in``) is a Threefry hash that
+    XLA:CPU compiles as a loop of its own; with a dozen transforms drawing two to five numbers
+    each, the augmented train step took over 20 s longer to compile. One elementwise hash of
+    ``(transforms · SLOTS + noise fields)`` counters costs the same at any count.
+    """
 
-def _u(key: jax.Array, lo: float, hi: float, shape: tuple[int, ...] = ()) -> jax.Array:
-    return jax.random.uniform(key, shape, jnp.float32, lo, hi)
+    def __init__(self, key: jax.Array, fields: dict[str, tuple[int, ...]]):
+        sizes = [math.prod(shape) for shape in fields.values()]
+        u = prng.uniform(key, (len(TRANSFORM_IDS) * SLOTS + sum(sizes),))
+        self.scalars = u[: len(TRANSFORM_IDS) * SLOTS].reshape(len(TRANSFORM_IDS), SLOTS)
+        self.fields, start = {}, len(TRANSFORM_IDS) * SLOTS
+        for (name, shape), n in zip(fields.items(), sizes):
+            self.fields[name] = u[start : start + n].reshape(shape)
+            start += n
+
+    def fires(self, name: str, p: float) -> jax.Array:
+        return self.scalars[TRANSFORM_IDS[name], 0] < p
+
+    def u(self, name: str, slot: int, lo: float = 0.0, hi: float = 1.0) -> jax.Array:
+        """Uniform in ``[lo, hi)`` from parameter slot ``slot`` (1 .. SLOTS-1) of ``name``."""
+        return lo + (hi - lo) * self.scalars[TRANSFORM_IDS[name], slot]
+
+    def integer(self, name: str, slot: int, lo: int, hi: int) -> jax.Array:
+        """Integer uniform in ``[lo, hi)``."""
+        return jnp.minimum(lo + jnp.floor(self.u(name, slot) * (hi - lo)).astype(jnp.int32), hi - 1)
+
+    def normal(self, name: str) -> jax.Array:
+        """Standard normal field (Box-Muller on a ``(2, ...)`` uniform field)."""
+        u = self.fields[name]
+        return jnp.sqrt(-2.0 * jnp.log1p(-u[0])) * jnp.cos(2.0 * jnp.pi * u[1])
 
 
 def augment_sample(
@@ -71,59 +97,55 @@ def augment_sample(
     """Augment one sample: ``image (H, W, c)``, ``label (H, W, n_out)`` -> same shapes and dtypes."""
     h, w = image.shape[:2]
     p = lambda name: getattr(acfg, "p_" + name)  # noqa: E731
+    grid = (-(-h // acfg.elastic_spacing) + 1, -(-w // acfg.elastic_spacing) + 1)
+    fields = {  # random fields beyond the scalar slots, drawn only for enabled transforms
+        "elastic": (2, *grid),
+        "bias": (len(intensity.BIAS_TERMS),),
+        "gaussian_noise": (2, *image.shape),
+        "rician_noise": (2, 2, *image.shape),
+    }
+    d = _Draws(key, {k: v for k, v in fields.items() if p(k) > 0})
 
     # --- spatial: one resampling (each part the identity unless it fires), image and label
     if any(p(n) > 0 for n in SPATIAL):
-        draws = {n: _keys(key, n) for n in AFFINE}
-        fire = {n: _fires(draws[n][0], p(n)) if p(n) > 0 else jnp.array(False) for n in AFFINE}
+        fire = {n: d.fires(n, p(n)) if p(n) > 0 else jnp.array(False) for n in SPATIAL}
         f = acfg.shift_fraction
-        shift = jnp.where(fire["shift"], _u(draws["shift"][1], -f, f, (2,)) * jnp.array([h, w], jnp.float32), 0.0)
+        shift = jnp.stack([d.u("shift", 1, -f, f) * h, d.u("shift", 2, -f, f) * w])
+        shift = jnp.where(fire["shift"], shift, 0.0)
         lo, hi = math.log(acfg.scale_range[0]), math.log(acfg.scale_range[1])
-        scale = jnp.where(fire["scale"], jnp.exp(_u(draws["scale"][1], lo, hi)), 1.0)
+        scale = jnp.where(fire["scale"], jnp.exp(d.u("scale", 1, lo, hi)), 1.0)
         a = math.radians(acfg.rotate_deg)
-        angle = jnp.where(fire["rotate"], _u(draws["rotate"][1], -a, a), 0.0)
+        angle = jnp.where(fire["rotate"], d.u("rotate", 1, -a, a), 0.0)
         flip = jnp.stack([fire["flip_h"], fire["flip_w"]])
         coords = spatial.affine_coords((h, w), spatial.affine_matrix((h, w), shift, scale, angle, flip))
         if p("elastic") > 0:
-            fk, pk = draws["elastic"] = _keys(key, "elastic")
-            fire["elastic"] = _fires(fk, p("elastic"))
-            grid = (-(-h // acfg.elastic_spacing) + 1, -(-w // acfg.elastic_spacing) + 1)
-            noise = _u(jax.random.fold_in(pk, 0), -1.0, 1.0, (2, *grid))
-            alpha = _u(jax.random.fold_in(pk, 1), 0.0, acfg.elastic_alpha)
+            noise = 2.0 * d.fields["elastic"] - 1.0
+            alpha = d.u("elastic", 1, 0.0, acfg.elastic_alpha)
             coords = coords + jnp.where(fire["elastic"], spatial.elastic_displacement((h, w), noise, alpha), 0.0)
         warped = spatial.warp(image, label, coords, acfg.label_interp)
         moved = jnp.any(jnp.stack(list(fire.values())))
         image, label = jnp.where(moved, warped[0], image), jnp.where(moved, warped[1], label)
 
-    # --- intensity and acquisition: image only. Each entry draws its parameters from its key.
+    # --- intensity and acquisition: image only, in this order.
     steps = {
-        "bias": lambda x, k: intensity.bias_field(
-            x, _u(jax.random.fold_in(k, 0), -1.0, 1.0, (len(intensity.BIAS_TERMS),)), _u(jax.random.fold_in(k, 1), 0.0, acfg.bias_strength)
-        ),
-        "lowres": lambda x, k: kspace.low_resolution(x, _u(k, *acfg.lowres_range)),
-        "blur": lambda x, k: intensity.blur(x, _u(k, *acfg.blur_sigma), acfg.blur_sigma[1]),
-        "ghosting": lambda x, k: kspace.ghosting(
-            x, _u(jax.random.fold_in(k, 0), 0.0, acfg.ghosting_strength), jax.random.randint(jax.random.fold_in(k, 1), (), 0, 2)
-        ),
-        "spike": lambda x, k: _random_spike(x, k, acfg.spike_amplitude),
-        "motion": lambda x, k: _random_motion(x, k, acfg),
-        "gaussian_noise": lambda x, k: intensity.gaussian_noise(
-            x, jax.random.normal(jax.random.fold_in(k, 0), x.shape, x.dtype), _u(jax.random.fold_in(k, 1), 0.0, acfg.noise_std)
-        ),
-        "rician_noise": lambda x, k: intensity.rician_noise(
-            x, jax.random.normal(jax.random.fold_in(k, 0), (2, *x.shape), x.dtype), _u(jax.random.fold_in(k, 1), 0.0, acfg.rician_std)
-        ),
-        "gamma": lambda x, k: intensity.gamma(x, jnp.exp2(_u(k, -acfg.gamma_log2, acfg.gamma_log2))),
-        "brightness": lambda x, k: intensity.brightness(x, _u(k, -acfg.brightness, acfg.brightness)),
-        "contrast": lambda x, k: intensity.contrast(x, _u(k, *acfg.contrast_range)),
+        "bias": lambda x: intensity.bias_field(x, 2.0 * d.fields["bias"] - 1.0, d.u("bias", 1, 0.0, acfg.bias_strength)),
+        "lowres": lambda x: kspace.low_resolution(x, d.u("lowres", 1, *acfg.lowres_range)),
+        "blur": lambda x: intensity.blur(x, d.u("blur", 1, *acfg.blur_sigma), acfg.blur_sigma[1]),
+        "ghosting": lambda x: kspace.ghosting(x, d.u("ghosting", 1, 0.0, acfg.ghosting_strength), d.integer("ghosting", 2, 0, 2)),
+        "spike": lambda x: _random_spike(x, d, acfg.spike_amplitude),
+        "motion": lambda x: _random_motion(x, d, acfg),
+        "gaussian_noise": lambda x: intensity.gaussian_noise(x, d.normal("gaussian_noise"), d.u("gaussian_noise", 1, 0.0, acfg.noise_std)),
+        "rician_noise": lambda x: intensity.rician_noise(x, d.normal("rician_noise"), d.u("rician_noise", 1, 0.0, acfg.rician_std)),
+        "gamma": lambda x: intensity.gamma(x, jnp.exp2(d.u("gamma", 1, -acfg.gamma_log2, acfg.gamma_log2))),
+        "brightness": lambda x: intensity.brightness(x, d.u("brightness", 1, -acfg.brightness, acfg.brightness)),
+        "contrast": lambda x: intensity.contrast(x, d.u("contrast", 1, *acfg.contrast_range)),
     }
     changed = jnp.array(False)
     for name, fn in steps.items():
         if p(name) == 0:
             continue
-        fk, pk = _keys(key, name)
-        fired = _fires(fk, p(name))
-        image = jnp.where(fired, fn(image, pk).astype(image.dtype), image)
+        fired = d.fires(name, p(name))
+        image = jnp.where(fired, fn(image).astype(image.dtype), image)
         changed = changed | fired
     if acfg.clip:
         # Like the robustness suite's perturbations: the model sees its trained range [0, 1].
@@ -131,33 +153,26 @@ def augment_sample(
     return image, label
 
 
-def _random_spike(image: jax.Array, key: jax.Array, max_amplitude: float) -> jax.Array:
+def _random_spike(image: jax.Array, d: _Draws, max_amplitude: float) -> jax.Array:
     """A spike at a random frequency at least 2 lines from DC on one axis (never its own
     mirror), random phase, amplitude uniform in ``[0, max_amplitude]``."""
     h, w = image.shape[:2]
-    k = [jax.random.fold_in(key, i) for i in range(4)]
-    ky = jax.random.randint(k[0], (), -(h // 2) + 1, (h + 1) // 2)
-    kx = jax.random.randint(k[1], (), -(w // 2) + 1, (w + 1) // 2)
+    ky = d.integer("spike", 1, -(h // 2) + 1, (h + 1) // 2)
+    kx = d.integer("spike", 2, -(w // 2) + 1, (w + 1) // 2)
     near_dc = jnp.maximum(jnp.abs(ky), jnp.abs(kx)) < 2
     ky = jnp.where(near_dc, jnp.where(ky < 0, -2, 2), ky)  # move away from DC along H
-    amp = _u(k[2], 0.0, max_amplitude)
-    phase = _u(k[3], 0.0, 2 * math.pi)
-    return kspace.spike(image, amp, ky % h, kx % w, phase)
+    return kspace.spike(image, d.u("spike", 3, 0.0, max_amplitude), ky % h, kx % w, d.u("spike", 4, 0.0, 2 * math.pi))
 
 
-def _random_motion(image: jax.Array, key: jax.Array, acfg: AugmentConfig) -> jax.Array:
+def _random_motion(image: jax.Array, d: _Draws, acfg: AugmentConfig) -> jax.Array:
     """Motion with a random direction, displacement and rotation up to their maxima, a random
     share of late lines and a random phase-encode axis."""
     h, w = image.shape[:2]
-    k = [jax.random.fold_in(key, i) for i in range(5)]
-    theta = _u(k[0], 0.0, 2 * math.pi)
-    dist = _u(k[1], 0.0, acfg.motion_shift_fraction)
-    shift = dist * jnp.stack([h * jnp.sin(theta), w * jnp.cos(theta)])
+    theta = d.u("motion", 1, 0.0, 2 * math.pi)
+    shift = d.u("motion", 2, 0.0, acfg.motion_shift_fraction) * jnp.stack([h * jnp.sin(theta), w * jnp.cos(theta)])
     a = math.radians(acfg.motion_rotate_deg)
-    angle = _u(k[2], -a, a)
-    moved = _u(k[3], *acfg.motion_moved_fraction)
-    axis = jax.random.randint(k[4], (), 0, 2)
-    return kspace.motion(image, shift, angle, moved, axis)
+    moved = d.u("motion", 4, *acfg.motion_moved_fraction)
+    return kspace.motion(image, shift, d.u("motion", 3, -a, a), moved, d.integer("motion", 5, 0, 2))
 
 
 def sample_keys(key: jax.Array, n: int, first: int | jax.Array = 0) -> jax.Array:
