@@ -171,7 +171,7 @@ class AugmentConfig:
 
 # Presets of [augment]. "default" is the recommended recipe: every shift of the robustness suite
 # seen in training, each transform rarely enough that most batches stay close to the data
-# (about one sample in seven is left untouched).
+# (about one sample in sixteen is left untouched).
 AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     "default": {
