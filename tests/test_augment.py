@@ -188,3 +188,63 @@ def test_default_preset_and_explicit_keys_override_it():
 def test_config_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         from_dict(raw)
+
+
+# ------------------------------------------------------------------ the recipe end to end
+
+RECIPE = """
+name = "tiny_recipe"
+[model]
+channels = 6
+hidden = 16
+steps = [3, 3]
+scales = [2, 1]
+patch_size = 8
+remat = "none"
+[data]
+image_size = [16, 16]
+split = [0.5, 0.17, 0.33]
+foreground_fraction = 0.5
+[train]
+batch_size = 4
+num_steps = 6
+log_every = 2
+eval_every = 3
+checkpoint_every = 3
+clip_grad_norm = 1.0
+ema_decay = 0.9
+[augment]
+preset = "default"
+"""
+
+
+def test_resume_with_augmentation_and_ema_is_exact(tmp_path, monkeypatch):
+    """The EMA is checkpointed and restored, and the augmentation keys follow the step keys:
+    a run stopped at step 4 and resumed ends where an uninterrupted one does."""
+    from mednca_jax import checkpoint as ckpt
+    from mednca_jax.config import loads
+    from mednca_jax.data import make_synthetic_task
+    from mednca_jax.trainer import train
+
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "synth"
+    make_synthetic_task(data, n_cases=6, seed=0, shape=(24, 24, 24))
+    cfg = loads(RECIPE)
+    assert train(cfg, tmp_path / "full", data, progress=False)["step"] == 6
+    assert train(cfg, tmp_path / "part", data, progress=False, stop_after=4)["step"] == 4
+    assert train(cfg, tmp_path / "part", data, resume=True, progress=False)["step"] == 6
+
+    def latest(run):
+        items, step = ckpt.restore(run, {"params": None, "train": None}, which="latest")
+        return step, jax.tree_util.tree_leaves(items["params"]), jax.tree_util.tree_leaves(items["train"]["ema"])
+
+    (s_full, p_full, e_full), (s_part, p_part, e_part) = latest(tmp_path / "full"), latest(tmp_path / "part")
+    assert s_full == s_part == 6
+    for a, b in zip(p_full + e_full, p_part + e_part):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(e, p) for e, p in zip(e_full, p_full))  # the EMA is not the params
+    # the best checkpoint holds the EMA of its step (validated with it), not the raw params
+    best, best_step = ckpt.restore(tmp_path / "full", {"params": None}, which="best")
+    same, _ = ckpt.restore(tmp_path / "full", {"params": None, "train": None}, which="latest", step=best_step)
+    for a, b in zip(jax.tree_util.tree_leaves(best["params"]), jax.tree_util.tree_leaves(same["train"]["ema"])):
+        np.testing.assert_array_equal(a, b)
