@@ -79,11 +79,11 @@ SHARDED = textwrap.dedent(
     """
     import dataclasses, json, sys
     import jax, numpy as np
-    from mednca_jax.config import Config, ModelConfig, DataConfig, TrainConfig, validate
+    from mednca_jax.config import AugmentConfig, Config, ModelConfig, DataConfig, TrainConfig, validate
     from mednca_jax.networks import init_network_params
     from mednca_jax.training import *
     cfg = validate(Config(model=ModelConfig(channels=6, hidden=16, steps=(3, 3), scales=(2, 1), patch_size=8),
-                          data=DataConfig(image_size=(16, 16)), train=TrainConfig(batch_size=BATCH)))
+                          data=DataConfig(image_size=(16, 16)), train=TrainConfig(batch_size=BATCH, EXTRA_TRAIN), augment=AUGMENT))
     tx = make_optimizer(cfg.train)
     rng = np.random.default_rng(0)
     batch = {"image": rng.random((8, 16, 16, 1), dtype=np.float32),
@@ -95,7 +95,7 @@ SHARDED = textwrap.dedent(
             step = make_train_step(cfg, tx, mesh)
         except ValueError as e:
             out["error"] = str(e); break
-        state = put_replicated(init_train_state(params, tx), mesh)
+        state = put_replicated(init_train_state(params, tx, ema=cfg.train.ema_decay > 0), mesh)
         for i in range(3):
             state, m = step(state, put_batch(batch, mesh), jax.random.PRNGKey(i))
         out[name] = {"loss": float(m["loss"]),
@@ -106,9 +106,9 @@ SHARDED = textwrap.dedent(
 )
 
 
-def _run_sharded(batch_size):
+def _run_sharded(batch_size, augment="AugmentConfig()", extra_train=""):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    code = SHARDED.replace("BATCH", str(batch_size))
+    code = SHARDED.replace("BATCH", str(batch_size)).replace("AUGMENT", augment).replace(", EXTRA_TRAIN", extra_train)
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT")][-1]
@@ -117,6 +117,16 @@ def _run_sharded(batch_size):
 
 def test_data_parallel_over_four_devices_equals_one_device():
     out = _run_sharded(8)
+    assert out["devices"] == 4
+    assert abs(out["one"]["loss"] - out["four"]["loss"]) <= 1e-5
+    for a, b in zip(out["one"]["params"], out["four"]["params"]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_data_parallel_with_augmentation_clipping_and_ema_equals_one_device():
+    """Each device augments its own rows with the global rows' keys: the same step as one device."""
+    out = _run_sharded(8, "AugmentConfig.from_preset('default', p_shift=1.0, p_gamma=1.0, p_spike=1.0)",
+                       ", clip_grad_norm=0.5, ema_decay=0.9")
     assert out["devices"] == 4
     assert abs(out["one"]["loss"] - out["four"]["loss"]) <= 1e-5
     for a, b in zip(out["one"]["params"], out["four"]["params"]):
