@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mednca_jax.augment import AUGMENT_KEY_TAG, augment_batch, augment_keys, augment_sample, sample_keys, spatial
+from mednca_jax.augment import AUGMENT_KEY_TAG, augment_batch, augment_keys, augment_keys_of, augment_sample, sample_keys, spatial
 from mednca_jax.augment import intensity, kspace
 from mednca_jax.config import AUGMENT_PRESETS, AugmentConfig, ConfigError, from_dict
 
@@ -117,7 +117,9 @@ def test_per_sample_keys_a_batch_equals_its_halves_with_their_own_keys(batch):
     np.testing.assert_allclose(whole["image"], np.concatenate([h["image"] for h in halves]), atol=1e-6)
     np.testing.assert_array_equal(whole["label"], np.concatenate([h["label"] for h in halves]))
     # ... and a sample's result does not depend on its neighbours
-    one = augment_sample(batch["image"][3], batch["label"][3], sample_keys(jax.random.fold_in(key, AUGMENT_KEY_TAG), 1, 3)[0], acfg)
+    k3 = jax.random.fold_in(jax.random.fold_in(key, 3), AUGMENT_KEY_TAG)  # row 3's key, spelled out
+    np.testing.assert_array_equal(jax.random.key_data(k3), jax.random.key_data(augment_keys_of(sample_keys(key, 4))[3]))
+    one = augment_sample(batch["image"][3], batch["label"][3], k3, acfg)
     np.testing.assert_allclose(one[0], whole["image"][3], atol=1e-6)
 
 

@@ -2,7 +2,8 @@
 
 ``augment_batch(batch, keys, acfg) -> batch`` runs inside the jitted train step, before the
 loss: :func:`augment_sample` vmapped over the batch, one key per sample. Sample ``i`` of the
-global batch gets ``fold_in(augment_key, i)`` (:func:`sample_keys`), so a data-parallel shard
+global batch gets ``fold_in(fold_in(step_key, i), AUGMENT_KEY_TAG)`` (:func:`augment_keys`:
+the per-sample key, folded with a constant the model does not use), so a data-parallel shard
 that augments only its own rows gets the numbers one device would, and a resumed run (whose
 step keys are ``fold_in(base_key, step)``) augments exactly as an uninterrupted one.
 
@@ -13,9 +14,8 @@ the result is bit-identical to skipping it; one whose probability is 0 is not tr
 
 Order (image-acquisition order, roughly): the spatial ones on image and label (shift, scale,
 rotation, flips and the elastic displacement composed into one resampling), then on the image
-only the bias
-field, low resolution, blur, ghosting, spike, motion, Gaussian and Rician noise, gamma,
-brightness, contrast, and finally a clip to ``[0, 1]`` when any intensity transform fired.
+only the bias field, low resolution, blur, ghosting, spike, motion, Gaussian and Rician noise,
+gamma, brightness, contrast, and finally a clip to ``[0, 1]`` when any intensity transform fired.
 
 Shapes: ``image (H, W, c)`` float, ``label (H, W, n_out)`` 0/1 float; batches add ``B`` in front.
 """
@@ -34,11 +34,12 @@ from . import intensity, kspace, spatial
 
 Batch = dict[str, jax.Array]  # {"image": (B, H, W, c), "label": (B, H, W, n_out)}
 
-# The augmentation key of a train step is fold_in(step_key, AUGMENT_KEY_TAG): a stream of its
-# own, whatever the model does with the step key (split it, fold in other constants).
+# A sample's augmentation key is fold_in(sample_key, AUGMENT_KEY_TAG): a stream of its own; the
+# model folds small integers (level, crop) into the same per-sample key, never this one.
 AUGMENT_KEY_TAG = 0x41756721
 
-# Transform ids for the per-transform keys. Append only: an id must never change meaning.
+# Transform ids: which slots of a sample's random numbers are whose. Append only: an id must
+# never change meaning (the same seed must keep giving the same augmentation).
 TRANSFORM_IDS = {
     name: i
     for i, name in enumerate(
@@ -176,13 +177,20 @@ def _random_motion(image: jax.Array, d: _Draws, acfg: AugmentConfig) -> jax.Arra
 
 
 def sample_keys(key: jax.Array, n: int, first: int | jax.Array = 0) -> jax.Array:
-    """``(n,)`` keys ``fold_in(key, first + i)``: rows ``first .. first + n - 1`` of a batch."""
+    """``(n,)`` keys ``fold_in(key, first + i)``: rows ``first .. first + n - 1`` of a batch
+    (the model's per-sample keys of a train step are made the same way)."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n))
 
 
+def augment_keys_of(keys: jax.Array) -> jax.Array:
+    """The augmentation keys ``fold_in(k, AUGMENT_KEY_TAG)`` of per-sample keys ``keys (B,)``."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, AUGMENT_KEY_TAG))(keys)
+
+
 def augment_keys(step_key: jax.Array, n: int, first: int | jax.Array = 0) -> jax.Array:
-    """The per-sample augmentation keys of a train step's rows ``first .. first + n - 1``."""
-    return sample_keys(jax.random.fold_in(step_key, AUGMENT_KEY_TAG), n, first)
+    """The augmentation keys of a train step's rows ``first .. first + n - 1``:
+    ``fold_in(fold_in(step_key, row), AUGMENT_KEY_TAG)``."""
+    return augment_keys_of(sample_keys(step_key, n, first))
 
 
 def augment_batch(batch: Batch, keys: jax.Array, acfg: AugmentConfig) -> Batch:
@@ -194,4 +202,4 @@ def augment_batch(batch: Batch, keys: jax.Array, acfg: AugmentConfig) -> Batch:
     return {**batch, "image": image, "label": label}
 
 
-__all__ = ["AUGMENT_KEY_TAG", "augment_batch", "augment_keys", "augment_sample", "sample_keys"]
+__all__ = ["AUGMENT_KEY_TAG", "augment_batch", "augment_keys", "augment_keys_of", "augment_sample", "sample_keys"]
