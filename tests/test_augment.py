@@ -250,3 +250,21 @@ def test_resume_with_augmentation_and_ema_is_exact(tmp_path, monkeypatch):
     same, _ = ckpt.restore(tmp_path / "full", {"params": None, "train": None}, which="latest", step=best_step)
     for a, b in zip(jax.tree_util.tree_leaves(best["params"]), jax.tree_util.tree_leaves(same["train"]["ema"])):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_cost_benchmark_quick_mode_runs_and_writes_its_figures(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "cost.json"
+    res = subprocess.run([sys.executable, "benchmarks/augment_cost.py", "--quick", "--json", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    assert fig["ratio"] > 0 and set(fig["median_s"]) == {"none", "default", "augment alone"}
+    assert "augmented / plain step" in res.stdout
