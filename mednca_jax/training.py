@@ -223,6 +223,8 @@ def _train_step(
     opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
     ema = state.ema
     if cfg.train.ema_decay > 0:
+        if ema is None:
+            raise ValueError("train.ema_decay > 0 needs a state with an EMA: init_train_state(params, tx, ema=True)")
         ema = jax.tree_util.tree_map(keep, ema_update(state.ema, params, cfg.train.ema_decay), state.ema)
     metrics = {
         "loss": loss,
