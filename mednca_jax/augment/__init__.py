@@ -9,8 +9,8 @@ step keys are ``fold_in(base_key, step)``) augments exactly as an uninterrupted 
 
 Each transform fires with its own probability ``acfg.p_*`` and draws its parameters from its
 own slots of the sample's random numbers (:class:`_Draws`; a transform id never changes).
-A transform that does not fire is a ``jnp.where`` back to its input, so shapes stay static and
-the result is bit-identical to skipping it; one whose probability is 0 is not traced at all.
+A transform that does not fire is skipped by ``lax.cond`` (shapes stay static, the result is
+bit-identical to not having it); one whose probability is 0 is not traced at all.
 
 Order (image-acquisition order, roughly): the spatial ones on image and label (shift, scale,
 rotation, flips and the elastic displacement composed into one resampling), then on the image
@@ -118,14 +118,17 @@ def augment_sample(
         a = math.radians(acfg.rotate_deg)
         angle = jnp.where(fire["rotate"], d.u("rotate", 1, -a, a), 0.0)
         flip = jnp.stack([fire["flip_h"], fire["flip_w"]])
-        coords = spatial.affine_coords((h, w), spatial.affine_matrix((h, w), shift, scale, angle, flip))
-        if p("elastic") > 0:
-            noise = 2.0 * d.fields["elastic"] - 1.0
-            alpha = d.u("elastic", 1, 0.0, acfg.elastic_alpha)
-            coords = coords + jnp.where(fire["elastic"], spatial.elastic_displacement((h, w), noise, alpha), 0.0)
-        warped = spatial.warp(image, label, coords, acfg.label_interp)
+
+        def move(pair: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            coords = spatial.affine_coords((h, w), spatial.affine_matrix((h, w), shift, scale, angle, flip))
+            if p("elastic") > 0:
+                noise = 2.0 * d.fields["elastic"] - 1.0
+                alpha = d.u("elastic", 1, 0.0, acfg.elastic_alpha)
+                coords = coords + jnp.where(fire["elastic"], spatial.elastic_displacement((h, w), noise, alpha), 0.0)
+            return spatial.warp(*pair, coords, acfg.label_interp)
+
         moved = jnp.any(jnp.stack(list(fire.values())))
-        image, label = jnp.where(moved, warped[0], image), jnp.where(moved, warped[1], label)
+        image, label = jax.lax.cond(moved, move, lambda pair: pair, (image, label))
 
     # --- intensity and acquisition: image only, in this order.
     steps = {
@@ -146,7 +149,7 @@ def augment_sample(
         if p(name) == 0:
             continue
         fired = d.fires(name, p(name))
-        image = jnp.where(fired, fn(image).astype(image.dtype), image)
+        image = jax.lax.cond(fired, lambda x, fn=fn: fn(x).astype(x.dtype), lambda x: x, image)
         changed = changed | fired
     if acfg.clip:
         # Like the robustness suite's perturbations: the model sees its trained range [0, 1].
@@ -195,10 +198,17 @@ def augment_keys(step_key: jax.Array, n: int, first: int | jax.Array = 0) -> jax
 
 def augment_batch(batch: Batch, keys: jax.Array, acfg: AugmentConfig) -> Batch:
     """:func:`augment_sample` over the batch: ``keys (B,)``, one per row. Other entries of
-    ``batch`` pass through. With nothing enabled, ``batch`` is returned as it is."""
+    ``batch`` pass through. With nothing enabled, ``batch`` is returned as it is.
+
+    A loop over the samples (``lax.map``), not a ``vmap``: under ``vmap`` every ``lax.cond``
+    becomes a select that computes every transform for every sample; in the loop a sample
+    pays only for the transforms that fire (with the default preset about a fifth of the
+    work; measured in ``benchmarks/augment_cost.py``).
+    """
     if not acfg.enabled:
         return batch
-    image, label = jax.vmap(partial(augment_sample, acfg=acfg))(batch["image"], batch["label"], keys)
+    one = partial(augment_sample, acfg=acfg)
+    image, label = jax.lax.map(lambda a: one(*a), (batch["image"], batch["label"], keys))
     return {**batch, "image": image, "label": label}
 
 
