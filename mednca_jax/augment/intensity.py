@@ -58,7 +58,8 @@ def blur(image: jax.Array, sigma: jax.Array, max_sigma: float) -> jax.Array:
     is, so shapes stay static.
 
     Written as two small matrix products (rows, then columns): dm-pix's ``gaussian_blur`` (a
-    grouped convolution) took 23 ms on a 48 x 64 x 64 batch on a shared 2-core AMD EPYC (2026-12-01), these about 2 ms.
+    grouped convolution) took 23 ms on a 48 x 64 x 64 batch, these about 2 ms (shared 2-core
+    AMD EPYC, 2026-12-01).
     """
     h, w = image.shape[:2]
     r = max(1, math.ceil(3 * max_sigma))
