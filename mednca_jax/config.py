@@ -10,6 +10,7 @@ Layout of a config file::
     [model]   # the network (NCA levels, or the UNet baseline)
     [data]    # how volumes become 2D training slices
     [train]   # optimiser, schedule, logging, checkpoints
+    [augment] # on-device training augmentation (preset "none": the original, none at all)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ BACKENDS = ("auto", "reference", "cpu_fast")
 PRECISIONS = ("float32", "bfloat16")
 MODEL_KINDS = ("nca", "unet")
 LABEL_MODES = ("foreground", "multiclass")
+SCHEDULES = ("exponential", "budget_cosine", "budget_exponential")
+LABEL_INTERPOLATIONS = ("nearest", "bilinear")
 
 
 class ConfigError(ValueError):
@@ -96,6 +99,94 @@ class TrainConfig:
     keep_checkpoints: int = 3
     time_limit_min: float = 0.0  # stop (with a checkpoint) after this many minutes; 0: no limit
     data_parallel: bool = False  # shard the batch over all devices (jax.sharding)
+    clip_grad_norm: float = 0.0  # clip the gradient to this global norm before Adam; 0: off
+    ema_decay: float = 0.0  # keep an EMA of the params (validated, saved as best, exported); 0: off
+    # exponential: lr * lr_decay**step. budget_*: warm-up (warmup_steps), then anneal from lr to
+    # lr * lr_final over the time budget (time_limit_min): cosine, or exponential in the fraction used.
+    schedule: str = "exponential"
+    lr_final: float = 0.01  # budget schedules: the learning rate at the end of the budget, as a fraction of lr
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """On-device training augmentation (:mod:`mednca_jax.augment`): one probability ``p_*`` per
+    transform, each with its range. The defaults are preset ``"none"`` (every probability 0:
+    the original, no augmentation); :data:`AUGMENT_PRESETS` holds the others, and keys given
+    explicitly override the preset's values.
+
+    Ranges: ``(lo, hi)`` pairs are drawn uniformly (the scale log-uniformly); single numbers are
+    the largest magnitude, drawn uniformly in ``[0, max]`` (or ``[-max, max]`` for signed ones).
+    The ranges of the default preset reach severity 1 of the test-time perturbations
+    (:mod:`mednca_jax.perturbations`).
+    """
+
+    preset: str = "none"
+    # spatial: applied to image and label together (one affine warp, then the elastic one)
+    p_shift: float = 0.0
+    shift_fraction: float = 0.25  # max |shift| per axis, as a fraction of the image side
+    p_scale: float = 0.0
+    scale_range: tuple[float, float] = (0.7, 1.4)  # zoom factor (> 1 enlarges the anatomy)
+    p_rotate: float = 0.0
+    rotate_deg: float = 45.0  # max |angle|
+    p_flip_h: float = 0.0  # mirror along H (rows)
+    p_flip_w: float = 0.0  # mirror along W (columns)
+    p_elastic: float = 0.0
+    elastic_alpha: float = 2.0  # max displacement of a control point, in pixels
+    elastic_spacing: int = 8  # control-point spacing in pixels (the field's smoothness)
+    label_interp: str = "nearest"  # nearest | bilinear (then thresholded at 0.5)
+    # intensity and acquisition (image only), in the order they are applied
+    p_bias: float = 0.0
+    bias_strength: float = 1.0  # field within [2**-s, 2**s], s up to this
+    p_lowres: float = 0.0
+    lowres_range: tuple[float, float] = (0.4, 1.0)  # fraction of k-space (resolution) kept per axis
+    p_blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 2.0)  # Gaussian sigma in pixels
+    p_ghosting: float = 0.0
+    ghosting_strength: float = 1.0  # every 4th phase-encode line scaled by 1 - s, s up to this
+    p_spike: float = 0.0
+    spike_amplitude: float = 0.25  # max amplitude of the stripes (intensity units)
+    p_motion: float = 0.0
+    motion_shift_fraction: float = 0.1  # max displacement of the moved copy, fraction of the side
+    motion_rotate_deg: float = 10.0  # max |rotation| of the moved copy
+    motion_moved_fraction: tuple[float, float] = (0.1, 0.4)  # share of k-space lines acquired after the motion
+    p_gaussian_noise: float = 0.0
+    noise_std: float = 0.2  # max std
+    p_rician_noise: float = 0.0
+    rician_std: float = 0.2  # max sigma
+    p_gamma: float = 0.0
+    gamma_log2: float = 1.0  # gamma = 2**u, |u| up to this
+    p_brightness: float = 0.0
+    brightness: float = 0.1  # max |additive shift|
+    p_contrast: float = 0.0
+    contrast_range: tuple[float, float] = (0.75, 1.25)  # factor about the image mean
+    clip: bool = True  # clip intensity-augmented images to [0, 1], the preprocessed range
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any transform can fire (otherwise the train step does not augment at all)."""
+        return any(getattr(self, f.name) > 0 for f in dataclasses.fields(self) if f.name.startswith("p_"))
+
+    @classmethod
+    def from_preset(cls, preset: str = "none", **overrides: Any) -> "AugmentConfig":
+        """The preset's values with ``overrides`` on top (unvalidated; see :func:`validate`)."""
+        if preset not in AUGMENT_PRESETS:
+            raise ConfigError(f"config key 'augment.preset': must be one of {tuple(AUGMENT_PRESETS)}, got {preset!r}")
+        return cls(**{**AUGMENT_PRESETS[preset], **overrides, "preset": preset})
+
+
+# Presets of [augment]. "default" is the recommended recipe: every shift of the robustness suite
+# seen in training, each transform rarely enough that most batches stay close to the data
+# (about one sample in sixteen is left untouched).
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "default": {
+        "p_shift": 0.3, "p_scale": 0.3, "p_rotate": 0.3, "p_elastic": 0.1,
+        "p_bias": 0.15, "p_lowres": 0.1, "p_blur": 0.1,
+        "p_ghosting": 0.1, "p_spike": 0.1, "p_motion": 0.1,
+        "p_gaussian_noise": 0.1, "p_rician_noise": 0.1,
+        "p_gamma": 0.3, "p_brightness": 0.15, "p_contrast": 0.15,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -104,6 +195,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -113,7 +205,7 @@ class Config:
         return validate(dataclasses.replace(self, **sections))
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "augment": AugmentConfig}
 
 
 def _plain(obj: Any) -> Any:
@@ -161,6 +253,8 @@ def _section(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         )
     defaults = cls()
     values = {k: _coerce(f"{prefix}.{k}", v, getattr(defaults, k)) for k, v in raw.items()}
+    if cls is AugmentConfig:  # the preset's values first, the explicit keys on top
+        return AugmentConfig.from_preset(values.pop("preset", "none"), **values)
     return cls(**values)
 
 
@@ -240,7 +334,40 @@ def validate(cfg: Config) -> Config:
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     _check(t.time_limit_min >= 0, "train.time_limit_min", f"must be >= 0, got {t.time_limit_min}")
+    _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", f"must be >= 0 (0: off), got {t.clip_grad_norm}")
+    _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
+    _check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
+    _check(
+        t.schedule == "exponential" or t.time_limit_min > 0,
+        "train.schedule",
+        f"{t.schedule!r} anneals over the time budget: set train.time_limit_min > 0",
+    )
+    _check(0 < t.lr_final <= 1, "train.lr_final", f"must be in (0, 1], got {t.lr_final}")
+    _validate_augment(cfg.augment)
     return cfg
+
+
+def _validate_augment(a: AugmentConfig) -> None:
+    _check(a.preset in AUGMENT_PRESETS, "augment.preset", f"must be one of {tuple(AUGMENT_PRESETS)}, got {a.preset!r}")
+    for f in dataclasses.fields(a):
+        v = getattr(a, f.name)
+        if f.name.startswith("p_"):
+            _check(0.0 <= v <= 1.0, f"augment.{f.name}", f"is a probability: must be in [0, 1], got {v}")
+        elif isinstance(v, tuple):
+            _check(len(v) == 2 and 0 <= v[0] <= v[1], f"augment.{f.name}", f"must be [lo, hi] with 0 <= lo <= hi, got {list(v)}")
+        elif isinstance(v, float):
+            _check(v >= 0, f"augment.{f.name}", f"must be >= 0, got {v}")
+    _check(a.scale_range[0] > 0, "augment.scale_range", f"must be > 0, got {list(a.scale_range)}")
+    _check(a.shift_fraction <= 1, "augment.shift_fraction", f"must be in [0, 1], got {a.shift_fraction}")
+    _check(a.rotate_deg <= 180, "augment.rotate_deg", f"must be in [0, 180], got {a.rotate_deg}")
+    _check(a.elastic_spacing >= 2, "augment.elastic_spacing", f"must be >= 2 pixels, got {a.elastic_spacing}")
+    _check(a.label_interp in LABEL_INTERPOLATIONS, "augment.label_interp", f"must be one of {LABEL_INTERPOLATIONS}, got {a.label_interp!r}")
+    _check(0 < a.lowres_range[0] and a.lowres_range[1] <= 1, "augment.lowres_range", f"fractions in (0, 1], got {list(a.lowres_range)}")
+    _check(a.blur_sigma[0] > 0, "augment.blur_sigma", f"must be > 0, got {list(a.blur_sigma)}")
+    _check(a.ghosting_strength <= 1, "augment.ghosting_strength", f"must be in [0, 1], got {a.ghosting_strength}")
+    _check(a.motion_shift_fraction <= 1, "augment.motion_shift_fraction", f"must be in [0, 1], got {a.motion_shift_fraction}")
+    _check(a.motion_moved_fraction[1] <= 1, "augment.motion_moved_fraction", f"fractions in [0, 1], got {list(a.motion_moved_fraction)}")
+    _check(a.contrast_range[0] > 0, "augment.contrast_range", f"must be > 0, got {list(a.contrast_range)}")
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:

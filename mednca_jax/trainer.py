@@ -24,8 +24,8 @@ from .data import BatchIterator, Case, DataError, list_cases, load_slices, make_
 from .evaluation import evaluate_cases, make_predict_fn, predict_slices
 from .networks import init_network_params
 from .training import (
-    any_process, init_train_state, is_primary, local_part, make_mesh, make_optimizer, make_train_step, primary_first, put_batch,
-    put_replicated,
+    any_process, eval_params, init_train_state, is_primary, local_part, make_mesh, make_optimizer, make_train_step, primary_first,
+    put_batch, put_replicated, with_budget_used,
 )
 
 SPLIT_FILE = "split.json"
@@ -173,16 +173,18 @@ def train(
     tx = make_optimizer(tcfg)
     train_step = make_train_step(cfg, tx, mesh)
     base_key = jax.random.PRNGKey(tcfg.seed)
-    state = init_train_state(init_network_params(cfg, jax.random.fold_in(base_key, 0)), tx)
+    state = init_train_state(init_network_params(cfg, jax.random.fold_in(base_key, 0)), tx, ema=tcfg.ema_decay > 0)
     batches = BatchIterator.from_config(data.train, cfg.data, tcfg.batch_size, tcfg.seed)
     best = -1.0
     elapsed_before = 0.0
     if resume:
         abstract = {"params": state.params, "train": {"opt_state": state.opt_state, "key": base_key}}
+        if state.ema is not None:
+            abstract["train"]["ema"] = state.ema
         items, step = ckpt.restore(workdir, abstract, which="latest")
         meta = items["meta"]
         state = init_train_state(items["params"], tx)._replace(
-            opt_state=items["train"]["opt_state"], step=np.int32(meta["step"])
+            opt_state=items["train"]["opt_state"], step=np.int32(meta["step"]), ema=items["train"].get("ema")
         )
         base_key = items["train"]["key"]
         batches.load_state_dict(meta["data"])
@@ -214,9 +216,11 @@ def train(
         # in a multi-host run; params and optimiser state are replicated, so any copy will do.
         params = jax.device_get(state.params)
         train_items = {"opt_state": jax.device_get(state.opt_state), "key": np.asarray(base_key)}
+        if state.ema is not None:
+            train_items["ema"] = jax.device_get(state.ema)
         ckpt.save_checkpoint(latest, step, params, meta, train_items)
-        if val_dice is not None and val_dice >= best:
-            ckpt.save_checkpoint(best_mngr, step, params, dict(meta, val_dice=val_dice))
+        if val_dice is not None and val_dice >= best:  # the validated params: the EMA when kept
+            ckpt.save_checkpoint(best_mngr, step, jax.device_get(eval_params(state)), dict(meta, val_dice=val_dice))
 
     def log(record: dict[str, Any]) -> None:
         if primary:
@@ -233,7 +237,7 @@ def train(
             return None
         # Every process validates on its own devices (the same numbers: same params and key),
         # so all agree on the best checkpoint; params spanning several processes come to host.
-        params = jax.device_get(state.params) if jax.process_count() > 1 else state.params
+        params = jax.device_get(eval_params(state)) if jax.process_count() > 1 else eval_params(state)
         m = evaluate_cases(params, cfg, data.val, data.cases, eval_key, native=False, predict=predict)
         dice = m["summary"]["dice"]["mean"]
         tb("add_scalar", "val/dice", dice, step)
@@ -256,6 +260,7 @@ def train(
         try:
             while step < end:
                 batch = put_batch(local_part(next(batches)) if mesh is not None else next(batches), mesh)
+                state = with_budget_used(state, tcfg, elapsed())  # budget schedules only
                 state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step + 1))
                 step += 1
                 window_n += 1

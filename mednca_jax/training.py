@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import networks
+from .augment import augment_batch, augment_keys_of
 from .config import Config, TrainConfig
 from .losses import dice_bce_from_sums, dice_bce_loss, dice_bce_sums, has_foreground
 from .model import REFERENCE, Backend
@@ -30,14 +31,30 @@ Batch = dict[str, jax.Array]  # {"image": (B, H, W, n_in), "label": (B, H, W, n_
 
 
 class TrainState(NamedTuple):
+    """Everything the train step carries from one batch to the next.
+
+    ``ema``: exponential moving average of ``params`` (``train.ema_decay > 0``; else None),
+    what validation, the best checkpoint and export use (:func:`eval_params`).
+    ``budget_used``: float32 scalar, the fraction of the time budget (``train.time_limit_min``)
+    used before this step; the host loop sets it (:func:`with_budget_used`), the budget
+    schedules read it, the others ignore it.
+    """
+
     params: Any
     opt_state: Any
     step: jax.Array  # int32 scalar: batches seen
+    ema: Any = None
+    budget_used: Any = None
+
+
+def is_budget_schedule(tcfg: TrainConfig) -> bool:
+    return tcfg.schedule.startswith("budget_")
 
 
 def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
     """``lr * lr_decay**step`` (the original's per-batch exponential decay), after an optional
-    linear warm-up of ``warmup_steps``."""
+    linear warm-up of ``warmup_steps``. (The step-count schedule, ``train.schedule =
+    "exponential"``; see :func:`budget_learning_rate` for the others.)"""
     decay = optax.exponential_decay(tcfg.lr, transition_steps=1, decay_rate=tcfg.lr_decay)
     if tcfg.warmup_steps == 0:
         return decay
@@ -45,14 +62,115 @@ def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([warm, decay], [tcfg.warmup_steps])
 
 
+def budget_learning_rate(tcfg: TrainConfig, step: jax.Array, budget_used: jax.Array) -> jax.Array:
+    """The learning rate of the time-budgeted schedules (``train.schedule = "budget_*"``).
+
+    ``lr · warm(step) · anneal(f)`` with ``f = clip(budget_used, 0, 1)`` the fraction of
+    ``train.time_limit_min`` used: ``warm`` rises linearly from 1/100 to 1 over
+    ``warmup_steps`` (in steps, like the exponential schedule's), ``anneal`` goes from 1 to
+    ``lr_final`` at the end of the budget: ``budget_cosine``: ``r + (1 - r)·(1 + cos πf)/2``;
+    ``budget_exponential``: ``r**f`` (``r = lr_final``).
+
+    Why the fraction of the budget is an input: a 10-minute and a 60-minute run should both
+    end annealed, and the number of steps that fit in the budget is unknown in advance (it
+    depends on the machine and its load). Estimating steps-per-minute after a warm-up and
+    fixing a step count would miss the end whenever the speed changes (validation, other jobs,
+    a resume on another machine). Instead the host passes the elapsed fraction each step as an
+    array in the train state (:func:`with_budget_used`): no retracing, and the learning rate is
+    a pure function of ``(step, budget_used)``. The elapsed time is saved in every checkpoint
+    (``meta.elapsed_s``), so a resumed run continues the schedule where it stopped. By design
+    this schedule depends on wall-clock time: two runs of the same config take different
+    learning rates at the same step; the LR at step s after a resume equals the uninterrupted
+    run's only when the same elapsed time is fed in.
+    """
+    f = jnp.clip(jnp.asarray(budget_used, jnp.float32), 0.0, 1.0)
+    r = tcfg.lr_final
+    if tcfg.schedule == "budget_cosine":
+        anneal = r + (1.0 - r) * 0.5 * (1.0 + jnp.cos(jnp.pi * f))
+    elif tcfg.schedule == "budget_exponential":
+        anneal = jnp.power(jnp.float32(r), f)
+    else:
+        raise ValueError(f"train.schedule={tcfg.schedule!r} is not a budget schedule")
+    warm = 1.0
+    if tcfg.warmup_steps > 0:
+        warm = jnp.minimum(1.0, 0.01 + 0.99 * jnp.asarray(step, jnp.float32) / tcfg.warmup_steps)
+    return tcfg.lr * warm * anneal
+
+
+def current_learning_rate(tcfg: TrainConfig, state: TrainState) -> jax.Array:
+    """The learning rate the next update of ``state`` uses, whatever the schedule."""
+    if is_budget_schedule(tcfg):
+        return budget_learning_rate(tcfg, state.step, state.budget_used)
+    return learning_rate_schedule(tcfg)(state.step)
+
+
+def scale_by_budget_learning_rate(tcfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """``updates · -budget_learning_rate(count, budget_used)``, ``budget_used`` passed to
+    ``update`` as an extra argument (optax's extra-args protocol; ``optax.chain`` forwards it)."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None, *, budget_used, **extra):
+        del params, extra
+        lr = budget_learning_rate(tcfg, state.count, budget_used)
+        updates = jax.tree_util.tree_map(lambda u: (-lr * u).astype(u.dtype), updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """Adam with the original's defaults (betas (0.5, 0.5), eps 1e-8) on the schedule above."""
-    return optax.adam(learning_rate_schedule(tcfg), b1=tcfg.betas[0], b2=tcfg.betas[1], eps=tcfg.eps)
+    """Adam with the original's defaults (betas (0.5, 0.5), eps 1e-8) on ``train.schedule``,
+    after clipping the gradient to global norm ``train.clip_grad_norm`` when that is > 0.
+
+    With clipping off and the exponential schedule this is exactly the original optimiser
+    (``optax.adam``, the same state layout). A budget schedule's ``update`` needs the extra
+    argument ``budget_used`` (float32 scalar, see :func:`budget_learning_rate`).
+    """
+    if is_budget_schedule(tcfg):
+        adam = optax.chain(
+            optax.scale_by_adam(b1=tcfg.betas[0], b2=tcfg.betas[1], eps=tcfg.eps), scale_by_budget_learning_rate(tcfg)
+        )
+    else:
+        adam = optax.adam(learning_rate_schedule(tcfg), b1=tcfg.betas[0], b2=tcfg.betas[1], eps=tcfg.eps)
+    if tcfg.clip_grad_norm > 0:
+        # Without clipping an independent reproduction of the original diverged silently.
+        return optax.chain(optax.clip_by_global_norm(tcfg.clip_grad_norm), adam)
+    return adam
 
 
-def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+def init_train_state(params: Any, tx: optax.GradientTransformation, ema: bool = False) -> TrainState:
+    """A fresh state; ``ema=True`` starts the moving average at ``params`` (``train.ema_decay > 0``)."""
     params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the train step donates its state
-    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    average = jax.tree_util.tree_map(jnp.array, params) if ema else None
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), average, jnp.zeros((), jnp.float32))
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+    """``decay · ema + (1 - decay) · params``, leaf by leaf."""
+    return optax.incremental_update(params, ema, 1.0 - decay)
+
+
+def eval_params(state: TrainState) -> Any:
+    """The params to validate, keep as best and export: the EMA when there is one."""
+    return state.params if state.ema is None else state.ema
+
+
+def budget_fraction(tcfg: TrainConfig, elapsed_s: float) -> np.float32:
+    """The fraction of ``train.time_limit_min`` that ``elapsed_s`` seconds are (0 without a limit)."""
+    if not tcfg.time_limit_min:
+        return np.float32(0.0)
+    return np.float32(elapsed_s / (tcfg.time_limit_min * 60.0))
+
+
+def with_budget_used(state: TrainState, tcfg: TrainConfig, elapsed_s: float) -> TrainState:
+    """``state`` with ``budget_used`` set from the run's elapsed time, for budget schedules
+    (a host scalar: the step takes it as an input, no retracing); unchanged otherwise."""
+    if not is_budget_schedule(tcfg):
+        return state
+    return state._replace(budget_used=budget_fraction(tcfg, elapsed_s))
 
 
 def loss_fn(params: Any, cfg: Config, batch: Batch, key: jax.Array, backend: Backend = REFERENCE) -> tuple[jax.Array, jax.Array]:
@@ -92,21 +210,30 @@ def _train_step(
     backend: Backend, axis: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on ``batch`` with per-sample keys ``keys (B,)``."""
+    # Augmentation ([augment]): its own key stream, derived from each sample's key.
+    if cfg.augment.enabled:
+        batch = augment_batch(batch, augment_keys_of(keys), cfg.augment)
     loss, grads, active = loss_and_grads(state.params, cfg, batch, keys, backend, axis)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    extra = {"budget_used": state.budget_used} if is_budget_schedule(cfg.train) else {}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     # A batch without foreground makes no update at all, as in the original (whose loss is 0
     # there and which then skips optimizer.step(); Adam would otherwise still move).
     keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
     params = jax.tree_util.tree_map(keep, params, state.params)
     opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+    ema = state.ema
+    if cfg.train.ema_decay > 0:
+        if ema is None:
+            raise ValueError("train.ema_decay > 0 needs a state with an EMA: init_train_state(params, tx, ema=True)")
+        ema = jax.tree_util.tree_map(keep, ema_update(state.ema, params, cfg.train.ema_decay), state.ema)
     metrics = {
         "loss": loss,
-        "lr": learning_rate_schedule(cfg.train)(state.step),
+        "lr": current_learning_rate(cfg.train, state),
         "grad_norm": optax.tree.norm(grads),
         "skipped": jnp.logical_not(active),
     }
-    return TrainState(params, opt_state, state.step + 1), metrics
+    return TrainState(params, opt_state, state.step + 1, ema, state.budget_used), metrics
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
