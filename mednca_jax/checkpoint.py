@@ -16,6 +16,7 @@ that are not finite are never saved (:func:`save_checkpoint` refuses them).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -34,6 +35,7 @@ from .errors import MedNCAError
 CONFIG_FILE = "config.toml"
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+LOW_DISK_BYTES = 1 << 20  # a failed write with less free space than this is a full disk
 
 
 class CheckpointError(MedNCAError, ValueError):
@@ -143,20 +145,34 @@ def save_checkpoint(
     try:
         mngr.save(step, args=ocp.args.Composite(**items), force=True)
         mngr.wait_until_finished()
-    except OSError as e:
-        _remove_unfinished(Path(str(mngr.directory)), step)
+    except (OSError, ValueError) as e:  # TensorStore reports failed writes as ValueError
+        folder = Path(str(mngr.directory))
+        try:  # let orbax's writer threads end before removing what they wrote
+            mngr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - they fail the same way; the first error is reported
+            pass
+        remove_unfinished(folder)
+        free = shutil.disk_usage(folder).free
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or free < LOW_DISK_BYTES:
+            why = f"No space left on device ({free} bytes free)"
+        elif isinstance(e, OSError):
+            why = e.strerror or str(e)
+        else:
+            raise  # not a failed write: a bug, keep its traceback
         raise CheckpointError(
-            f"could not write checkpoint step {step} to {mngr.directory}: {e.strerror or e}. "
+            f"could not write checkpoint step {step} to {folder}: {why}. "
             "The earlier checkpoints are kept; free some space and continue with --resume"
         ) from None
 
 
-def _remove_unfinished(folder: Path, step: int) -> None:
-    """Delete what a failed save of ``step`` left in ``folder`` (orbax's temporary folders,
-    or a step folder without its commit marker), so nothing half-written looks valid."""
-    for p in folder.glob(f"{step}*"):
-        if p.name == str(step) or p.name.startswith(f"{step}.orbax-checkpoint-tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+def remove_unfinished(folder: Path) -> list[Path]:
+    """Delete orbax's temporary step folders in ``folder`` (what a failed or killed save left:
+    never a valid checkpoint, and in the way of saving that step again); return them.
+    Only safe while no save into ``folder`` is running (the trainer holds the run's lock)."""
+    gone = [p for p in folder.glob("*.orbax-checkpoint-tmp*") if p.is_dir()] if folder.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def save_params(run_dir: str | Path, params: Any, cfg: Config, meta: dict[str, Any] | None = None) -> None:

@@ -17,6 +17,7 @@ second trainer out of a run folder in use; a start-up failure leaves no half-mad
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ from .training import (
 SPLIT_FILE = "split.json"
 LOG_FILE = "log.jsonl"
 LOCK_FILE = "train.lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class RunError(MedNCAError, RuntimeError):
@@ -166,7 +168,7 @@ def _write_curve(cfg: Config, workdir: Path) -> None:
         records = [json.loads(l) for l in (workdir / LOG_FILE).read_text().splitlines() if l.strip()]
         if any("val_dice" in r for r in records):
             plot_training_curves({cfg.name: records}, workdir / "curve.png")
-    except ImportError as e:
+    except (ImportError, OSError) as e:  # no matplotlib, or a full disk: the run itself is saved
         print(f"note: no curve.png ({e})")
 
 
@@ -229,8 +231,12 @@ def run_lock(workdir: Path, enabled: bool = True) -> Iterator[None]:
                 f"{workdir} is in use by another trainer (process {pid_text if pid < 0 else pid} on {lock_host}, lock file {path}); "
                 "wait for it to finish or choose another --workdir (delete the lock file only if no such process runs)"
             ) from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {host}\n")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+    except BaseException:  # e.g. a full disk: no empty lock file left behind
+        path.unlink(missing_ok=True)
+        raise
     try:
         yield
     finally:
@@ -470,6 +476,26 @@ def roll_back(run: Run, step: int) -> int:
     return back_to
 
 
+def _unless_failed(fn: Any, after_failure: bool) -> None:
+    """``fn()``; after a failure (already being raised) its own errors are dropped, so they
+    do not hide the first one."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - see the docstring
+        if not after_failure:
+            raise
+
+
+def close_managers(run: Run, after_failure: bool) -> None:
+    """Close the checkpoint managers. After a failed save (e.g. a full disk) their writer
+    threads fail too: that error is not raised again, and what they left is removed."""
+    for mngr in (run.latest, run.best_mngr):
+        _unless_failed(mngr.close, after_failure)
+    if after_failure and run.primary:
+        for sub in (ckpt.LATEST_DIR, ckpt.BEST_DIR):
+            ckpt.remove_unfinished(run.workdir / sub)
+
+
 def _due(step: int, every: int) -> bool:
     return step % every == 0
 
@@ -502,11 +528,19 @@ def train(
     check_run_folder(cfg, workdir, resume)
     primary = is_primary()  # multi-host: process 0 writes the run files
     created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    with run_lock(workdir, primary):
-        with undo_on_failure(workdir, created and not resume, primary):
-            _, data = setup_run(cfg, workdir, data_dir, cache_dir)
-        return _train_loop(cfg, workdir, data, resume, progress, stop_after, primary)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with run_lock(workdir, primary):
+            with undo_on_failure(workdir, created and not resume, primary):
+                _, data = setup_run(cfg, workdir, data_dir, cache_dir)
+            return _train_loop(cfg, workdir, data, resume, progress, stop_after, primary)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise RunError(
+            f"the disk of {workdir} is full ({e.strerror}{': ' + str(e.filename) if e.filename else ''}); the checkpoints "
+            "written so far are kept: free some space and continue with --resume"
+        ) from None
 
 
 def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_progress: bool, stop_after: int | None,
@@ -518,6 +552,10 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
     mesh = make_mesh() if tcfg.data_parallel else None
     batches = BatchIterator.from_config(data.train, cfg.data, tcfg.batch_size, tcfg.seed)
     tx = make_optimizer(tcfg)  # the optimiser state's structure does not depend on the lr
+    if primary:  # under the run lock: no other save can be in progress
+        for sub in (ckpt.LATEST_DIR, ckpt.BEST_DIR):
+            for p in ckpt.remove_unfinished(workdir / sub):
+                print(f"note: removed the unfinished checkpoint {p} (a save that was interrupted)")
     if resume:
         prog, step = restore_progress(workdir, cfg, tx, batches)
         if primary:
@@ -569,22 +607,26 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
                 if interrupted or over_time:
                     reason = "interrupted" if interrupted else "time_limit"
                     break
-        except RunError:
-            reason = "diverged"
+        except MedNCAError:
+            reason = "failed"  # diverged for good, or a checkpoint could not be written: no save on the way out
+            raise
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                reason = "failed"  # saving again on the way out would fail too
             raise
         finally:
             bar.close()
             try:
-                if reason != "diverged" and (run.latest.latest_step() or -1) < step and state_is_finite(run):
+                if reason != "failed" and (run.latest.latest_step() or -1) < step and state_is_finite(run):
                     if reason == "time_limit" and data.val is not None:
                         save(run, step, validate(run, step))
                     else:
                         save(run, step)
             finally:
                 batches.close()
-                tb(run, "close")
-                run.latest.close()
-                run.best_mngr.close()
+                failed = reason == "failed"
+                _unless_failed(lambda: tb(run, "close"), failed)  # on a full disk TensorBoard's flush fails too
+                close_managers(run, after_failure=failed)
                 if primary:
                     _write_curve(cfg, workdir)
     return {"step": step, "best_val_dice": run.progress.best, "reason": reason, "minutes": run.elapsed() / 60,
