@@ -325,10 +325,12 @@ def restore_progress(workdir: Path, cfg: Config, tx: Any, batches: BatchIterator
     abstract = {"params": template.state.params, "train": {"opt_state": template.state.opt_state, "key": template.base_key}}
     items, step = ckpt.restore(workdir, abstract, which="latest")
     meta = items["meta"]
-    # A jax array, not a NumPy scalar: the jitted step would compile again for the other type.
+    # Committed jax arrays on one device, as the jitted step returns them: a NumPy scalar step
+    # (or arrays placed otherwise) would make the step compile a second time.
     state = init_train_state(items["params"], tx)._replace(
         opt_state=items["train"]["opt_state"], step=jnp.asarray(meta["step"], jnp.int32)
     )
+    state = jax.device_put(state, jax.local_devices()[0])
     batches.load_state_dict(meta["data"])
     progress = Progress(
         state, items["train"]["key"], float(meta.get("best_val_dice", -1.0)), float(meta.get("elapsed_s", 0.0)),

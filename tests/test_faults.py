@@ -375,7 +375,10 @@ def _write_like(path: Path, array: np.ndarray, like: Path) -> None:
 def test_bad_nifti_inputs_are_named_and_leave_no_run_folder(task, tmp_path, capsys, fault, message):  # noqa: F811
     data, cfg_path = task
     bad = _copy_task(data, tmp_path / "bad")
-    image, label = _first(bad / "imagesTr"), _first(bad / "labelsTr")
+    cfg = load_config(cfg_path)
+    names = sorted(p.name.split(".")[0] for p in (bad / "imagesTr").iterdir())
+    victim = make_split(names, cfg.data.split, cfg.data.split_seed).train[0]  # training reads only train and val cases
+    image, label = bad / "imagesTr" / f"{victim}.nii.gz", bad / "labelsTr" / f"{victim}.nii.gz"
     named = image
     if fault == "truncated":
         image.write_bytes(image.read_bytes()[:200])
