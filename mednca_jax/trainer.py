@@ -5,9 +5,10 @@ key, the data-iterator position and the learning-rate factor, and the key of ste
 ``fold_in(key, s)``, so a run stopped at step ``k`` and resumed computes the same steps as one
 that never stopped.
 
-A library of small functions (:func:`check_run_folder`, :func:`setup_run`,
-:func:`init_or_restore`, :func:`train_steps` helpers :func:`log_train_metrics`,
-:func:`validate`, :func:`save`, :func:`roll_back`) and a thin loop, :func:`train`.
+A library of small functions (:func:`check_run_folder`, :func:`run_lock`, :func:`setup_run`,
+:func:`open_run` with :func:`restore_progress` / :func:`fresh_progress`,
+:func:`log_train_metrics`, :func:`validate`, :func:`save`, :func:`roll_back`, :func:`finish`)
+and a thin loop, :func:`train`.
 
 Faults: a non-finite loss rolls back to the last good checkpoint at half the learning rate
 (``train.max_rollbacks`` times); non-finite params are never saved; a lock file keeps a
@@ -545,10 +546,9 @@ def train(
         ) from None
 
 
-def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_progress: bool, stop_after: int | None,
-                primary: bool) -> dict[str, Any]:
+def open_run(cfg: Config, workdir: Path, data: RunData, resume: bool, primary: bool) -> Run:
+    """Restore (``resume``) or initialise the progress; open the managers and writers."""
     from tensorboardX import SummaryWriter
-    from tqdm import tqdm
 
     tcfg = cfg.train
     mesh = make_mesh() if tcfg.data_parallel else None
@@ -566,12 +566,40 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
         prog = fresh_progress(cfg, tx)
     _, train_step = build_step(cfg, prog.rollbacks, mesh)
     prog.state = put_replicated(prog.state, mesh)
-    run = Run(
+    return Run(
         cfg, workdir, data, mesh, batches, prog, train_step,
         latest=ckpt.manager(workdir, ckpt.LATEST_DIR, tcfg.keep_checkpoints), best_mngr=ckpt.manager(workdir, ckpt.BEST_DIR, 1),
         predict=make_predict_fn(cfg), eval_key=jax.random.fold_in(prog.base_key, 2**31 - 1),
         writer=SummaryWriter(str(workdir / "tb")) if primary else None, primary=primary,
     )
+
+
+def finish(run: Run, step: int, reason: str) -> None:
+    """On the way out: a last checkpoint unless ``step`` has one (after a time limit with a
+    validation), then close everything. ``reason == "failed"``: no save (it would fail again
+    or save a diverged state), and cleanup errors do not hide the failure."""
+    failed = reason == "failed"
+    try:
+        if not failed and (run.latest.latest_step() or -1) < step and state_is_finite(run):
+            if reason == "time_limit" and run.data.val is not None:
+                save(run, step, validate(run, step))
+            else:
+                save(run, step)
+    finally:
+        run.batches.close()
+        _unless_failed(lambda: tb(run, "close"), failed)  # on a full disk TensorBoard's flush fails too
+        close_managers(run, after_failure=failed)
+        if run.primary:
+            _write_curve(run.cfg, run.workdir)
+
+
+def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_progress: bool, stop_after: int | None,
+                primary: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    tcfg = cfg.train
+    run = open_run(cfg, workdir, data, resume, primary)
+    batches, mesh, prog = run.batches, run.mesh, run.progress
     step = int(prog.state.step)
     end = tcfg.num_steps if stop_after is None else min(tcfg.num_steps, step + stop_after)
     bar = tqdm(total=tcfg.num_steps, initial=step, disable=not (show_progress and primary), desc=cfg.name, unit="step", dynamic_ncols=True)
@@ -618,18 +646,6 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
             raise
         finally:
             bar.close()
-            try:
-                if reason != "failed" and (run.latest.latest_step() or -1) < step and state_is_finite(run):
-                    if reason == "time_limit" and data.val is not None:
-                        save(run, step, validate(run, step))
-                    else:
-                        save(run, step)
-            finally:
-                batches.close()
-                failed = reason == "failed"
-                _unless_failed(lambda: tb(run, "close"), failed)  # on a full disk TensorBoard's flush fails too
-                close_managers(run, after_failure=failed)
-                if primary:
-                    _write_curve(cfg, workdir)
+            finish(run, step, reason)
     return {"step": step, "best_val_dice": run.progress.best, "reason": reason, "minutes": run.elapsed() / 60,
             "rollbacks": run.progress.rollbacks}
