@@ -273,7 +273,9 @@ def _biggest_params_file(step_dir: Path) -> Path:
     return max((f for f in (step_dir / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
 
 
-def test_damaged_checkpoints_fall_back_or_fail_clearly(task, reference, tmp_path):  # noqa: F811
+def test_damaged_checkpoints_fall_back_or_fail_clearly(task, reference, tmp_path, monkeypatch):  # noqa: F811
+    """Also: the resumed run compiles its train step once (a restored NumPy step counter
+    used to make the second call compile again)."""
     data, cfg_path = task
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -288,8 +290,12 @@ def test_damaged_checkpoints_fall_back_or_fail_clearly(task, reference, tmp_path
     for a, b_ in zip(jax.tree_util.tree_leaves(items["params"]), jax.tree_util.tree_leaves(good["params"]), strict=True):
         np.testing.assert_array_equal(a, b_)
     # resume continues from step 3, sets the damaged step aside, and ends like the reference
+    made = []
+    real = trainer.make_train_step
+    monkeypatch.setattr(trainer, "make_train_step", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     with pytest.warns(ckpt.DamagedCheckpointWarning):
-        train(load_config(cfg_path), run, data, resume=True, progress=False)
+        assert train(load_config(cfg_path), run, data, resume=True, progress=False)["step"] == 6
+    assert len(made) == 1 and made[0]._cache_size() == 1  # 3 steps, one compile
     assert (run / "damaged" / "checkpoints-6").is_dir()
     assert_same_params(run, reference)
     # truncated files in every step: a clear error naming each, no TensorStore traceback
@@ -332,23 +338,6 @@ def test_full_disk_during_a_save(task, reference, tmp_path, capsys):  # noqa: F8
         assert_same_params(run, reference)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def test_resumed_run_compiles_its_train_step_once(task, tmp_path, monkeypatch):  # noqa: F811
-    data, cfg_path = task
-    cfg = load_config(cfg_path)
-    run = tmp_path / "run"
-    train(cfg, run, data, progress=False, stop_after=3)
-    made = []
-    real = trainer.make_train_step
-
-    def spy(*a, **k):
-        made.append(real(*a, **k))
-        return made[-1]
-
-    monkeypatch.setattr(trainer, "make_train_step", spy)
-    assert train(cfg, run, data, resume=True, progress=False)["step"] == 6
-    assert len(made) == 1 and made[0]._cache_size() == 1
 
 
 # --------------------------------------------------------------------------- inputs and configs
