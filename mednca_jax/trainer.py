@@ -77,15 +77,14 @@ def prepare_data(cfg: Config, data_dir: Path, workdir: Path, cache_dir: Path | N
     if len(cases) < 2:
         raise DataError(f"{data_dir} has {len(cases)} labelled case(s); training needs at least 2")
     split_path = workdir / SPLIT_FILE
-    wanted = split_from_config([c.name for c in cases], cfg.data)
     if split_path.is_file():
         split = read_split(split_path)
         unknown = sorted(set(split.train + split.val + split.test) - {c.name for c in cases})
         if unknown:
             raise DataError(f"{split_path} names cases not in {data_dir}: {unknown[:5]}; use the same --data as the first run")
-        check_split_matches(split, wanted, split_path)
+        check_split_matches(split, cfg.data, split_path)
     else:
-        split = wanted
+        split = split_from_config([c.name for c in cases], cfg.data)
     by_name = {c.name: c for c in cases}
     n_out = cfg.model.n_out
     train = load_slices([by_name[n] for n in split.train], cfg.data, cache_dir, n_out)
@@ -101,26 +100,24 @@ def prepare_data(cfg: Config, data_dir: Path, workdir: Path, cache_dir: Path | N
     return RunData(cases, split, train, val)
 
 
-def check_split_matches(saved: Any, wanted: Any, path: Path) -> None:
-    """Raise :class:`RunError` if the split in ``path`` is not the one this config makes.
+def check_split_matches(saved: Any, data_cfg: Any, path: Path) -> None:
+    """Raise :class:`RunError` if the split in ``path`` was made with another
+    ``data.split_seed`` or ``data.split`` than ``data_cfg`` asks for.
 
     Reusing an old split silently would train and test on other patients than the config
-    says (and could leak test patients into training)."""
-    if saved.fractions != (0.0, 0.0, 0.0):  # files from before fractions/seed were recorded
-        diff = []
-        if saved.seed != wanted.seed:
-            diff.append(f"data.split_seed {saved.seed} vs {wanted.seed}")
-        if not np.allclose(saved.fractions, wanted.fractions, atol=1e-6):
-            diff.append(f"data.split {list(saved.fractions)} vs {list(wanted.fractions)}")
-        if diff:
-            raise RunError(
-                f"{path} was made with another split ({'; '.join(diff)} in this config); keep the run's settings, "
-                "choose another --workdir, or delete that split.json to make a new split"
-            )
-    if (saved.train, saved.val, saved.test) != (wanted.train, wanted.val, wanted.test) and saved.fractions != (0.0, 0.0, 0.0):
+    says (and could leak test patients into training). The case lists themselves are not
+    compared: a split file may have been edited on purpose."""
+    if saved.fractions == (0.0, 0.0, 0.0):  # a file from before the seed and fractions were recorded
+        return
+    diff = []
+    if saved.seed != data_cfg.split_seed:
+        diff.append(f"data.split_seed {saved.seed} vs {data_cfg.split_seed}")
+    if not np.allclose(saved.fractions, data_cfg.split, atol=1e-6):
+        diff.append(f"data.split {list(saved.fractions)} vs {list(data_cfg.split)}")
+    if diff:
         raise RunError(
-            f"{path} assigns the cases differently from what this config and data make (were cases added or removed?); "
-            "use the same --data as the first run, choose another --workdir, or delete that split.json"
+            f"{path} was made with another split ({'; '.join(diff)} in this config); keep the run's settings, "
+            "choose another --workdir, or delete that split.json to make a new split"
         )
 
 
