@@ -26,13 +26,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", type=Path, help="text file with one case name per line to evaluate (default: every case)")
     p.add_argument("--split", choices=["train", "val", "test"], help="evaluate one part of the run's own patient split (split.json)")
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/eval-<split or all>)")
-    p.add_argument("--runs", type=int, default=1, help="stochastic runs per case; >= 2 adds variance volumes, NQM, its Spearman correlation with Dice, failure detection and figures")
+    p.add_argument("--runs", type=int, help="stochastic runs per case (default 1, with --quality 10); >= 2 adds variance volumes, NQM, its Spearman correlation with Dice, failure detection and figures")
     p.add_argument("--fire-rate", type=float, help="cell fire rate at inference, in [0, 1) (default: the config's; 0 is deterministic)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the fire masks and of the perturbations")
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to load: best validation Dice (default) or latest")
     p.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
     p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
-    p.add_argument("--quality", action="store_true", help="require the quality metrics (NQM, Spearman, failure detection): an error unless --runs >= 2")
+    p.add_argument("--quality", action="store_true", help="compute the quality metrics (NQM, Spearman, failure detection) with 10 runs unless --runs says otherwise; an error if they cannot be computed (--runs 1, fewer than 2 labelled cases)")
     p.add_argument("--failure-dice", type=float, default=0.8, help="with --runs: a case with hard Dice below this counts as a failure to detect")
     p.add_argument("--robustness", action="store_true", help="Dice under each perturbation and severity, and at other image sizes")
     p.add_argument("--perturbations", nargs="+", help="with --robustness: which ones (default: all; see mednca_jax/perturbations.py, plus 'scale')")
@@ -42,32 +42,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+QUALITY_RUNS = 10  # --quality without --runs
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from mednca_jax.checkpoint import CheckpointError
-    from mednca_jax.config import ConfigError
-    from mednca_jax.data import DataError
-    from mednca_jax.evaluation import evaluate_checkpoint, format_table
-    from mednca_jax.levels import InputError
+    """Run the evaluation; a user's mistake is one ``error: ...`` line and exit code 2."""
+    try:
+        return _main(parse_args(argv))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mednca_jax.errors import MedNCAError
+    from mednca_jax.evaluation import EvalOptions, evaluate_checkpoint, format_table
 
     out = args.out or args.checkpoint / f"eval-{args.split or 'all'}"
+    runs = args.runs if args.runs is not None else (QUALITY_RUNS if args.quality else 1)
+    opts = EvalOptions(
+        cases_file=args.cases, split=args.split, runs=runs, fire_rate=args.fire_rate, seed=args.seed, which=args.which,
+        batch_size=args.batch_size, cache_dir=args.cache_dir, failure_dice=args.failure_dice, quality=args.quality,
+        robustness=args.robustness, perturbations=args.perturbations, severities=args.severities,
+        compare_with=args.compare_with, progress=not args.no_progress,
+    )
     try:
-        if args.quality and args.runs < 2:
-            raise ValueError(f"--quality needs --runs N with N >= 2 stochastic runs (got --runs {args.runs}); e.g. --runs 10")
-        if args.robustness:
-            from mednca_jax.perturbations import check_severities
-            from mednca_jax.robustness import check_perturbation_names
-
-            check_perturbation_names(args.perturbations or [])
-            check_severities(args.severities or [])
-        metrics = evaluate_checkpoint(
-            args.checkpoint, args.data, out, cases_file=args.cases, split=args.split, runs=args.runs,
-            fire_rate=args.fire_rate, seed=args.seed, which=args.which, batch_size=args.batch_size,
-            cache_dir=args.cache_dir, failure_dice=args.failure_dice, robustness=args.robustness,
-            perturbations=args.perturbations, severities=args.severities, compare_with=args.compare_with,
-            progress=not args.no_progress,
-        )
-    except (ConfigError, DataError, CheckpointError, InputError, ValueError) as e:
+        metrics = evaluate_checkpoint(args.checkpoint, args.data, out, opts)
+    except MedNCAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(metrics))
@@ -75,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         m = metrics["model"]
         print(f"model: {m['kind']}, {m['params']:,} params, {m['ms_per_slice']:.1f} ms per slice at batch {m['batch_size']} "
               f"on {m['device']} (compile excluded)")
-    if metrics.get("quality", {}).get("spearman_nqm_dice") is None and "quality" in metrics:
-        print(f"NQM: {metrics['quality']['note']}")
-    elif "quality" in metrics:
-        q = metrics["quality"]
+    q = metrics.get("quality")
+    if q is not None and "nqm_threshold" not in q:
+        print(f"NQM statistics not available: {q['note']}")
+    elif q is not None:
         fd = q["failure_detection"]
         print(f"NQM vs Dice: Spearman {q['spearman_nqm_dice']:.3f}; NQM threshold {q['nqm_threshold']:.4f} "
               f"(chosen on {q['threshold_chosen_on']}) flags {fd['TP']}/{fd['n_failures']} failures with {fd['FP']} false alarms")

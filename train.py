@@ -40,7 +40,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Train; a user's mistake (any :class:`~mednca_jax.errors.MedNCAError`) is one
+    ``error: ...`` line on stderr and exit code 2, a Ctrl-C before training a clean exit."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # during start-up (training turns the first Ctrl-C into a save and stop)
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.cpu_processes != 1 and "JAX_COORDINATOR_ADDRESS" not in os.environ:
         from mednca_jax.launch import run_local_job, usable_cores, without_option
@@ -51,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # more processes than cores, raised before anything starts
             print(f"error: --cpu-processes: {e}", file=sys.stderr)
             return 2
-    from mednca_jax.checkpoint import CONFIG_FILE, CheckpointError
+    from mednca_jax.checkpoint import CONFIG_FILE
     from mednca_jax.config import ConfigError, load_config
-    from mednca_jax.data import DataError
-    from mednca_jax.trainer import RunError, train
+    from mednca_jax.errors import MedNCAError
+    from mednca_jax.trainer import train
 
     try:
         if args.config is None:
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         initialize_distributed_from_env()  # multi-host: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
         workdir = args.workdir or Path("runs") / cfg.name
         result = train(cfg, workdir, args.data, resume=args.resume, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (ConfigError, DataError, RunError, CheckpointError) as e:
+    except MedNCAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from mednca_jax.training import is_primary

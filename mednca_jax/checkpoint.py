@@ -8,29 +8,66 @@ A run folder (what ``train.py`` writes, ``evaluate.py --checkpoint`` and the exp
     DIR/best/<step>/           best by validation Dice: params, meta
 
 Orbax writes each step into a temporary folder and renames it when complete, so a crash or
-a full disk during a save leaves the previous checkpoint intact.
+a full disk during a save leaves the previous checkpoint intact. Each step's ``meta`` holds a
+sha256 of every saved array (:func:`tree_digest`); :func:`restore` checks it and falls back
+to the newest intact step, with a warning naming the damaged one. Params or optimiser state
+that are not finite are never saved (:func:`save_checkpoint` refuses them).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from .config import Config, ConfigError, dumps, load_config
+from .errors import MedNCAError
 
 CONFIG_FILE = "config.toml"
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+LOW_DISK_BYTES = 1 << 20  # a failed write with less free space than this is a full disk
 
 
-class CheckpointError(ValueError):
-    """A run folder is missing, incomplete, or belongs to another config."""
+class CheckpointError(MedNCAError, ValueError):
+    """A run folder is missing, incomplete, damaged, or belongs to another config."""
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A checkpoint step failed its checksum or could not be read; an older one was used."""
+
+
+def tree_digest(tree: Any) -> str:
+    """sha256 over every array leaf of ``tree`` (dtype, shape and bytes, in flatten order).
+
+    Flatten order of dicts is by sorted key, so a tree restored by orbax hashes like the one
+    saved. Leaves are brought to host first (a device array's bytes are its values).
+    """
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Paths of the floating-point leaves of ``tree`` holding NaN or inf (empty: all finite)."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(jax.device_get(leaf))
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            bad.append(jax.tree_util.keystr(path))
+    return bad
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -68,7 +105,7 @@ def load_run_config(run_dir: str | Path) -> Config:
 def check_same_model(saved: Config, wanted: Config, run_dir: str | Path) -> None:
     """Raise :class:`CheckpointError` naming the model keys in which two configs differ."""
     a, b = saved.to_dict()["model"], wanted.to_dict()["model"]
-    shape_keys = ("kind", "channels", "hidden", "n_in", "n_out", "steps", "scales", "unet_width", "unet_depth")
+    shape_keys = ("kind", "channels", "hidden", "n_in", "n_out", "steps", "scales", "perception", "unet_width", "unet_depth")
     diff = [k for k in shape_keys if a[k] != b[k]]
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a[k]!r} vs requested {b[k]!r}" for k in diff)
@@ -87,12 +124,55 @@ def manager(run_dir: str | Path, which: str = LATEST_DIR, max_to_keep: int | Non
 def save_checkpoint(
     mngr: ocp.CheckpointManager, step: int, params: Any, meta: dict[str, Any], train: Any | None = None
 ) -> None:
-    """Save params (+ optimiser/PRNG state when given) and JSON metadata at ``step``."""
-    items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
-    if train is not None:
-        items["train"] = ocp.args.StandardSave(train)
-    mngr.save(step, args=ocp.args.Composite(**items), force=True)
-    mngr.wait_until_finished()
+    """Save params (+ optimiser/PRNG state when given) and JSON metadata at ``step``.
+
+    ``meta`` gains ``checksum``: :func:`tree_digest` of each saved tree. A step that already
+    exists is replaced (a resumed run recomputes the same step).
+
+    Raises:
+        CheckpointError: params or optimiser state hold NaN/inf (nothing is written), or the
+            write failed (e.g. a full disk); the earlier steps stay intact either way.
+    """
+    trees = {"params": params} if train is None else {"params": params, "train": train}
+    bad = [f"{k}{p}" for k, tree in trees.items() for p in non_finite_leaves(tree)]
+    if bad:
+        raise CheckpointError(f"refusing to save step {step} to {mngr.directory}: non-finite values in {', '.join(bad[:3])}")
+    meta = dict(meta, checksum={k: tree_digest(tree) for k, tree in trees.items()})
+    items = {k: ocp.args.StandardSave(tree) for k, tree in trees.items()}
+    items["meta"] = ocp.args.JsonSave(meta)
+    if step in mngr.all_steps():
+        mngr.delete(step)
+    try:
+        mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        mngr.wait_until_finished()
+    except (OSError, ValueError) as e:  # TensorStore reports failed writes as ValueError
+        folder = Path(str(mngr.directory))
+        try:  # let orbax's writer threads end before removing what they wrote
+            mngr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - they fail the same way; the first error is reported
+            pass
+        remove_unfinished(folder)
+        free = shutil.disk_usage(folder).free
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or free < LOW_DISK_BYTES:
+            why = f"No space left on device ({free} bytes free)"
+        elif isinstance(e, OSError):
+            why = e.strerror or str(e)
+        else:
+            raise  # not a failed write: a bug, keep its traceback
+        raise CheckpointError(
+            f"could not write checkpoint step {step} to {folder}: {why}. "
+            "The earlier checkpoints are kept; free some space and continue with --resume"
+        ) from None
+
+
+def remove_unfinished(folder: Path) -> list[Path]:
+    """Delete orbax's temporary step folders in ``folder`` (what a failed or killed save left:
+    never a valid checkpoint, and in the way of saving that step again); return them.
+    Only safe while no save into ``folder`` is running (the trainer holds the run's lock)."""
+    gone = [p for p in folder.glob("*.orbax-checkpoint-tmp*") if p.is_dir()] if folder.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def save_params(run_dir: str | Path, params: Any, cfg: Config, meta: dict[str, Any] | None = None) -> None:
@@ -102,15 +182,36 @@ def save_params(run_dir: str | Path, params: Any, cfg: Config, meta: dict[str, A
         save_checkpoint(m, 0, jax.device_get(params), dict(meta or {"source": "params"}))
 
 
-def _pick_step(run_dir: Path, which: str) -> tuple[str, int]:
+def _candidates(run_dir: Path, which: str) -> Iterator[tuple[str, int]]:
+    """``(folder, step)`` to try, newest first: ``best`` then ``checkpoints`` for ``"best"``."""
     order = [BEST_DIR, LATEST_DIR] if which == "best" else [LATEST_DIR]
     for sub in order:
         if (run_dir / sub).is_dir():
             with manager(run_dir, sub) as m:
-                step = m.latest_step()
-            if step is not None:
-                return sub, step
-    raise CheckpointError(f"{run_dir} holds no complete checkpoint (looked in {', '.join(order)})")
+                steps = sorted(m.all_steps(), reverse=True)
+            for step in steps:
+                yield sub, step
+
+
+def _restore_step(run_dir: Path, sub: str, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+    """Restore one step and check its checksums; raise :class:`CheckpointError` if it is damaged."""
+    items = {
+        k: (ocp.args.StandardRestore(v) if v is not None else ocp.args.StandardRestore())
+        for k, v in abstract.items()
+    }
+    items["meta"] = ocp.args.JsonRestore()
+    where = run_dir / sub / str(step)
+    try:
+        with manager(run_dir, sub) as m:
+            out = m.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types for one damaged file
+        raise CheckpointError(f"could not restore {where}: {type(e).__name__}: {str(e)[:300]}") from None
+    out = {k: out[k] for k in items}
+    sums = (out["meta"] or {}).get("checksum", {})
+    for k in abstract:
+        if k in sums and tree_digest(out[k]) != sums[k]:
+            raise CheckpointError(f"{where}: the {k} arrays do not match their checksum (the files were changed or damaged)")
+    return out
 
 
 def restore(
@@ -119,28 +220,33 @@ def restore(
     """Restore the items named in ``abstract`` (``{"params": tree, "train": tree}`` of arrays
     or ``jax.ShapeDtypeStruct``; ``None`` restores as saved) plus ``meta``.
 
-    ``which``: ``"best"`` (falls back to the latest) or ``"latest"``.
+    ``which``: ``"best"`` (falls back to the latest) or ``"latest"``. A step that cannot be
+    read or fails its checksum is skipped with a :class:`DamagedCheckpointWarning`, and the
+    next older one is used. ``step`` restores exactly that step of ``checkpoints/``.
     Returns ``(items, step)``.
+
+    Raises:
+        CheckpointError: no step can be restored (each failure is named).
     """
     run_dir = Path(run_dir).absolute()
-    if step is None:
-        sub, step = _pick_step(run_dir, which)
-    else:
-        sub = LATEST_DIR
-    items = {
-        k: (ocp.args.StandardRestore(v) if v is not None else ocp.args.StandardRestore())
-        for k, v in abstract.items()
-    }
-    items["meta"] = ocp.args.JsonRestore()
-    try:
-        with manager(run_dir, sub) as m:
-            out = m.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(
-            f"could not restore {run_dir / sub / str(step)}: {type(e).__name__}: {e}. "
-            "Was it written by another config or version?"
-        ) from None
-    return {k: out[k] for k in items}, step
+    candidates = [(LATEST_DIR, step)] if step is not None else list(_candidates(run_dir, which))
+    if not candidates:
+        looked = "best, checkpoints" if which == "best" else LATEST_DIR
+        raise CheckpointError(f"{run_dir} holds no complete checkpoint (looked in {looked})")
+    failures = []
+    for sub, s in candidates:
+        try:
+            out = _restore_step(run_dir, sub, s, abstract)
+        except CheckpointError as e:
+            failures.append(str(e))
+            continue
+        for msg in failures:
+            warnings.warn(f"{msg}; using {run_dir / sub / str(s)} instead", DamagedCheckpointWarning, stacklevel=2)
+        return out, s
+    raise CheckpointError(
+        f"no checkpoint in {run_dir} can be restored ({len(failures)} tried): " + "; ".join(failures)
+        + ". Was it written by another config or version, or are the files damaged?"
+    )
 
 
 def load_params(run_dir: str | Path, cfg: Config | None = None, which: str = "best") -> tuple[Any, Config]:

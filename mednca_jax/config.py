@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .errors import MedNCAError
+
 DOWNSCALE_METHODS = ("bilinear", "area", "antialias")
 REMAT_MODES = ("none", "step", "nested")
 BACKENDS = ("auto", "reference", "cpu_fast")
@@ -32,7 +34,7 @@ SCHEDULES = ("exponential", "budget_cosine", "budget_exponential")
 LABEL_INTERPOLATIONS = ("nearest", "bilinear")
 
 
-class ConfigError(ValueError):
+class ConfigError(MedNCAError, ValueError):
     """A config file or override is malformed; the message names the key."""
 
 
@@ -99,6 +101,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     time_limit_min: float = 0.0  # stop (with a checkpoint) after this many minutes; 0: no limit
     data_parallel: bool = False  # shard the batch over all devices (jax.sharding)
+    max_rollbacks: int = 3  # on a non-finite loss: back to the last good checkpoint at half the lr, this often
     clip_grad_norm: float = 0.0  # clip the gradient to this global norm before Adam; 0: off
     ema_decay: float = 0.0  # keep an EMA of the params (validated, saved as best, exported); 0: off
     # exponential: lr * lr_decay**step. budget_*: warm-up (warmup_steps), then anneal from lr to
@@ -326,14 +329,15 @@ def validate(cfg: Config) -> Config:
 
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.num_steps >= 1, "train.num_steps", f"must be >= 1, got {t.num_steps}")
-    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be a finite number > 0, got {t.lr}")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"must be two numbers in [0, 1), got {list(t.betas)}")
-    _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+    _check(math.isfinite(t.eps) and t.eps > 0, "train.eps", f"must be a finite number > 0, got {t.eps}")
     _check(0 < t.lr_decay <= 1, "train.lr_decay", f"must be in (0, 1], got {t.lr_decay}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    _check(t.time_limit_min >= 0, "train.time_limit_min", f"must be >= 0, got {t.time_limit_min}")
+    _check(math.isfinite(t.time_limit_min) and t.time_limit_min >= 0, "train.time_limit_min", f"must be a finite number >= 0, got {t.time_limit_min}")
+    _check(t.max_rollbacks >= 0, "train.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")
     _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", f"must be >= 0 (0: off), got {t.clip_grad_norm}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
     _check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")

@@ -9,8 +9,10 @@ volume, and the NQM quality score (sum of std / sum of mean of the sigmoid outpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,6 +25,7 @@ from . import networks
 from .config import Config
 from .data import Case, SliceSet, load_case, resample_to_native, write_volume
 from .data.preprocess import encode_labels
+from .errors import UsageError
 from .losses import dice_hard, dice_soft
 from .model import Backend, count_params
 from .quality import nqm
@@ -237,81 +240,116 @@ def select_cases(
     return [c for c in cases if c.name in keep]
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``evaluate.py`` is asked to do (one field per command-line option).
+
+    ``runs >= 2`` adds variance volumes and the quality statistics (NQM, its Spearman
+    correlation with Dice, failure detection); ``quality`` requires them (an error when they
+    cannot be computed: ``runs < 2`` or fewer than 2 labelled cases).
+    """
+
+    cases_file: Path | None = None
+    split: str | None = None
+    runs: int = 1
+    fire_rate: float | None = None
+    seed: int = 0
+    which: str = "best"
+    batch_size: int = 32
+    cache_dir: Path | None = None
+    failure_dice: float = 0.8
+    quality: bool = False
+    robustness: bool = False
+    perturbations: Sequence[str] | None = None
+    severities: Sequence[float] | None = None
+    compare_with: Sequence[Path] = ()
+    progress: bool = True
+
+    def check(self) -> "EvalOptions":
+        """Raise :class:`~.errors.UsageError` naming the option that is out of range."""
+        from .levels import InputError, check_fire_rate
+        from .perturbations import check_severities
+        from .robustness import check_perturbation_names
+
+        if self.runs < 1:
+            raise UsageError(f"--runs must be >= 1, got {self.runs}")
+        if self.quality and self.runs < 2:
+            raise UsageError(f"--quality needs --runs N with N >= 2 stochastic runs (got --runs {self.runs}); e.g. --runs 10")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.failure_dice <= 1.0:
+            raise UsageError(f"--failure-dice must be in [0, 1], got {self.failure_dice}")
+        try:
+            if self.fire_rate is not None:
+                check_fire_rate(self.fire_rate)
+            check_perturbation_names(self.perturbations or [])
+            check_severities(self.severities or [])
+        except (InputError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        return self
+
+
 def evaluate_checkpoint(
-    checkpoint: Path,
-    data_dir: Path | None,
-    out: Path,
-    *,
-    cases_file: Path | None = None,
-    split: str | None = None,
-    runs: int = 1,
-    fire_rate: float | None = None,
-    seed: int = 0,
-    which: str = "best",
-    batch_size: int = 32,
-    cache_dir: Path | None = None,
-    failure_dice: float = 0.8,
-    robustness: bool = False,
-    perturbations: Sequence[str] | None = None,
-    severities: Sequence[float] | None = None,
-    compare_with: Sequence[Path] = (),
-    progress: bool = True,
+    checkpoint: Path, data_dir: Path | None, out: Path, options: EvalOptions | None = None, **overrides: Any
 ) -> dict[str, Any]:
     """Everything ``evaluate.py`` does; returns the metrics dict also written to ``out``.
 
-    With ``runs >= 2``: NQM per case, its Spearman correlation with Dice and a failure
-    detection summary (``quality``; NQM threshold chosen on the run's validation patients
-    when ``split`` is given and the run has some), an NQM-Dice plot, case panels and a GIF
-    of one rollout. With ``robustness``: ``robustness.json``/``.md``/``.png``.
+    ``options`` (default :class:`EvalOptions`), with ``overrides`` (its field names)
+    replacing fields. With ``runs >= 2``: NQM per case, its Spearman correlation with Dice
+    and a failure detection summary (``quality``; NQM threshold chosen on the run's
+    validation patients when ``split`` is given and the run has some; "not available" with
+    fewer than 2 labelled cases), an NQM-Dice plot, case panels and a GIF of one rollout.
+    With ``robustness``: ``robustness.json``/``.md``/``.png``.
+
+    Raises:
+        UsageError: an option out of range. DataError, CheckpointError: unusable inputs.
     """
     from .checkpoint import load_params
-    from .data import DataError, load_slices, read_split
-    from .levels import check_fire_rate
+    from .data import DataError, load_slices
 
-    if runs < 1:
-        raise ValueError(f"--runs must be >= 1, got {runs}")
-    if fire_rate is not None:
-        check_fire_rate(fire_rate)
-    params, cfg = load_params(checkpoint, which=which)
+    opts = dataclasses.replace(options or EvalOptions(), **overrides).check()
+    params, cfg = load_params(checkpoint, which=opts.which)
     data_dir = data_dir or Path(checkpoint) / "synthetic_data"
     if not data_dir.is_dir():
         raise DataError(f"no --data given and {data_dir} does not exist; pass --data MSD_TASK_FOLDER")
-    chosen = select_cases(checkpoint, data_dir, cases_file, split)
+    chosen = select_cases(checkpoint, data_dir, opts.cases_file, opts.split)
     labelled = [c for c in chosen if c.label is not None]
     unlabelled = [c for c in chosen if c.label is None]
-    if robustness and not labelled:
-        raise DataError("--robustness needs labelled cases")
-    key = jax.random.PRNGKey(seed)
+    if opts.robustness and not labelled:
+        raise DataError(f"--robustness needs labelled cases; {data_dir} has none among the {len(chosen)} chosen")
+    if opts.quality and len(labelled) < 2:
+        raise DataError(f"--quality needs >= 2 labelled cases for its statistics; {data_dir} has {len(labelled)} among those chosen")
+    key = jax.random.PRNGKey(opts.seed)
     predict = make_predict_fn(cfg)
 
     def bar(desc: str) -> Callable[[Any], Any]:
-        return lambda it: tqdm(it, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+        return lambda it: tqdm(it, desc=desc, disable=not opts.progress, leave=False, dynamic_ncols=True)
 
     metrics: dict[str, Any] = {"summary": {}, "cases": {}}
     if chosen:
-        metrics["model"] = model_facts(predict, params, cfg, fire_rate, batch_size)
+        metrics["model"] = model_facts(predict, params, cfg, opts.fire_rate, opts.batch_size)
     test_slices = None
     for sub in (labelled, unlabelled):
         if sub:
-            slices = load_slices(sub, cfg.data, cache_dir, cfg.model.n_out)
-            m = evaluate_cases(params, cfg, slices, sub, key, fire_rate=fire_rate, runs=runs, batch_size=batch_size, out_dir=out,
-                               predict=predict, progress=bar("runs, then cases"))
+            slices = load_slices(sub, cfg.data, opts.cache_dir, cfg.model.n_out)
+            m = evaluate_cases(params, cfg, slices, sub, key, fire_rate=opts.fire_rate, runs=opts.runs, batch_size=opts.batch_size,
+                               out_dir=out, predict=predict, progress=bar("runs, then cases"))
             metrics["cases"].update(m["cases"])
             if sub is labelled:
                 metrics["summary"], test_slices = m["summary"], slices
-    if runs >= 2 and test_slices is not None:
-        metrics["quality"] = _quality(params, cfg, checkpoint, data_dir, split, metrics, key, fire_rate, runs, batch_size, cache_dir, failure_dice, out, predict)
+    if opts.runs >= 2 and test_slices is not None:
+        metrics["quality"] = _quality(params, cfg, checkpoint, data_dir, metrics, key, predict, out, opts)
         if cfg.model.kind == "nca":
-            _rollout_gif(params, cfg, test_slices, key, fire_rate, out / "rollout.gif")
-    if robustness:
+            _rollout_gif(params, cfg, test_slices, key, opts.fire_rate, out / "rollout.gif")
+    if opts.robustness:
         from .plots import markdown_table, plot_robustness
         from .robustness import robustness_suite
 
-        res = robustness_suite(params, cfg, test_slices, key, perturbations=perturbations, severities=severities,
-                               fire_rate=fire_rate, seed=seed, batch_size=batch_size, progress=bar("robustness"))
+        res = robustness_suite(params, cfg, test_slices, key, perturbations=opts.perturbations, severities=opts.severities,
+                               fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size, progress=bar("robustness"))
         label = f"{cfg.model.kind}:{cfg.name}"
         combined = {label: res}
-        for other in compare_with:
+        for other in opts.compare_with:
             combined.update(json.loads(Path(other).read_text())["models"])
         (out / "robustness.json").write_text(json.dumps({"models": {label: res}}, indent=2) + "\n")
         (out / "robustness.md").write_text(markdown_table(combined) + "\n")
@@ -322,7 +360,10 @@ def evaluate_checkpoint(
     return metrics
 
 
-def _quality(params, cfg, checkpoint, data_dir, split, metrics, key, fire_rate, runs, batch_size, cache_dir, failure_dice, out, predict) -> dict[str, Any]:
+def _quality(params: Any, cfg: Config, checkpoint: Path, data_dir: Path, metrics: dict[str, Any], key: jax.Array,
+             predict: PredictFn, out: Path, opts: EvalOptions) -> dict[str, Any]:
+    """NQM-Dice statistics of the evaluated cases (threshold from the validation cases when
+    evaluating the test split), and ``nqm_vs_dice.png`` when there are >= 2 cases."""
     from .data import load_slices, read_split
     from .plots import plot_nqm_vs_dice
     from .robustness import quality_summary
@@ -330,17 +371,19 @@ def _quality(params, cfg, checkpoint, data_dir, split, metrics, key, fire_rate, 
     test = {n: r for n, r in metrics["cases"].items() if "nqm" in r and "dice" in r}
     nqm_val = dice_val = None
     split_file = Path(checkpoint) / "split.json"
-    if split == "test" and split_file.is_file():
+    if opts.split == "test" and split_file.is_file() and len(test) >= 2:
         val_names = set(read_split(split_file).val)
         val_cases = [c for c in select_cases(checkpoint, data_dir, None, None) if c.name in val_names and c.label is not None]
         if len(val_cases) >= 2:
-            vs = load_slices(val_cases, cfg.data, cache_dir, cfg.model.n_out)
-            vm = evaluate_cases(params, cfg, vs, val_cases, key, fire_rate=fire_rate, runs=runs, batch_size=batch_size, native=False, predict=predict)
+            vs = load_slices(val_cases, cfg.data, opts.cache_dir, cfg.model.n_out)
+            vm = evaluate_cases(params, cfg, vs, val_cases, key, fire_rate=opts.fire_rate, runs=opts.runs,
+                                batch_size=opts.batch_size, native=False, predict=predict)
             nqm_val = [r["nqm"] for r in vm["cases"].values()]
             dice_val = [r["dice"] for r in vm["cases"].values()]
-    q = quality_summary([r["nqm"] for r in test.values()], [r["dice"] for r in test.values()], nqm_val, dice_val, failure_dice)
-    plot_nqm_vs_dice([r["nqm"] for r in test.values()], [r["dice"] for r in test.values()], out / "nqm_vs_dice.png",
-                     threshold=q["nqm_threshold"], dice_threshold=failure_dice)
+    q = quality_summary([r["nqm"] for r in test.values()], [r["dice"] for r in test.values()], nqm_val, dice_val, opts.failure_dice)
+    if "nqm_threshold" in q:  # absent (with a note) for fewer than 2 labelled cases
+        plot_nqm_vs_dice([r["nqm"] for r in test.values()], [r["dice"] for r in test.values()], out / "nqm_vs_dice.png",
+                         threshold=q["nqm_threshold"], dice_threshold=opts.failure_dice)
     return q
 
 

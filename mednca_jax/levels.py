@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config, ModelConfig
+from .errors import MedNCAError
 from .model import REFERENCE, Backend, Params, init_level_params, rollout
 from .rule import Rule, fold_keys, reset_inputs, sample_keys
 
 
-class InputError(ValueError):
+class InputError(MedNCAError, ValueError):
     """Images handed to the model have the wrong shape or hold non-finite values."""
 
 

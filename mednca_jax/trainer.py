@@ -1,38 +1,57 @@
 """The training loop behind ``train.py``: data, split, steps, validation, logs, checkpoints.
 
 Resuming is exact: the checkpoint holds params, optimiser state, the step, the base PRNG
-key and the data-iterator position, and the key of step ``s`` is ``fold_in(key, s)``, so a
-run stopped at step ``k`` and resumed computes the same steps as one that never stopped.
+key, the data-iterator position and the learning-rate factor, and the key of step ``s`` is
+``fold_in(key, s)``, so a run stopped at step ``k`` and resumed computes the same steps as one
+that never stopped.
+
+A library of small functions (:func:`check_run_folder`, :func:`run_lock`, :func:`setup_run`,
+:func:`open_run` with :func:`restore_progress` / :func:`fresh_progress`,
+:func:`log_train_metrics`, :func:`validate`, :func:`save`, :func:`roll_back`, :func:`finish`)
+and a thin loop, :func:`train`.
+
+Faults: a non-finite loss rolls back to the last good checkpoint at half the learning rate
+(``train.max_rollbacks`` times); non-finite params are never saved; a lock file keeps a
+second trainer out of a run folder in use; a start-up failure leaves no half-made run folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import os
+import shutil
 import signal
+import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint as ckpt
 from .config import Config
+from .errors import MedNCAError
 from .data import BatchIterator, Case, DataError, list_cases, load_slices, make_synthetic_task, read_split, split_from_config, write_split
 from .evaluation import evaluate_cases, make_predict_fn, predict_slices
 from .networks import init_network_params
 from .training import (
-    any_process, eval_params, init_train_state, is_primary, local_part, make_mesh, make_optimizer, make_train_step, primary_first,
-    put_batch, put_replicated, with_budget_used,
+    TrainState, any_process, eval_params, init_train_state, is_primary, local_part, make_mesh, make_optimizer, make_train_step,
+    primary_first, put_batch, put_replicated, with_budget_used,
 )
 
 SPLIT_FILE = "split.json"
 LOG_FILE = "log.jsonl"
+LOCK_FILE = "train.lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class RunError(RuntimeError):
+class RunError(MedNCAError, RuntimeError):
     """The run folder cannot be used as asked (e.g. it holds another run and no --resume)."""
 
 
@@ -63,14 +82,43 @@ def prepare_data(cfg: Config, data_dir: Path, workdir: Path, cache_dir: Path | N
         unknown = sorted(set(split.train + split.val + split.test) - {c.name for c in cases})
         if unknown:
             raise DataError(f"{split_path} names cases not in {data_dir}: {unknown[:5]}; use the same --data as the first run")
+        check_split_matches(split, cfg.data, split_path)
     else:
         split = split_from_config([c.name for c in cases], cfg.data)
-        write_split(split_path, split)
     by_name = {c.name: c for c in cases}
     n_out = cfg.model.n_out
     train = load_slices([by_name[n] for n in split.train], cfg.data, cache_dir, n_out)
+    if not train.has_foreground.any():
+        raise DataError(
+            f"the labels of all {len(split.train)} training cases in {data_dir} are background only (no voxel > 0 "
+            f"after resizing to {list(cfg.data.image_size)}): the model would never be updated. Check labelsTr/ "
+            "(are these the label files?) and data.channel / data.slice_axis"
+        )
     val = load_slices([by_name[n] for n in split.val], cfg.data, cache_dir, n_out) if split.val else None
+    if not split_path.is_file():
+        write_split(split_path, split)  # only once the data is known to be usable
     return RunData(cases, split, train, val)
+
+
+def check_split_matches(saved: Any, data_cfg: Any, path: Path) -> None:
+    """Raise :class:`RunError` if the split in ``path`` was made with another
+    ``data.split_seed`` or ``data.split`` than ``data_cfg`` asks for.
+
+    Reusing an old split silently would train and test on other patients than the config
+    says (and could leak test patients into training). The case lists themselves are not
+    compared: a split file may have been edited on purpose."""
+    if saved.fractions == (0.0, 0.0, 0.0):  # a file from before the seed and fractions were recorded
+        return
+    diff = []
+    if saved.seed != data_cfg.split_seed:
+        diff.append(f"data.split_seed {saved.seed} vs {data_cfg.split_seed}")
+    if not np.allclose(saved.fractions, data_cfg.split, atol=1e-6):
+        diff.append(f"data.split {list(saved.fractions)} vs {list(data_cfg.split)}")
+    if diff:
+        raise RunError(
+            f"{path} was made with another split ({'; '.join(diff)} in this config); keep the run's settings, "
+            "choose another --workdir, or delete that split.json to make a new split"
+        )
 
 
 @contextmanager
@@ -118,8 +166,344 @@ def _write_curve(cfg: Config, workdir: Path) -> None:
         records = [json.loads(l) for l in (workdir / LOG_FILE).read_text().splitlines() if l.strip()]
         if any("val_dice" in r for r in records):
             plot_training_curves({cfg.name: records}, workdir / "curve.png")
-    except ImportError as e:
+    except (ImportError, OSError) as e:  # no matplotlib, or a full disk: the run itself is saved
         print(f"note: no curve.png ({e})")
+
+
+# --------------------------------------------------------------------------- run folder
+def check_run_folder(cfg: Config, workdir: Path, resume: bool) -> None:
+    """Refuse a folder holding another run without ``resume``, or a resume without a run or
+    with another model / data config (:class:`RunError`, :class:`~.checkpoint.CheckpointError`)."""
+    has_ckpt = (workdir / ckpt.LATEST_DIR).is_dir() and any((workdir / ckpt.LATEST_DIR).iterdir())
+    if has_ckpt and not resume:
+        raise RunError(f"{workdir} already holds a run; pass --resume to continue it or choose another --workdir")
+    if resume and not has_ckpt:
+        raise RunError(f"--resume: {workdir} holds no checkpoint to resume from")
+    if resume:
+        saved = ckpt.load_run_config(workdir)
+        ckpt.check_same_model(saved, cfg, workdir)
+        if saved.data != cfg.data:
+            raise RunError(f"--resume: the [data] section differs from the run's {workdir / ckpt.CONFIG_FILE}; resume with the same config")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(workdir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold ``workdir/train.lock`` (``"PID HOST"``) for the body; refuse a folder in use.
+
+    Taken with ``O_CREAT | O_EXCL``, so of two trainers started together exactly one gets
+    it. A lock whose process is gone (same host, dead PID) is stale: taken over with a note.
+
+    Raises:
+        RunError: another live process holds the lock.
+    """
+    if not enabled:
+        yield
+        return
+    path = workdir / LOCK_FILE
+    host = socket.gethostname()
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid_text, _, lock_host = path.read_text().strip().partition(" ")
+                pid = int(pid_text)
+            except (OSError, ValueError):  # being written right now, or gone again
+                pid, lock_host = -1, host
+            if attempt == 0 and pid != os.getpid() and lock_host == host and pid > 0 and not _pid_alive(pid):
+                print(f"note: taking over the stale lock {path} of process {pid}, which no longer runs")
+                path.unlink(missing_ok=True)
+                continue
+            raise RunError(
+                f"{workdir} is in use by another trainer (process {pid_text if pid < 0 else pid} on {lock_host}, lock file {path}); "
+                "wait for it to finish or choose another --workdir (delete the lock file only if no such process runs)"
+            ) from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+    except BaseException:  # e.g. a full disk: no empty lock file left behind
+        path.unlink(missing_ok=True)
+        raise
+    try:
+        yield
+    finally:
+        try:
+            if path.read_text().split()[0] == str(os.getpid()):
+                path.unlink()
+        except (OSError, IndexError):
+            pass
+
+
+@contextmanager
+def undo_on_failure(workdir: Path, created: bool, enabled: bool = True) -> Iterator[None]:
+    """Remove what a failed start-up wrote: the whole folder if this call ``created`` it, else
+    the run files that were not there before (so a bad ``--data`` leaves nothing behind that
+    would make the next run fail)."""
+    before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if enabled:
+            if created:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                for name in (ckpt.CONFIG_FILE, SPLIT_FILE, "synthetic_data"):
+                    p = workdir / name
+                    if name not in before and p.exists():
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
+
+
+def setup_run(cfg: Config, workdir: Path, data_dir: str | Path | None, cache_dir: str | Path | None) -> tuple[Path, RunData]:
+    """Write the run's config, read (or make) the data and its split. Multi-host: process 0
+    first, then the others read what it wrote."""
+    primary = is_primary()
+
+    def setup() -> tuple[Path, RunData]:
+        root = Path(data_dir) if data_dir is not None else default_data_dir(cfg, workdir)
+        data = prepare_data(cfg, root, workdir, Path(cache_dir) if cache_dir else None)
+        if primary:
+            ckpt.save_run_config(workdir, cfg)
+        return root, data
+
+    return primary_first(setup, "setup")
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class Progress:
+    """What a checkpoint restores besides params and optimiser state."""
+
+    state: TrainState
+    base_key: jax.Array
+    best: float = -1.0
+    elapsed_before: float = 0.0
+    rollbacks: int = 0  # learning rate is cfg.train.lr * 0.5**rollbacks
+
+    @property
+    def lr_factor(self) -> float:
+        return 0.5**self.rollbacks
+
+
+def scaled_config(cfg: Config, rollbacks: int) -> Config:
+    """``cfg`` with ``train.lr`` halved ``rollbacks`` times (the optimiser after a divergence)."""
+    if rollbacks == 0:
+        return cfg
+    return cfg.replace(train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 0.5**rollbacks))
+
+
+def build_step(cfg: Config, rollbacks: int, mesh: Any) -> tuple[Any, Any]:
+    """``(tx, train_step)`` for ``cfg`` at the learning rate of ``rollbacks``."""
+    run_cfg = scaled_config(cfg, rollbacks)
+    tx = make_optimizer(run_cfg.train)
+    return tx, make_train_step(run_cfg, tx, mesh)
+
+
+def fresh_progress(cfg: Config, tx: Any) -> Progress:
+    """Step 0: params from ``fold_in(PRNGKey(seed), 0)``."""
+    base_key = jax.random.PRNGKey(cfg.train.seed)
+    params = init_network_params(cfg, jax.random.fold_in(base_key, 0))
+    return Progress(init_train_state(params, tx, ema=cfg.train.ema_decay > 0), base_key)
+
+
+def restore_progress(workdir: Path, cfg: Config, tx: Any, batches: BatchIterator) -> tuple[Progress, int]:
+    """The newest intact checkpoint of ``workdir/checkpoints`` as :class:`Progress`; also sets
+    ``batches`` to its position. Returns ``(progress, step)``."""
+    template = fresh_progress(cfg, tx)
+    abstract = {"params": template.state.params, "train": {"opt_state": template.state.opt_state, "key": template.base_key}}
+    if template.state.ema is not None:
+        abstract["train"]["ema"] = template.state.ema
+    items, step = ckpt.restore(workdir, abstract, which="latest")
+    meta = items["meta"]
+    # Committed jax arrays on one device, as the jitted step returns them: a NumPy scalar step
+    # (or arrays placed otherwise) would make the step compile a second time.
+    state = init_train_state(items["params"], tx)._replace(
+        opt_state=items["train"]["opt_state"], step=jnp.asarray(meta["step"], jnp.int32), ema=items["train"].get("ema")
+    )
+    state = jax.device_put(state, jax.local_devices()[0])
+    batches.load_state_dict(meta["data"])
+    progress = Progress(
+        state, items["train"]["key"], float(meta.get("best_val_dice", -1.0)), float(meta.get("elapsed_s", 0.0)),
+        int(meta.get("rollbacks", 0)),
+    )
+    return progress, step
+
+
+def set_aside_newer_steps(workdir: Path, step: int) -> None:
+    """Move checkpoint steps newer than the restored ``step`` (damaged ones: restore skipped
+    them) to ``workdir/damaged/``, so the resumed run can write those steps again."""
+    folder = workdir / ckpt.LATEST_DIR
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if p.name.isdigit() and int(p.name) > step:
+            target = workdir / "damaged" / f"{ckpt.LATEST_DIR}-{p.name}"
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(p), target)
+            print(f"note: moved the damaged checkpoint {p} to {target}")
+
+
+# --------------------------------------------------------------------------- the loop's parts
+@dataclass
+class Run:
+    """Everything the loop's parts share: config, data, managers, writers and the progress."""
+
+    cfg: Config
+    workdir: Path
+    data: RunData
+    mesh: Any
+    batches: BatchIterator
+    progress: Progress
+    train_step: Any
+    latest: Any
+    best_mngr: Any
+    predict: Any
+    eval_key: jax.Array
+    writer: Any
+    primary: bool
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.progress.elapsed_before + time.perf_counter() - self.t0
+
+
+def log(run: Run, record: dict[str, Any]) -> None:
+    """Append one JSON line to ``log.jsonl`` (process 0 only)."""
+    if run.primary:
+        with open(run.workdir / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def tb(run: Run, kind: str, *args: Any) -> None:
+    """One TensorBoard call (``add_scalar``, ``add_image``, ...) on process 0."""
+    if run.writer is not None:
+        getattr(run.writer, kind)(*args)
+
+
+def log_train_metrics(run: Run, step: int, metrics: dict[str, Any], rate: float) -> dict[str, float]:
+    """Fetch the step's metrics, write them to TensorBoard and ``log.jsonl``; return them."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    for k in ("loss", "lr", "grad_norm"):
+        tb(run, "add_scalar", f"train/{k}", m[k], step)
+    tb(run, "add_scalar", "train/slices_per_s", rate, step)
+    log(run, {"step": step, "minutes": run.elapsed() / 60, "loss": m["loss"], "lr": m["lr"]})
+    return m
+
+
+def validate(run: Run, step: int) -> float | None:
+    """Mean hard Dice on the validation cases (``None`` without any); logs it and an image grid."""
+    data, cfg = run.data, run.cfg
+    if data.val is None:
+        return None
+    # Every process validates on its own devices (the same numbers: same params and key),
+    # so all agree on the best checkpoint; params spanning several processes come to host.
+    params = eval_params(run.progress.state)  # the EMA when kept
+    params = jax.device_get(params) if jax.process_count() > 1 else params
+    m = evaluate_cases(params, cfg, data.val, data.cases, run.eval_key, native=False, predict=run.predict)
+    dice = m["summary"]["dice"]["mean"]
+    tb(run, "add_scalar", "val/dice", dice, step)
+    tb(run, "add_scalar", "val/dice_soft", m["summary"]["dice_soft"]["mean"], step)
+    rows = _pick_val_images(data.val)
+    probs = predict_slices(run.predict, params, data.val.images[rows], run.eval_key, cfg.model.fire_rate, len(rows))
+    tb(run, "add_image", "val/input_prediction_label", _image_grid(data.val.images[rows], probs, data.val.labels[rows]), step)
+    log(run, {"step": step, "minutes": run.elapsed() / 60, "val_dice": dice, "val_dice_soft": m["summary"]["dice_soft"]["mean"]})
+    run.progress.best = max(run.progress.best, dice)
+    return dice
+
+
+def state_is_finite(run: Run) -> bool:
+    """Whether params and optimiser state hold only finite values."""
+    s = run.progress.state
+    return not ckpt.non_finite_leaves({"params": s.params, "opt_state": s.opt_state})
+
+
+def save(run: Run, step: int, val_dice: float | None = None) -> None:
+    """Checkpoint ``step`` to ``checkpoints/`` (and to ``best/`` when ``val_dice`` is the best)."""
+    p = run.progress
+    meta = {
+        "step": step,
+        "data": run.batches.state_dict(),
+        "best_val_dice": p.best,
+        "elapsed_s": run.elapsed(),
+        "config_name": run.cfg.name,
+        "rollbacks": p.rollbacks,
+        "lr_factor": p.lr_factor,
+    }
+    # Host copies: orbax cannot save the single-device key (or any process-local array)
+    # in a multi-host run; params and optimiser state are replicated, so any copy will do.
+    params = jax.device_get(p.state.params)
+    train_items = {"opt_state": jax.device_get(p.state.opt_state), "key": np.asarray(p.base_key)}
+    if p.state.ema is not None:
+        train_items["ema"] = jax.device_get(p.state.ema)
+    ckpt.save_checkpoint(run.latest, step, params, meta, train_items)
+    if val_dice is not None and val_dice >= p.best:  # the validated params: the EMA when kept
+        ckpt.save_checkpoint(run.best_mngr, step, jax.device_get(eval_params(p.state)), dict(meta, val_dice=val_dice))
+
+
+def roll_back(run: Run, step: int) -> int:
+    """After a non-finite loss at ``step``: restart from the last good checkpoint (or step 0)
+    with the learning rate halved once more. Returns the step training continues from.
+
+    Raises:
+        RunError: ``train.max_rollbacks`` rollbacks are used up.
+    """
+    cfg, p = run.cfg, run.progress
+    if p.rollbacks >= cfg.train.max_rollbacks:
+        best = run.best_mngr.latest_step()
+        kept = f"the best checkpoint (step {best}) in {run.workdir / ckpt.BEST_DIR} is intact" if best is not None else "no checkpoint was written"
+        raise RunError(
+            f"the loss became non-finite at step {step} after {p.rollbacks} rollback(s) with the learning rate halved each time "
+            f"(train.lr {cfg.train.lr:g} -> {cfg.train.lr * p.lr_factor:g}); lower train.lr or check the data; {kept}"
+        )
+    rollbacks = p.rollbacks + 1
+    tx, run.train_step = build_step(cfg, rollbacks, run.mesh)
+    if run.latest.latest_step() is None:
+        new, back_to = fresh_progress(cfg, tx), 0
+        new.best = p.best
+        run.batches.load_state_dict({"epoch": 0, "offset": 0, "seed": cfg.train.seed})
+    else:
+        new, back_to = restore_progress(run.workdir, cfg, tx, run.batches)
+    new.rollbacks, new.elapsed_before = rollbacks, run.elapsed()
+    new.state = put_replicated(new.state, run.mesh)
+    run.progress, run.t0 = new, time.perf_counter()
+    lr = cfg.train.lr * new.lr_factor
+    log(run, {"step": step, "minutes": run.elapsed() / 60, "rollback": rollbacks, "to_step": back_to, "lr_factor": new.lr_factor})
+    print(f"warning: non-finite loss at step {step}; rollback {rollbacks}/{cfg.train.max_rollbacks} to step {back_to} with train.lr {lr:g}")
+    return back_to
+
+
+def _unless_failed(fn: Any, after_failure: bool) -> None:
+    """``fn()``; after a failure (already being raised) its own errors are dropped, so they
+    do not hide the first one."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - see the docstring
+        if not after_failure:
+            raise
+
+
+def close_managers(run: Run, after_failure: bool) -> None:
+    """Close the checkpoint managers. After a failed save (e.g. a full disk) their writer
+    threads fail too: that error is not raised again, and what they left is removed."""
+    for mngr in (run.latest, run.best_mngr):
+        _unless_failed(mngr.close, after_failure)
+    if after_failure and run.primary:
+        for sub in (ckpt.LATEST_DIR, ckpt.BEST_DIR):
+            ckpt.remove_unfinished(run.workdir / sub)
+
+
+def _due(step: int, every: int) -> bool:
+    return step % every == 0
 
 
 def train(
@@ -132,127 +516,96 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` into the run folder ``workdir``; return the final summary.
+    """Train ``cfg`` into the run folder ``workdir``; return the final summary
+    ``{"step", "best_val_dice", "reason", "minutes", "rollbacks"}`` (reason: done,
+    interrupted or time_limit).
 
     Args:
         data_dir: an MSD task folder; ``None`` generates the embedded synthetic task.
         resume: continue from the latest checkpoint in ``workdir`` (its config must match).
         stop_after: stop (with a checkpoint) after this many steps in this call; for tests
             of interruption and resumption.
+
+    Raises:
+        RunError: the folder is in use, holds another run, or the loss stayed non-finite.
+        DataError, CheckpointError: unusable data or checkpoints.
     """
-    from tensorboardX import SummaryWriter
-    from tqdm import tqdm
-
     workdir = Path(workdir)
-    has_ckpt = (workdir / ckpt.LATEST_DIR).is_dir() and any((workdir / ckpt.LATEST_DIR).iterdir())
-    if has_ckpt and not resume:
-        raise RunError(f"{workdir} already holds a run; pass --resume to continue it or choose another --workdir")
-    if resume and not has_ckpt:
-        raise RunError(f"--resume: {workdir} holds no checkpoint to resume from")
-    if resume:
-        saved = ckpt.load_run_config(workdir)
-        ckpt.check_same_model(saved, cfg, workdir)
-        if saved.data != cfg.data:
-            raise RunError(f"--resume: the [data] section differs from the run's {workdir / ckpt.CONFIG_FILE}; resume with the same config")
-    # Multi-host: process 0 writes the run files; the others read them (primary_first).
-    primary = is_primary()
-
-    def setup() -> tuple[Path, RunData]:
+    check_run_folder(cfg, workdir, resume)
+    primary = is_primary()  # multi-host: process 0 writes the run files
+    created = not workdir.exists()
+    try:
         workdir.mkdir(parents=True, exist_ok=True)
-        if primary:
-            ckpt.save_run_config(workdir, cfg)
-        root = Path(data_dir) if data_dir is not None else default_data_dir(cfg, workdir)
-        return root, prepare_data(cfg, root, workdir, Path(cache_dir) if cache_dir else None)
+        with run_lock(workdir, primary):
+            with undo_on_failure(workdir, created and not resume, primary):
+                _, data = setup_run(cfg, workdir, data_dir, cache_dir)
+            return _train_loop(cfg, workdir, data, resume, progress, stop_after, primary)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise RunError(
+            f"the disk of {workdir} is full ({e.strerror}{': ' + str(e.filename) if e.filename else ''}); the checkpoints "
+            "written so far are kept: free some space and continue with --resume"
+        ) from None
 
-    data_dir, data = primary_first(setup, "setup")
+
+def open_run(cfg: Config, workdir: Path, data: RunData, resume: bool, primary: bool) -> Run:
+    """Restore (``resume``) or initialise the progress; open the managers and writers."""
+    from tensorboardX import SummaryWriter
 
     tcfg = cfg.train
-    mesh = None
-    if tcfg.data_parallel:
-        mesh = make_mesh()
-    tx = make_optimizer(tcfg)
-    train_step = make_train_step(cfg, tx, mesh)
-    base_key = jax.random.PRNGKey(tcfg.seed)
-    state = init_train_state(init_network_params(cfg, jax.random.fold_in(base_key, 0)), tx, ema=tcfg.ema_decay > 0)
+    mesh = make_mesh() if tcfg.data_parallel else None
     batches = BatchIterator.from_config(data.train, cfg.data, tcfg.batch_size, tcfg.seed)
-    best = -1.0
-    elapsed_before = 0.0
+    tx = make_optimizer(tcfg)  # the optimiser state's structure does not depend on the lr
+    if primary:  # under the run lock: no other save can be in progress
+        for sub in (ckpt.LATEST_DIR, ckpt.BEST_DIR):
+            for p in ckpt.remove_unfinished(workdir / sub):
+                print(f"note: removed the unfinished checkpoint {p} (a save that was interrupted)")
     if resume:
-        abstract = {"params": state.params, "train": {"opt_state": state.opt_state, "key": base_key}}
-        if state.ema is not None:
-            abstract["train"]["ema"] = state.ema
-        items, step = ckpt.restore(workdir, abstract, which="latest")
-        meta = items["meta"]
-        state = init_train_state(items["params"], tx)._replace(
-            opt_state=items["train"]["opt_state"], step=np.int32(meta["step"]), ema=items["train"].get("ema")
-        )
-        base_key = items["train"]["key"]
-        batches.load_state_dict(meta["data"])
-        best = float(meta.get("best_val_dice", -1.0))
-        elapsed_before = float(meta.get("elapsed_s", 0.0))
-    state = put_replicated(state, mesh)
-
-    predict = make_predict_fn(cfg)
-    eval_key = jax.random.fold_in(base_key, 2**31 - 1)
-    writer = SummaryWriter(str(workdir / "tb")) if primary else None
-    log_path = workdir / LOG_FILE
-    latest = ckpt.manager(workdir, ckpt.LATEST_DIR, tcfg.keep_checkpoints)
-    best_mngr = ckpt.manager(workdir, ckpt.BEST_DIR, 1)
-    start_step = int(state.step)
-    t0 = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
-
-    def save(step: int, val_dice: float | None = None) -> None:
-        meta = {
-            "step": step,
-            "data": batches.state_dict(),
-            "best_val_dice": best,
-            "elapsed_s": elapsed(),
-            "config_name": cfg.name,
-        }
-        # Host copies: orbax cannot save the single-device key (or any process-local array)
-        # in a multi-host run; params and optimiser state are replicated, so any copy will do.
-        params = jax.device_get(state.params)
-        train_items = {"opt_state": jax.device_get(state.opt_state), "key": np.asarray(base_key)}
-        if state.ema is not None:
-            train_items["ema"] = jax.device_get(state.ema)
-        ckpt.save_checkpoint(latest, step, params, meta, train_items)
-        if val_dice is not None and val_dice >= best:  # the validated params: the EMA when kept
-            ckpt.save_checkpoint(best_mngr, step, jax.device_get(eval_params(state)), dict(meta, val_dice=val_dice))
-
-    def log(record: dict[str, Any]) -> None:
+        prog, step = restore_progress(workdir, cfg, tx, batches)
         if primary:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            set_aside_newer_steps(workdir, step)
+    else:
+        prog = fresh_progress(cfg, tx)
+    _, train_step = build_step(cfg, prog.rollbacks, mesh)
+    prog.state = put_replicated(prog.state, mesh)
+    return Run(
+        cfg, workdir, data, mesh, batches, prog, train_step,
+        latest=ckpt.manager(workdir, ckpt.LATEST_DIR, tcfg.keep_checkpoints), best_mngr=ckpt.manager(workdir, ckpt.BEST_DIR, 1),
+        predict=make_predict_fn(cfg), eval_key=jax.random.fold_in(prog.base_key, 2**31 - 1),
+        writer=SummaryWriter(str(workdir / "tb")) if primary else None, primary=primary,
+    )
 
-    def tb(kind: str, *args: Any) -> None:
-        if writer is not None:
-            getattr(writer, kind)(*args)
 
-    def validate(step: int) -> float | None:
-        nonlocal best
-        if data.val is None:
-            return None
-        # Every process validates on its own devices (the same numbers: same params and key),
-        # so all agree on the best checkpoint; params spanning several processes come to host.
-        params = jax.device_get(eval_params(state)) if jax.process_count() > 1 else eval_params(state)
-        m = evaluate_cases(params, cfg, data.val, data.cases, eval_key, native=False, predict=predict)
-        dice = m["summary"]["dice"]["mean"]
-        tb("add_scalar", "val/dice", dice, step)
-        tb("add_scalar", "val/dice_soft", m["summary"]["dice_soft"]["mean"], step)
-        rows = _pick_val_images(data.val)
-        probs = predict_slices(predict, params, data.val.images[rows], eval_key, cfg.model.fire_rate, len(rows))
-        tb("add_image", "val/input_prediction_label", _image_grid(data.val.images[rows], probs, data.val.labels[rows]), step)
-        log({"step": step, "minutes": elapsed() / 60, "val_dice": dice, "val_dice_soft": m["summary"]["dice_soft"]["mean"]})
-        if dice >= best:
-            best = dice
-        return dice
+def finish(run: Run, step: int, reason: str) -> None:
+    """On the way out: a last checkpoint unless ``step`` has one (after a time limit with a
+    validation), then close everything. ``reason == "failed"``: no save (it would fail again
+    or save a diverged state), and cleanup errors do not hide the failure."""
+    failed = reason == "failed"
+    try:
+        if not failed and (run.latest.latest_step() or -1) < step and state_is_finite(run):
+            if reason == "time_limit" and run.data.val is not None:
+                save(run, step, validate(run, step))
+            else:
+                save(run, step)
+    finally:
+        run.batches.close()
+        _unless_failed(lambda: tb(run, "close"), failed)  # on a full disk TensorBoard's flush fails too
+        close_managers(run, after_failure=failed)
+        if run.primary:
+            _write_curve(run.cfg, run.workdir)
 
-    end = tcfg.num_steps if stop_after is None else min(tcfg.num_steps, start_step + stop_after)
-    bar = tqdm(total=tcfg.num_steps, initial=start_step, disable=not (progress and primary), desc=cfg.name, unit="step", dynamic_ncols=True)
-    step = start_step
+
+def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_progress: bool, stop_after: int | None,
+                primary: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    tcfg = cfg.train
+    run = open_run(cfg, workdir, data, resume, primary)
+    batches, mesh, prog = run.batches, run.mesh, run.progress
+    step = int(prog.state.step)
+    end = tcfg.num_steps if stop_after is None else min(tcfg.num_steps, step + stop_after)
+    bar = tqdm(total=tcfg.num_steps, initial=step, disable=not (show_progress and primary), desc=cfg.name, unit="step", dynamic_ncols=True)
     last_val: float | None = None
     reason = "done"
     window_t, window_n = time.perf_counter(), 0
@@ -260,49 +613,43 @@ def train(
         try:
             while step < end:
                 batch = put_batch(local_part(next(batches)) if mesh is not None else next(batches), mesh)
-                state = with_budget_used(state, tcfg, elapsed())  # budget schedules only
-                state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step + 1))
+                state = with_budget_used(run.progress.state, run.cfg.train, run.elapsed())  # budget schedules only
+                run.progress.state, metrics = run.train_step(state, batch, jax.random.fold_in(run.progress.base_key, step + 1))
                 step += 1
                 window_n += 1
-                if step % tcfg.log_every == 0 or step == end:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if _due(step, tcfg.log_every) or step == end:
                     rate = window_n * tcfg.batch_size / max(time.perf_counter() - window_t, 1e-9)
                     window_t, window_n = time.perf_counter(), 0
-                    for k in ("loss", "lr", "grad_norm"):
-                        tb("add_scalar", f"train/{k}", m[k], step)
-                    tb("add_scalar", "train/slices_per_s", rate, step)
-                    log({"step": step, "minutes": elapsed() / 60, "loss": m["loss"], "lr": m["lr"]})
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", slices_s=f"{rate:.0f}", val=f"{best:.3f}")
+                    m = log_train_metrics(run, step, metrics, rate)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", slices_s=f"{rate:.0f}", val=f"{run.progress.best:.3f}")
                     if not np.isfinite(m["loss"]):
-                        reason = "nan"
-                        break
+                        step = roll_back(run, step)
+                        bar.reset(total=tcfg.num_steps)
+                        bar.update(step)
+                        continue
                 bar.update(1)
-                if step % tcfg.eval_every == 0 or step == tcfg.num_steps:
-                    last_val = validate(step)
-                if step % tcfg.checkpoint_every == 0 or step % tcfg.eval_every == 0 or step == end:
-                    save(step, last_val if step % tcfg.eval_every == 0 or step == tcfg.num_steps else None)
-                over_time = bool(tcfg.time_limit_min) and elapsed() >= tcfg.time_limit_min * 60
+                eval_due = _due(step, tcfg.eval_every) or step == tcfg.num_steps
+                if eval_due or _due(step, tcfg.checkpoint_every) or step == end:
+                    if not state_is_finite(run):  # diverged between two loss checks: never save it
+                        step = roll_back(run, step)
+                        continue
+                    if eval_due:
+                        last_val = validate(run, step)
+                    save(run, step, last_val if eval_due else None)
+                over_time = bool(tcfg.time_limit_min) and run.elapsed() >= tcfg.time_limit_min * 60
                 interrupted, over_time = any_process(flag["stop"], over_time)
                 if interrupted or over_time:
                     reason = "interrupted" if interrupted else "time_limit"
                     break
+        except MedNCAError:
+            reason = "failed"  # diverged for good, or a checkpoint could not be written: no save on the way out
+            raise
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                reason = "failed"  # saving again on the way out would fail too
+            raise
         finally:
             bar.close()
-            if reason != "nan" and (latest.latest_step() or -1) < step:
-                if reason == "time_limit" and data.val is not None:
-                    last_val = validate(step)
-                    save(step, last_val)
-                else:
-                    save(step)
-            batches.close()
-            tb("close")
-            latest.close()
-            best_mngr.close()
-    if primary:
-        _write_curve(cfg, workdir)
-    if reason == "nan":
-        raise FloatingPointError(
-            f"the loss became non-finite at step {step}; lower train.lr or check the data. "
-            f"The last good checkpoint in {workdir / ckpt.LATEST_DIR} is kept."
-        )
-    return {"step": step, "best_val_dice": best, "reason": reason, "minutes": elapsed() / 60}
+            finish(run, step, reason)
+    return {"step": step, "best_val_dice": run.progress.best, "reason": reason, "minutes": run.elapsed() / 60,
+            "rollbacks": run.progress.rollbacks}

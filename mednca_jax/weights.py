@@ -15,13 +15,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .config import ModelConfig
+from .errors import MedNCAError
 from .levels import check_params, level_names
 from .model import Params
 
 TORCH_KEYS = ("p0.weight", "p0.bias", "p1.weight", "p1.bias", "fc0.weight", "fc0.bias", "fc1.weight")
 
 
-class WeightsError(ValueError):
+class WeightsError(MedNCAError, ValueError):
     """A weights file is missing, unreadable, or does not fit the config."""
 
 

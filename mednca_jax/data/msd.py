@@ -24,13 +24,14 @@ import nibabel as nib
 import numpy as np
 
 from mednca_jax.config import DataConfig
+from mednca_jax.errors import MedNCAError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_ATOL = 1e-3  # mm; MSD files of one case differ by float round-off at most
 MAX_CHANNELS = 64  # a 4D image with more "channels" is a time series, not modalities
 
 
-class DataError(ValueError):
+class DataError(MedNCAError, ValueError):
     """The input data is unusable; the message names the file and the fix."""
 
 
