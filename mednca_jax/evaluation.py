@@ -21,58 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from . import networks
 from .config import Config
 from .data import Case, SliceSet, load_case, resample_to_native, write_volume
 from .data.preprocess import encode_labels
 from .errors import UsageError
 from .losses import dice_hard, dice_soft
-from .model import Backend, count_params
+from .inference import PredictFn, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
+from .model import count_params
 from .quality import nqm
-
-PredictFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def make_predict_fn(cfg: Config, backend: Backend | None = None) -> PredictFn:
-    """Jitted ``(params, images (B,H,W,n_in), key, fire_rate) -> probabilities (B,H,W,n_out)``.
-
-    The fire rate is static (a Python float): with a known rate only the fired cells are
-    computed (one compile per rate). ``backend``: resolved from ``model.backend`` for this
-    machine when not given."""
-    if backend is None:
-        from .launch import backend_for
-
-        backend = backend_for(cfg.model)
-
-    def predict(params, images, key, fire_rate):
-        return jax.nn.sigmoid(networks.forward(params, cfg, images, key, fire_rate, backend))
-
-    return jax.jit(predict, static_argnums=3)
-
-
-def predict_slices(
-    predict: PredictFn,
-    params: Any,
-    images: np.ndarray,
-    key: jax.Array,
-    fire_rate: float,
-    batch_size: int = 32,
-) -> np.ndarray:
-    """Probabilities for all ``images (N, H, W, n_in)`` -> ``(N, H, W, n_out)``.
-
-    The last batch is padded to ``batch_size`` so one compiled shape serves every call.
-    """
-    n = images.shape[0]
-    out = []
-    for i, start in enumerate(range(0, n, batch_size)):
-        chunk = images[start : start + batch_size]
-        pad = batch_size - chunk.shape[0]
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        probs = predict(params, jnp.asarray(chunk), jax.random.fold_in(key, i), float(fire_rate))
-        out.append(np.asarray(probs)[: batch_size - pad])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
+from .robustness import check_perturbation_names, robustness_suite
 
 def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float | None, batch_size: int,
                 repeats: int = 5) -> dict[str, Any]:
@@ -269,7 +226,6 @@ class EvalOptions:
         """Raise :class:`~.errors.UsageError` naming the option that is out of range."""
         from .levels import InputError, check_fire_rate
         from .perturbations import check_severities
-        from .robustness import check_perturbation_names
 
         if self.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {self.runs}")
@@ -343,7 +299,6 @@ def evaluate_checkpoint(
             _rollout_gif(params, cfg, test_slices, key, opts.fire_rate, out / "rollout.gif")
     if opts.robustness:
         from .plots import markdown_table, plot_robustness
-        from .robustness import robustness_suite
 
         res = robustness_suite(params, cfg, test_slices, key, perturbations=opts.perturbations, severities=opts.severities,
                                fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size, progress=bar("robustness"))

@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import Config
 from .data import SliceSet
-from .evaluation import PredictFn, make_predict_fn, predict_slices
+from .inference import PredictFn, make_predict_fn, predict_slices
 from .losses import dice_hard
 from .perturbations import PERTURBATIONS, SCALE_SIZES, apply_perturbation, check_severities, rescale
 from .quality import choose_nqm_threshold, failure_detection_summary, spearman

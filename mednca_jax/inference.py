@@ -1,0 +1,60 @@
+"""Batched inference of a trained model on preprocessed slices, jitted once per shape.
+
+Evaluation, the robustness suite, validation during training and ``mednca predict`` all
+predict through these two functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import networks
+from .config import Config
+from .model import Backend
+
+PredictFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def make_predict_fn(cfg: Config, backend: Backend | None = None) -> PredictFn:
+    """Jitted ``(params, images (B,H,W,n_in), key, fire_rate) -> probabilities (B,H,W,n_out)``.
+
+    The fire rate is static (a Python float): with a known rate only the fired cells are
+    computed (one compile per rate). ``backend``: resolved from ``model.backend`` for this
+    machine when not given."""
+    if backend is None:
+        from .launch import backend_for
+
+        backend = backend_for(cfg.model)
+
+    def predict(params, images, key, fire_rate):
+        return jax.nn.sigmoid(networks.forward(params, cfg, images, key, fire_rate, backend))
+
+    return jax.jit(predict, static_argnums=3)
+
+
+def predict_slices(
+    predict: PredictFn,
+    params: Any,
+    images: np.ndarray,
+    key: jax.Array,
+    fire_rate: float,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Probabilities for all ``images (N, H, W, n_in)`` -> ``(N, H, W, n_out)``.
+
+    The last batch is padded to ``batch_size`` so one compiled shape serves every call.
+    """
+    n = images.shape[0]
+    out = []
+    for i, start in enumerate(range(0, n, batch_size)):
+        chunk = images[start : start + batch_size]
+        pad = batch_size - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        probs = predict(params, jnp.asarray(chunk), jax.random.fold_in(key, i), float(fire_rate))
+        out.append(np.asarray(probs)[: batch_size - pad])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
