@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import machine  # noqa: E402
 OFFICIAL_NPZ = REPO.parent / "shared" / "reference" / "mednca_hippocampus_official.npz"
 RUNTIMES = ("numpy", "torch", "onnx")
 RSS_BOUNDS_MIB = {1024: 400.0, 2048: 1200.0}
@@ -98,18 +99,6 @@ def thread_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)  # the runtimes are self-contained: nothing of the repository is importable
     return env
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, {platform.system()}"
 
 
 def build_folders(base: Path, runtimes: list[str], baseline: Optional[str]) -> tuple[dict[str, Path], str]:

@@ -59,3 +59,26 @@ def random_params(model_cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
 
     keys = jax.random.split(jax.random.PRNGKey(seed), model_cfg.n_levels)
     return {n: random_level_params(k, model_cfg.channels, model_cfg.hidden, scale) for n, k in zip(level_names(model_cfg), keys)}
+
+
+# A run of a few steps on the synthetic task (train.py / trainer.train tests).
+TINY_RUN_TOML = """
+name = "tiny"
+[model]
+channels = 6
+hidden = 16
+steps = [3, 3]
+scales = [2, 1]
+patch_size = 8
+remat = "none"
+[data]
+image_size = [16, 16]
+split = [0.5, 0.17, 0.33]
+foreground_fraction = 0.5
+[train]
+batch_size = 4
+num_steps = 6
+log_every = 2
+eval_every = 3
+checkpoint_every = 3
+"""

@@ -12,6 +12,7 @@ import pytest
 
 from mednca_jax.augment import AUGMENT_KEY_TAG, augment_batch, augment_keys, augment_keys_of, augment_sample, spatial
 from mednca_jax.rule import sample_keys
+from conftest import TINY_RUN_TOML
 from mednca_jax.augment import intensity, kspace
 from mednca_jax.config import AUGMENT_PRESETS, AugmentConfig, ConfigError, from_dict
 
@@ -197,26 +198,7 @@ def test_config_errors_name_the_key(raw, key):
 
 # ------------------------------------------------------------------ the recipe end to end
 
-RECIPE = """
-name = "tiny_recipe"
-[model]
-channels = 6
-hidden = 16
-steps = [3, 3]
-scales = [2, 1]
-patch_size = 8
-remat = "none"
-[data]
-image_size = [16, 16]
-split = [0.5, 0.17, 0.33]
-foreground_fraction = 0.5
-[train]
-batch_size = 4
-num_steps = 6
-log_every = 2
-eval_every = 3
-checkpoint_every = 3
-clip_grad_norm = 1.0
+RECIPE = TINY_RUN_TOML.replace('name = "tiny"', 'name = "tiny_recipe"') + """clip_grad_norm = 1.0
 ema_decay = 0.9
 [augment]
 preset = "default"

@@ -13,27 +13,9 @@ from mednca_jax import checkpoint as ckpt
 from mednca_jax.config import dumps
 from mednca_jax.data import make_synthetic_task
 from mednca_jax.trainer import RunError, train
+from conftest import TINY_RUN_TOML as TINY
 
-TINY = """
-name = "tiny"
-[model]
-channels = 6
-hidden = 16
-steps = [3, 3]
-scales = [2, 1]
-patch_size = 8
-remat = "none"
-[data]
-image_size = [16, 16]
-split = [0.5, 0.17, 0.33]
-foreground_fraction = 0.5
-[train]
-batch_size = 4
-num_steps = 6
-log_every = 2
-eval_every = 3
-checkpoint_every = 3
-"""
+
 
 
 @pytest.fixture(scope="module")
