@@ -199,6 +199,7 @@ def test_unet_baseline_trains_and_evaluates_through_the_same_cli(task, tmp_path,
     assert 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices(task, tmp_path):
     """Multi-host through jax.distributed (2 local processes, 1 CPU device each, started by
     ``train.py --cpu-processes 2``) gives the params of 1 process with 2 devices, and only
