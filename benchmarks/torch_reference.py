@@ -1,7 +1,7 @@
 """A plain PyTorch Med-NCA with the original's structure, for side-by-side timing.
 
 Written for this project (nothing copied from the original repository); it follows the
-computation described in ``../shared/reference/REFERENCE.md``:
+computation described in ``docs/design.md``:
 
 * one level: state ``(B, H, W, C)`` channels-last; per step the state is moved to
   channels-first for two separate 3x3 reflect-padded convs ``p0``, ``p1``, the perception

@@ -17,7 +17,7 @@ import train_step  # noqa: E402
 
 
 def test_benchmarks_measure_the_original_example_config():
-    """The README's performance figures are for the original example: the benchmarks' default
+    """docs/performance.md's figures are for the original example: the benchmarks' default
     problem must be the one in configs/hippocampus.toml, or the table describes something else."""
     from mednca_jax.config import load_config
     from mednca_jax.named_configs import resolve_config_path

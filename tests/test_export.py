@@ -1,4 +1,4 @@
-"""Edge export (issue 4): NumPy and PyTorch runtimes vs the original fixture and vs JAX,
+"""Edge export: NumPy and PyTorch runtimes vs the original fixture and vs JAX,
 round trips of the original weights, isolation of the NumPy runtime, bad input.
 
 CPU budget: the machine has 2 shared cores. Heavy NumPy work runs in one isolated
@@ -235,7 +235,7 @@ def test_numpy_matches_original_fixture(numpy_official):
     assert numpy_official["level0_input_diff"] <= 1e-6
     assert numpy_official["level0_diff"] <= 1e-3
     assert numpy_official["logits_diff"] <= 1e-2
-    assert numpy_official["dice_fire0"] == pytest.approx(0.843, abs=1e-3)  # REFERENCE.md, fire 0.0
+    assert numpy_official["dice_fire0"] == pytest.approx(0.843, abs=1e-3)  # the original's fire-0 Dice (docs/results.md)
 
 
 def test_torch_matches_original_fixture(official_torch, fixture_npz):
@@ -388,7 +388,7 @@ def test_runs_give_variance_and_nqm(small, tmp_path, capsys):
     assert np.load(tmp_path / "out.npy").shape == (2, 32, 32) and np.load(tmp_path / "var.npy").shape == (2, 32, 32, 1)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")  # TorchScript is what issue 4 asks for
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")  # the torch runtime promises TorchScript support
 def test_torch_inference_mode_and_torchscript(small, tmp_path):
     _, _, _, _, m_pt, _, _ = small
     x = torch.rand(2, 32, 32, 1)

@@ -1,4 +1,4 @@
-"""evaluate.py on the imported official weights reproduces the original's Dice (REFERENCE.md)."""
+"""evaluate.py on the imported official weights reproduces the original's Dice (docs/results.md, "Fidelity to the original")."""
 
 import json
 
