@@ -84,6 +84,7 @@ def test_wheel_ships_the_configs_and_the_script():
     assert (REPO / "mednca_jax" / "configs" / "demo.toml").is_file()
 
 
+@pytest.mark.slow
 def test_train_by_config_name_then_predict_its_own_data(tmp_path, monkeypatch, capsys):
     """The README's flow in small: `mednca train --config demo`, then `mednca predict` on the
     synthetic scans it generated."""
