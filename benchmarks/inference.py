@@ -4,7 +4,9 @@
 
 The model is the original example config (C=16, hidden 128, 64 steps per level, level 0 at
 x4 downscale, fire rate 0.5) with random weights; the JAX side is the project's jitted
-``levels.forward`` (the fire rate static, as ``segment`` passes it), the PyTorch side
+``levels.forward`` (the fire rate static, as ``segment`` passes it) on the backend that
+``model.backend = "auto"`` picks here, and on the ``reference`` backend beside it (what the
+fast path buys; ``--no-reference`` leaves it out), the PyTorch side
 ``benchmarks/torch_reference.py`` under ``torch.inference_mode``. Each framework runs in its
 own subprocess; calls alternate between them. Bounds: JAX batch-1 time per slice <= --max-ratio
 x torch's, and JAX batch-32 throughput >= batch-1 throughput.
@@ -31,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--fire-rate", type=float, default=0.5)
     H.add_torch_args(p)
-    p.add_argument("--max-ratio", type=float, default=0.33, help="bound on JAX / torch time per slice at batch 1")
+    p.add_argument("--max-ratio", type=float, default=0.2, help="bound on JAX / torch time per slice at batch 1")
+    p.add_argument("--no-reference", action="store_true", help="leave out the JAX reference backend's row")
     H.add_run_args(p)
     return p.parse_args(argv)
 
@@ -58,16 +61,21 @@ def random_params(args: argparse.Namespace):
 
 
 # --------------------------------------------------------------------------- workers
-def jax_worker(args: argparse.Namespace) -> None:
+def jax_worker(args: argparse.Namespace, backend: str = "auto") -> None:
     import jax
     import jax.numpy as jnp
 
     from mednca_jax.config import ModelConfig
+    from mednca_jax.launch import backend_for
     from mednca_jax.levels import forward
 
-    cfg = ModelConfig(channels=args.channels, hidden=args.hidden, steps=(args.steps, args.steps), scales=(4, 1), fire_rate=args.fire_rate)
+    cfg = ModelConfig(
+        channels=args.channels, hidden=args.hidden, steps=(args.steps, args.steps), scales=(4, 1), fire_rate=args.fire_rate,
+        backend=backend,
+    )
     params = random_params(args)
-    fwd = jax.jit(lambda p, x, k: forward(p, cfg, x, k, args.fire_rate))
+    resolved = backend_for(cfg)
+    fwd = jax.jit(lambda p, x, k: forward(p, cfg, x, k, args.fire_rate, backend=resolved))
     images = {b: jnp.asarray(make_images(b, args.image)) for b in (1, args.batch)}
     count = {"i": 0}
 
@@ -78,7 +86,7 @@ def jax_worker(args: argparse.Namespace) -> None:
         key = jax.block_until_ready(jax.random.PRNGKey(count["i"]))
         return {"s": H.timed(lambda: jax.block_until_ready(fwd(params, images[batch], key)))}
 
-    H.serve({"run": run, "info": lambda: {"version": jax.__version__, "device": str(jax.devices()[0].device_kind)}})
+    H.serve({"run": run, "info": lambda: {"version": jax.__version__, "device": str(jax.devices()[0].device_kind), "backend": resolved.name}})
 
 
 def torch_worker(args: argparse.Namespace) -> None:
@@ -103,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        {"jax": jax_worker, "torch": torch_worker}[args.worker](args)
+        workers = {"jax": jax_worker, "jax_reference": lambda a: jax_worker(a, "reference"), "torch": torch_worker}
+        workers[args.worker](args)
         return 0
 
-    names = ["jax"] + ([] if args.no_torch else ["torch"])
+    names = ["jax"] + ([] if args.no_reference else ["jax_reference"]) + ([] if args.no_torch else ["torch"])
     workers = H.start_workers(__file__, names, H.worker_argv(argv))
     info = {n: w.call("info") for n, w in workers.items()}
     batches = [1, args.batch]
@@ -140,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": H.machine(),
         "config": {k: getattr(args, k) for k in ("batch", "image", "steps", "channels", "hidden", "fire_rate", "repeats", "repeats_batched", "torch_layout")},
     }
-    rows = [["JAX (jit forward)", ms[("jax", 1)], ms[("jax", args.batch)], compile_s[1], compile_s[args.batch], rss["jax"]]]
+    rows = [[f"JAX ({info['jax']['backend']})", ms[("jax", 1)], ms[("jax", args.batch)], compile_s[1], compile_s[args.batch], rss["jax"]]]
+    figures["backend"] = info["jax"]["backend"]
+    if "jax_reference" in names:
+        figures.update(reference_b1_ms_per_slice=ms[("jax_reference", 1)], reference_batched_ms_per_slice=ms[("jax_reference", args.batch)])
+        rows.append(["JAX (reference)", ms[("jax_reference", 1)], ms[("jax_reference", args.batch)], "-", "-", rss["jax_reference"]])
     if "torch" in names:
         figures.update(
             torch_b1_ms_per_slice=ms[("torch", 1)], torch_b32_ms_per_slice=ms[("torch", args.batch)],

@@ -4,7 +4,9 @@
 
 Defaults are the original Med-NCA example (C=16, hidden 128, 64 steps per level, batch 48,
 64x64 images, level 0 at 16x16, 16x16 patches, fire rate 0.5). The JAX side is the project's
-``make_train_step``; the PyTorch side is ``benchmarks/torch_reference.py`` (the original's
+``make_train_step`` on the backend ``model.backend = "auto"`` picks here, and on the
+``reference`` backend beside it (what the fast path buys; ``--no-reference`` leaves it out);
+the PyTorch side is ``benchmarks/torch_reference.py`` (the original's
 structure). Each runs in its own subprocess (peak RSS per framework); timed steps alternate
 between them so both see the same machine load. Exits non-zero when JAX/torch > --max-ratio
 or the JAX compile time > --max-compile-s (unless --report-only).
@@ -38,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "one core each, the global batch split between them); the bound then applies to it. "
                         "0: one per usable core when there are several; 1: single process only")
     H.add_torch_args(p)
-    p.add_argument("--max-ratio", type=float, default=0.5, help="bound on JAX step time / torch step time")
+    p.add_argument("--max-ratio", type=float, default=0.35, help="bound on JAX step time / torch step time")
+    p.add_argument("--no-reference", action="store_true", help="leave out the JAX reference backend's row")
     p.add_argument("--max-compile-s", type=float, default=10.0, help="bound on the JAX compile time")
     H.add_run_args(p)
     return p.parse_args(argv)
@@ -61,10 +64,11 @@ def make_batch(args: argparse.Namespace):
 
 
 # --------------------------------------------------------------------------- workers
-def jax_worker(args: argparse.Namespace, data_parallel: bool = False) -> None:
+def jax_worker(args: argparse.Namespace, data_parallel: bool = False, backend: str = "auto") -> None:
     import jax
 
     from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
+    from mednca_jax.launch import backend_for
     from mednca_jax.networks import init_network_params
     from mednca_jax.training import (
         init_train_state, local_part, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated,
@@ -75,7 +79,7 @@ def jax_worker(args: argparse.Namespace, data_parallel: bool = False) -> None:
             name="bench",
             model=ModelConfig(
                 channels=args.channels, hidden=args.hidden, steps=(args.steps, args.steps), scales=(4, 1),
-                patch_size=args.patch, fire_rate=args.fire_rate, remat=args.remat,
+                patch_size=args.patch, fire_rate=args.fire_rate, remat=args.remat, backend=backend,
             ),
             data=DataConfig(image_size=(args.image, args.image)),
             train=TrainConfig(batch_size=args.batch),
@@ -83,7 +87,8 @@ def jax_worker(args: argparse.Namespace, data_parallel: bool = False) -> None:
     )
     tx = make_optimizer(cfg.train)
     mesh = make_mesh() if data_parallel else None
-    step = make_train_step(cfg, tx, mesh)
+    resolved = backend_for(cfg.model)
+    step = make_train_step(cfg, tx, mesh, backend=resolved)
     img, lab = make_batch(args)
     batch = put_batch(local_part({"image": img, "label": lab}), mesh)
     box = {"state": put_replicated(init_train_state(init_network_params(cfg, jax.random.PRNGKey(0)), tx), mesh), "i": 0}
@@ -99,7 +104,8 @@ def jax_worker(args: argparse.Namespace, data_parallel: bool = False) -> None:
         return {"s": H.timed(run)}
 
     def info() -> dict:
-        return {"version": jax.__version__, "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+        return {"version": jax.__version__, "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
+                "backend": resolved.name}
 
     H.serve({"step": step_timed, "info": info})
 
@@ -127,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "jax":
         jax_worker(args)
         return 0
+    if args.worker == "jax_reference":
+        jax_worker(args, backend="reference")
+        return 0
     if args.worker and args.worker.startswith("jaxdp"):
         H.join_job()
         jax_worker(args, data_parallel=True)
@@ -139,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if n_proc > 1 and args.batch % n_proc:
         print(f"--batch {args.batch} must be divisible by the {n_proc} JAX processes (--jax-processes)")
         return 2
-    names = ["jax"] + (["jaxdp"] if n_proc > 1 else []) + ([] if args.no_torch else ["torch"])
+    names = ["jax"] + (["jaxdp"] if n_proc > 1 else []) + ([] if args.no_reference else ["jax_reference"])
+    names += [] if args.no_torch else ["torch"]
     wargs = H.worker_argv(argv)
     workers = {n: (H.WorkerGroup(__file__, n, wargs, n_proc) if n == "jaxdp" else H.Worker(__file__, n, wargs)) for n in names}
     workers = {n: w.wait_ready() for n, w in workers.items()}
@@ -173,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": H.machine(),
         "config": {k: getattr(args, k) for k in ("batch", "image", "patch", "steps", "channels", "hidden", "fire_rate", "remat", "repeats", "torch_layout")},
     }
-    labels = {"jax": "JAX, 1 process (make_train_step)", "jaxdp": f"JAX, {n_proc} processes x 1 core, data parallel",
-              "torch": f"PyTorch reference ({args.torch_layout})"}
+    fast = info["jax"]["backend"]
+    labels = {"jax": f"JAX {fast}, 1 process (make_train_step)", "jaxdp": f"JAX {fast}, {n_proc} processes x 1 core, data parallel",
+              "jax_reference": "JAX reference backend, 1 process", "torch": f"PyTorch reference ({args.torch_layout})"}
+    if "jax_reference" in names:
+        figures["reference"] = {"step_s_median": med["jax_reference"], "peak_rss_mib": rss["jax_reference"]}
     rows = [[labels[n], med[n], min(times[n]), compile_s[n], rss[n]] for n in names]
     if "torch" in names:
         figures.update(

@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 DOWNSCALE_METHODS = ("bilinear", "area", "antialias")
 REMAT_MODES = ("none", "step", "nested")
+BACKENDS = ("auto", "reference", "cpu_fast")
+PRECISIONS = ("float32", "bfloat16")
 MODEL_KINDS = ("nca", "unet")
 LABEL_MODES = ("foreground", "multiclass")
 
@@ -50,7 +52,10 @@ class ModelConfig:
     scales: tuple[int, ...] = (4, 1)
     downscale: str = "bilinear"
     patch_size: int = 16  # training crop at full resolution; 0 trains on whole images
-    remat: str = "step"  # gradient checkpointing of the rollout: none | step | nested
+    remat: str = "none"  # gradient checkpointing of the rollout: none | step | nested
+    perception: str = "learned"  # the rule's perception: learned (the original) | sobel (see rule.py)
+    backend: str = "auto"  # auto | reference | cpu_fast: which implementation runs the rule
+    precision: str = "float32"  # matmul inputs: float32 | bfloat16 (float32 accumulation; reference only)
     unet_width: int = 32  # base width of the UNet baseline (kind = "unet")
     unet_depth: int = 4
 
@@ -193,6 +198,12 @@ def validate(cfg: Config) -> Config:
         )
     _check(m.downscale in DOWNSCALE_METHODS, "model.downscale", f"must be one of {DOWNSCALE_METHODS}, got {m.downscale!r}")
     _check(m.remat in REMAT_MODES, "model.remat", f"must be one of {REMAT_MODES}, got {m.remat!r}")
+    _check(m.backend in BACKENDS, "model.backend", f"must be one of {BACKENDS}, got {m.backend!r}")
+    _check(m.precision in PRECISIONS, "model.precision", f"must be one of {PRECISIONS}, got {m.precision!r}")
+    if m.kind == "nca":
+        from .rule import PERCEPTIONS  # local: the registry lives with the rule (and may grow at run time)
+
+        _check(m.perception in PERCEPTIONS, "model.perception", f"must be one of {sorted(PERCEPTIONS)}, got {m.perception!r}")
     _check(m.patch_size >= 0, "model.patch_size", f"must be >= 0, got {m.patch_size}")
     _check(m.unet_width >= 1 and m.unet_depth >= 1, "model.unet_width", "UNet width and depth must be >= 1")
 

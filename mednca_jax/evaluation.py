@@ -24,20 +24,25 @@ from .config import Config
 from .data import Case, SliceSet, load_case, resample_to_native, write_volume
 from .data.preprocess import encode_labels
 from .losses import dice_hard, dice_soft
-from .model import count_params
+from .model import Backend, count_params
 from .quality import nqm
 
 PredictFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def make_predict_fn(cfg: Config) -> PredictFn:
+def make_predict_fn(cfg: Config, backend: Backend | None = None) -> PredictFn:
     """Jitted ``(params, images (B,H,W,n_in), key, fire_rate) -> probabilities (B,H,W,n_out)``.
 
     The fire rate is static (a Python float): with a known rate only the fired cells are
-    computed (one compile per rate)."""
+    computed (one compile per rate). ``backend``: resolved from ``model.backend`` for this
+    machine when not given."""
+    if backend is None:
+        from .launch import backend_for
+
+        backend = backend_for(cfg.model)
 
     def predict(params, images, key, fire_rate):
-        return jax.nn.sigmoid(networks.forward(params, cfg, images, key, fire_rate))
+        return jax.nn.sigmoid(networks.forward(params, cfg, images, key, fire_rate, backend))
 
     return jax.jit(predict, static_argnums=3)
 

@@ -15,7 +15,11 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .model import Backend
 
 
 def usable_cores() -> list[int]:
@@ -23,6 +27,18 @@ def usable_cores() -> list[int]:
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
+
+
+def backend_for(model_cfg: "ModelConfig") -> "Backend":
+    """The backend for ``model.backend`` on this machine (its platform and usable cores):
+    the one place where machine facts enter the model, called at the entry points
+    (train, evaluate, segment) and passed on as a static argument."""
+    import jax
+
+    from .levels import rule_of
+    from .model import resolve_backend
+
+    return resolve_backend(model_cfg.backend, rule_of(model_cfg), jax.default_backend(), len(usable_cores()))
 
 
 def core_blocks(n: int, cores: Sequence[int] | None = None) -> list[list[int]]:

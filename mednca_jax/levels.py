@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config, ModelConfig
-from .model import BatchPart, Params, init_level_params, reset_inputs, rollout
+from .model import REFERENCE, Backend, Params, init_level_params, rollout
+from .rule import Rule, fold_keys, reset_inputs, sample_keys
 
 
 class InputError(ValueError):
@@ -34,11 +35,16 @@ def level_names(model_cfg: ModelConfig) -> list[str]:
     return [f"level{i}" for i in range(model_cfg.n_levels)]
 
 
+def rule_of(model_cfg: ModelConfig) -> Rule:
+    """The static rule of a config (``model.perception``, ``model.precision``)."""
+    return Rule(model_cfg.perception, model_cfg.precision)
+
+
 def init_params(model_cfg: ModelConfig, key: jax.Array) -> Params:
     """Fresh params ``{"level0": ..., "level1": ...}`` with the original initialisation."""
     keys = jax.random.split(key, model_cfg.n_levels)
     return {
-        name: init_level_params(k, model_cfg.channels, model_cfg.hidden)
+        name: init_level_params(k, model_cfg.channels, model_cfg.hidden, model_cfg.perception)
         for name, k in zip(level_names(model_cfg), keys)
     }
 
@@ -53,7 +59,7 @@ def check_params(params: Params, model_cfg: ModelConfig, source: str = "params")
     if missing or extra:
         raise ValueError(
             f"{source} does not fit the config (channels={model_cfg.channels}, hidden={model_cfg.hidden}, "
-            f"{model_cfg.n_levels} levels): missing {missing or 'nothing'}, unexpected {extra or 'nothing'}"
+            f"perception={model_cfg.perception!r}, {model_cfg.n_levels} levels): missing {missing or 'nothing'}, unexpected {extra or 'nothing'}"
         )
     for k, shape in exp_flat.items():
         if tuple(got_flat[k]) != tuple(shape):
@@ -137,9 +143,14 @@ def level_input(x: jax.Array | None, images: jax.Array, model_cfg: ModelConfig, 
     return reset_inputs(upsample_nearest(x, scales[i - 1] // scales[i]), img), img
 
 
+def _level_keys(keys: jax.Array, i: int) -> jax.Array:
+    # Level i of sample b draws from fold_in(keys[b], i); the crop from fold_in(keys[b], L).
+    return fold_keys(keys, i)
+
+
 def _coarse_levels(
-    params: Params, model_cfg: ModelConfig, images: jax.Array, keys: jax.Array, fire_rate, remat: str,
-    part: BatchPart | None = None,
+    params: Params, model_cfg: ModelConfig, images: jax.Array, keys: jax.Array, fire_rate, backend: Backend, remat: str,
+    masks: Any = None,
 ) -> tuple[jax.Array, list[jax.Array]]:
     """Run levels ``0 .. L-2`` on whole images; return the start state of the finest level
     ``(B, H, W, C)`` and the per-level final states."""
@@ -148,7 +159,10 @@ def _coarse_levels(
     states = []
     for i in range(model_cfg.n_levels - 1):
         x, img = level_input(x, images, model_cfg, i)
-        x, _ = rollout(params[names[i]], x, img, keys[i], model_cfg.steps[i], fire_rate, remat=remat, part=part)
+        x, _ = rollout(
+            params[names[i]], x, img, _level_keys(keys, i), model_cfg.steps[i], fire_rate,
+            rule=rule_of(model_cfg), backend=backend, remat=remat, masks=None if masks is None else masks[i],
+        )
         states.append(x)
     return level_input(x, images, model_cfg, model_cfg.n_levels - 1)[0], states
 
@@ -160,26 +174,35 @@ def forward(
     key: jax.Array,
     fire_rate: float | jax.Array | None = None,
     *,
+    backend: Backend = REFERENCE,
     remat: str = "none",
     return_states: bool = False,
+    masks: Any = None,
 ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
     """Inference on whole images: ``(B, H, W, n_in) -> logits (B, H, W, n_out)``.
 
-    ``fire_rate`` defaults to the config's (the original also fires stochastically at
-    inference); pass 0.0 for a deterministic result. With ``return_states`` also returns
-    the final state of every level, coarse to fine.
+    ``key``: one key or per-sample keys ``(B,)``. ``fire_rate`` defaults to the config's (the
+    original also fires stochastically at inference); pass 0.0 for a deterministic result.
+    ``backend``: see :mod:`mednca_jax.model` (resolve one with
+    :func:`mednca_jax.launch.backend_for`). ``masks``: one ``(steps_i, B, h_i, w_i)`` bool
+    array per level instead of drawing from ``key``. With ``return_states`` also returns the
+    final state of every level, coarse to fine.
     """
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
-    keys = jax.random.split(key, model_cfg.n_levels)
-    x, states = _coarse_levels(params, model_cfg, images, keys, fire_rate, remat)
-    last = level_names(model_cfg)[-1]
-    x, _ = rollout(params[last], x, images, keys[-1], model_cfg.steps[-1], fire_rate, remat=remat)
+    keys = sample_keys(key, images.shape[0])
+    x, states = _coarse_levels(params, model_cfg, images, keys, fire_rate, backend, remat, masks)
+    last = model_cfg.n_levels - 1
+    x, _ = rollout(
+        params[level_names(model_cfg)[last]], x, images, _level_keys(keys, last), model_cfg.steps[last], fire_rate,
+        rule=rule_of(model_cfg), backend=backend, remat=remat, masks=None if masks is None else masks[last],
+    )
     logits = x[..., model_cfg.n_in : model_cfg.n_in + model_cfg.n_out]
     return (logits, states + [x]) if return_states else logits
 
 
 def forward_trajectory(
-    params: Params, model_cfg: ModelConfig, images: jax.Array, key: jax.Array, fire_rate: float | None = None
+    params: Params, model_cfg: ModelConfig, images: jax.Array, key: jax.Array, fire_rate: float | None = None,
+    *, backend: Backend = REFERENCE,
 ) -> jax.Array:
     """Every state of an inference rollout, all levels, at full resolution (for GIFs).
 
@@ -188,30 +211,33 @@ def forward_trajectory(
     :func:`forward` returns.
     """
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
-    keys = jax.random.split(key, model_cfg.n_levels)
+    keys = sample_keys(key, images.shape[0])
     names, scales = level_names(model_cfg), model_cfg.scales
     x, frames = None, []
     for i in range(model_cfg.n_levels):
         x, img = level_input(x, images, model_cfg, i)
-        x, traj = rollout(params[names[i]], x, img, keys[i], model_cfg.steps[i], fire_rate, trajectory=True)
+        x, traj = rollout(
+            params[names[i]], x, img, _level_keys(keys, i), model_cfg.steps[i], fire_rate,
+            rule=rule_of(model_cfg), backend=backend, trajectory=True,
+        )
         frames.append(jnp.repeat(jnp.repeat(traj, scales[i], axis=2), scales[i], axis=3))
     return jnp.concatenate(frames, axis=0)
 
 
-def random_crops(
-    key: jax.Array, arrays: tuple[jax.Array, ...], size: int, part: BatchPart | None = None
-) -> tuple[jax.Array, ...]:
+def random_crops(keys: jax.Array, arrays: tuple[jax.Array, ...], size: int) -> tuple[jax.Array, ...]:
     """One uniformly placed ``size x size`` crop per sample, the same window in every array.
 
-    Each array is ``(B, H, W, *)``; crops are taken with ``vmap`` over the batch of
-    ``lax.dynamic_slice``. Returns arrays ``(B, size, size, *)``. With ``part = (index,
-    count)`` the windows are those of part ``index`` of a batch of ``count * B`` samples.
+    ``keys (B,)``: one key per sample (its window depends on nothing else, so a shard of the
+    batch crops exactly its own samples). Each array is ``(B, H, W, *)``; crops are taken
+    with ``vmap`` of ``lax.dynamic_slice``. Returns arrays ``(B, size, size, *)``.
     """
-    b, h, w = arrays[0].shape[:3]
-    index, count = (0, 1) if part is None else part
-    ky, kx = jax.random.split(key)
-    ys = jax.lax.dynamic_slice_in_dim(jax.random.randint(ky, (b * count,), 0, h - size + 1), index * b, b)
-    xs = jax.lax.dynamic_slice_in_dim(jax.random.randint(kx, (b * count,), 0, w - size + 1), index * b, b)
+    h, w = arrays[0].shape[1:3]
+
+    def corner(k):
+        ky, kx = jax.random.split(k)
+        return jax.random.randint(ky, (), 0, h - size + 1), jax.random.randint(kx, (), 0, w - size + 1)
+
+    ys, xs = jax.vmap(corner)(keys)
 
     def crop_one(a, y, x):
         return jax.lax.dynamic_slice(a, (y, x) + (0,) * (a.ndim - 2), (size, size) + a.shape[2:])
@@ -227,34 +253,39 @@ def forward_train(
     key: jax.Array,
     fire_rate: float | jax.Array | None = None,
     *,
+    backend: Backend = REFERENCE,
     remat: str | None = None,
-    part: BatchPart | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Training forward pass: ``(logits, labels)`` on the finest level's random crops.
 
     images ``(B, H, W, n_in)``, labels ``(B, H, W, n_out)`` -> both ``(B, P, P, *)`` with
-    ``P = model.patch_size`` (whole images when it is 0 or the image size). ``part``: see
-    :func:`~mednca_jax.model.rollout` (fire masks and crops are the whole batch's).
+    ``P = model.patch_size`` (whole images when it is 0 or the image size). ``key``: one key
+    or per-sample keys ``(B,)`` (a data-parallel shard passes its samples' keys).
     """
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     remat = model_cfg.remat if remat is None else remat
-    keys = jax.random.split(key, model_cfg.n_levels + 1)
-    x, _ = _coarse_levels(params, model_cfg, images, keys, fire_rate, remat, part)
+    keys = sample_keys(key, images.shape[0])
+    last = model_cfg.n_levels - 1
+    x, _ = _coarse_levels(params, model_cfg, images, keys, fire_rate, backend, remat)
     p = model_cfg.patch_size
     if 0 < p < min(images.shape[1], images.shape[2]):
-        x, images, labels = random_crops(keys[-1], (x, images, labels), p, part)
-    last = level_names(model_cfg)[-1]
-    x, _ = rollout(params[last], x, images, keys[-2], model_cfg.steps[-1], fire_rate, remat=remat, part=part)
+        x, images, labels = random_crops(_level_keys(keys, model_cfg.n_levels), (x, images, labels), p)
+    x, _ = rollout(
+        params[level_names(model_cfg)[last]], x, images, _level_keys(keys, last), model_cfg.steps[last], fire_rate,
+        rule=rule_of(model_cfg), backend=backend, remat=remat,
+    )
     return x[..., model_cfg.n_in : model_cfg.n_in + model_cfg.n_out], labels
 
 
 def segment(
-    params: Params, cfg: Config | ModelConfig, images: Any, key: jax.Array, fire_rate: float | None = None
+    params: Params, cfg: Config | ModelConfig, images: Any, key: jax.Array, fire_rate: float | None = None,
+    backend: Backend | None = None,
 ) -> jax.Array:
     """Foreground probabilities for preprocessed slices, checked first.
 
     images: ``(H, W)``, ``(B, H, W)`` or ``(B, H, W, n_in)`` -> sigmoid of the logits
-    ``(B, H, W, n_out)``. Compiled once per shape.
+    ``(B, H, W, n_out)``. Compiled once per shape. ``backend``: resolved from
+    ``model.backend`` for this machine when not given.
     """
     model_cfg = cfg.model if isinstance(cfg, Config) else cfg
     images = np.asarray(images, np.float32)
@@ -265,9 +296,13 @@ def segment(
     check_images(images, model_cfg)
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     check_fire_rate(fire_rate)
+    if backend is None:
+        from .launch import backend_for
+
+        backend = backend_for(model_cfg)
     # The fire rate is static: with a known rate only the fired cells are computed.
-    logits = _jit_forward(params, model_cfg, jnp.asarray(images), key, float(fire_rate))
+    logits = _jit_forward(params, model_cfg, jnp.asarray(images), key, float(fire_rate), backend=backend)
     return jax.nn.sigmoid(logits)
 
 
-_jit_forward = jax.jit(forward, static_argnums=(1, 4), static_argnames=("remat", "return_states"))
+_jit_forward = jax.jit(forward, static_argnums=(1, 4), static_argnames=("backend", "remat", "return_states"))

@@ -1,570 +1,138 @@
-"""One NCA level: parameters (Flax), the local update rule, one step, and the rollout.
+"""One NCA level: its parameters, the backends that run its rule, and the rollout.
 
-The state of a level is ``x`` with shape ``(B, H, W, C)``: channels ``[0, n_in)`` hold the
-input image and are never changed, ``[n_in, n_in + n_out)`` are read as logits, the rest
-are hidden. One step (REFERENCE.md, "One NCA"):
+The rule itself is :mod:`mednca_jax.rule`. A rollout iterates :func:`rule.step` with
+``jax.lax.scan``; the fire masks come from explicit per-sample keys, so the same keys give
+the same masks, and the same states, on every backend:
 
-    y  = [x | conv_p0(x) | conv_p1(x)]         3x3 convs, reflect padding      (B, H, W, 3C)
-    d  = fc1(relu(fc0(y)))                     per-cell MLP                     (B, H, W, C)
-    x  = x + d * [u > fire_rate]               u ~ U per cell, fresh each step
-    x[..., :n_in] = image
+- ``reference``: the rule as written, differentiated by JAX itself, with honest remat modes
+  (:mod:`mednca_jax.remat`); any spatial rank, float32 or bfloat16 matmul inputs. Runs
+  anywhere (CPU, GPU, TPU) and is what a researcher edits.
+- ``cpu_fast``: :mod:`mednca_jax.cpu_fast`, derived from the rule's perception filters
+  (fired cells only, a hand-written VJP); 2D, float32. 3-6x faster on XLA:CPU.
 
-Everything here is a pure function of ``(params, state, image, key)``; the Flax module
-:class:`NCARule` exists to declare the parameters with the original initialisation and
-applies the same :func:`nca_update`.
+``model.backend = "auto"`` takes ``cpu_fast`` on a CPU for rules it supports, else
+``reference``. The choice is made at the entry point (:func:`mednca_jax.launch.backend_for`)
+and passed in as a static :class:`Backend`; nothing here reads the machine.
 """
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache, partial
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import prng
-from .launch import usable_cores
+from . import cpu_fast
+from .config import BACKENDS
+from .remat import blocked_scan, check_remat
+from .rule import (  # noqa: F401  (re-exported: the rule's pieces are part of this module's API)
+    Params, Rule, fire_mask, fire_masks, init_rule_params, perceive, reset_inputs, sample_keys, step, step_keys, update,
+)
 
-Params = dict[str, Any]
-
-REMAT_MODES = ("none", "step", "nested")
+fired_capacity = cpu_fast.fired_capacity
 
 
 # --------------------------------------------------------------------------- parameters
-def _torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
-    """PyTorch's default init for conv/linear layers: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
-def _conv_init(key: jax.Array, channels: int) -> Params:
-    kk, kb = jax.random.split(key)
-    fan_in = 9 * channels
-    return {
-        "kernel": _torch_uniform(kk, (3, 3, channels, channels), fan_in),
-        "bias": _torch_uniform(kb, (channels,), fan_in),
-    }
-
-
-def _dense_init(key: jax.Array, n_in: int, n_out: int) -> Params:
-    kk, kb = jax.random.split(key)
-    return {"kernel": _torch_uniform(kk, (n_in, n_out), n_in), "bias": _torch_uniform(kb, (n_out,), n_in)}
-
-
-def _zero_dense_init(key: jax.Array, n_in: int, n_out: int) -> Params:
-    # fc1 starts at zero so that a fresh NCA is the identity map.
-    del key
-    return {"kernel": jnp.zeros((n_in, n_out), jnp.float32)}
-
-
 class NCARule(nn.Module):
-    """Parameter declaration of one NCA level, initialised as the original.
+    """One NCA level as a Flax module: declares the parameters of :func:`rule.init_rule_params`
+    (the original's initialisation) and applies :func:`rule.step`.
 
-    Params: ``p0``/``p1``: ``{"kernel": (3, 3, C, C), "bias": (C,)}``;
+    Params (``"learned"``): ``p0``/``p1``: ``{"kernel": (3, 3, C, C), "bias": (C,)}``;
     ``fc0``: ``{"kernel": (3C, hidden), "bias": (hidden,)}``; ``fc1``: ``{"kernel": (hidden, C)}``.
-    Calling the module returns :func:`nca_update` of its input.
     """
 
     channels: int
     hidden: int
+    perception: str = "learned"
+    ndim: int = 2
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c, h = self.channels, self.hidden
-        params = {
-            "p0": self.param("p0", _conv_init, c),
-            "p1": self.param("p1", _conv_init, c),
-            "fc0": self.param("fc0", _dense_init, 3 * c, h),
-            "fc1": self.param("fc1", _zero_dense_init, h, c),
-        }
-        return nca_update(params, x)
+    def __call__(self, x: jax.Array, image: jax.Array, mask: jax.Array) -> jax.Array:
+        def full(key):
+            return init_rule_params(key, self.channels, self.hidden, self.perception, self.ndim)
+
+        names = jax.eval_shape(full, jax.random.PRNGKey(0)).keys()
+        params = {name: self.param(name, lambda key, n=name: full(key)[n]) for name in names}
+        return step(Rule(self.perception), params, x, image, mask)
 
 
-def init_level_params(key: jax.Array, channels: int, hidden: int) -> Params:
+def init_level_params(key: jax.Array, channels: int, hidden: int, perception: str = "learned", ndim: int = 2) -> Params:
     """Fresh parameters of one level (see :class:`NCARule` for the tree)."""
-    dummy = jnp.zeros((1, 3, 3, channels), jnp.float32)
-    return NCARule(channels, hidden).init(key, dummy)["params"]
+    x = jnp.zeros((1,) + (3,) * ndim + (channels,), jnp.float32)
+    mask = jnp.ones(x.shape[:-1], bool)
+    return NCARule(channels, hidden, perception, ndim).init(key, x, x[..., :1], mask)["params"]
 
 
 def count_params(params: Any) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-# --------------------------------------------------------------------------- the rule
-def reflect_pad(x: jax.Array) -> jax.Array:
-    """Pad H and W by one pixel, mirroring without repeating the border: (B,H,W,C)->(B,H+2,W+2,C)."""
-    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-
-
-def im2col3x3(x: jax.Array) -> jax.Array:
-    """3x3 reflect-padded neighbourhoods, ``(B, H, W, C) -> (B, H, W, 9C)``.
-
-    Column block ``3*dh + dw`` holds the neighbour at offset ``(dh - 1, dw - 1)``. A conv as
-    one matmul over these columns is much faster on CPU than XLA's convolution, whose
-    gradient kernels are slow there.
-    """
-    h, w = x.shape[1], x.shape[2]
-    xp = reflect_pad(x)
-    return jnp.concatenate([xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1)
-
-
-def perceive(params: Params, x: jax.Array) -> jax.Array:
-    """``[x | p0(x) | p1(x)]``: ``(B, H, W, C) -> (B, H, W, 3C)``."""
-    c = x.shape[-1]
-    kernel = jnp.concatenate([params["p0"]["kernel"], params["p1"]["kernel"]], axis=-1)  # (3,3,C,2C)
-    bias = jnp.concatenate([params["p0"]["bias"], params["p1"]["bias"]])
-    conv = im2col3x3(x) @ kernel.reshape(9 * c, 2 * c) + bias
-    return jnp.concatenate([x, conv], axis=-1)
-
-
-def nca_update(params: Params, x: jax.Array) -> jax.Array:
-    """The residual ``d = fc1(relu(fc0(perceive(x))))``, ``(B, H, W, C) -> (B, H, W, C)``."""
-    y = perceive(params, x)
-    hidden = jax.nn.relu(y @ params["fc0"]["kernel"] + params["fc0"]["bias"])
-    return hidden @ params["fc1"]["kernel"]
-
-
-def fire_mask(key: jax.Array, shape: tuple[int, ...], fire_rate: float | jax.Array) -> jax.Array:
-    """Per-cell update mask ``u > fire_rate`` as float, shape ``(B, H, W, 1)``.
-
-    ``u`` is drawn from (0, 1] (not [0, 1)) so that ``fire_rate = 0`` updates every cell,
-    exactly and deterministically. The numbers are ``jax.random.uniform``'s, drawn through
-    :func:`prng.uniform` (faster on CPU).
-    """
-    u = 1.0 - prng.uniform(key, shape[:-1] + (1,))
-    return (u > fire_rate).astype(jnp.float32)
-
-
-def reset_inputs(x: jax.Array, image: jax.Array) -> jax.Array:
-    """Write ``image (B, H, W, n_in)`` into channels ``[0, n_in)`` of ``x (B, H, W, C)``."""
-    return jnp.concatenate([image.astype(x.dtype), x[..., image.shape[-1] :]], axis=-1)
-
-
-def nca_step(
-    params: Params, x: jax.Array, image: jax.Array, key: jax.Array, fire_rate: float | jax.Array
-) -> jax.Array:
-    """One stochastic step of one level: ``(B, H, W, C) -> (B, H, W, C)``.
-
-    Computes ``x + nca_update(params, x) * fire_mask(key, x.shape, fire_rate)`` followed by
-    :func:`reset_inputs`, through the fast path below.
-    """
-    grid = x.shape[:3]
-    fired, idx, _ = _step_inputs(key[None], grid, fire_rate)
-    xf = _flat_step(_prepare(params, image.shape[-1]), _flat(x), fired[0], None if idx is None else idx[0], grid)
-    return reset_inputs(xf.reshape(x.shape), image)
-
-
-# --------------------------------------------------------------------------- the fast step
-# Why this exists (measured on a 2-core CPU, C=16, hidden 128, 48x16x16 cells, fwd+bwd): autodiff
-# of the plain formulation above spends most of its time outside the matmuls (concatenations
-# along the 16-wide channel axis, transposes feeding the weight gradients, rematerialisation)
-# and computes the MLP for every cell although only the fired ones (~half at fire 0.5) change.
-# Here one step
-#   * gathers the 3x3 reflect neighbourhoods of the fired cells only (static capacity, see
-#     :func:`fired_capacity`; more fired cells than that are processed in extra chunks, so the
-#     result never depends on the capacity),
-#   * runs the forward cell-major ``(cells, features)`` and the backward feature-major
-#     ``(features, cells)``: there the weight gradients contract over the minor axis of both
-#     operands (2-3x faster on XLA:CPU than the cell-major transposed products autodiff
-#     produces), while the forward's products are faster cell-major,
-#   * leaves the input channels alone (fc1's columns for them are zero, see :func:`_prepare`)
-#     instead of rewriting the image into them every step,
-#   * scatters the update back, and in the backward scatter-adds the neighbourhood gradients,
-#   * saves only the state and the fired indices for the backward, which recomputes the
-#     perception and fc0 (on this memory-bound CPU, cheaper than storing them per step),
-#   * multiplies with weights laid out once per rollout (:func:`_prepare`).
-SPARSE_MAX_FRACTION = 0.8  # above this capacity / cells the compaction does not pay off
-SPARSE_SIGMAS = 3.0  # capacity margin in standard deviations of the fired count
-
-
-def fired_capacity(n_cells: int, fire_rate: float | jax.Array) -> int | None:
-    """Static capacity for the fired cells of one step, or ``None`` for the dense path.
-
-    The fired count is Binomial(n, 1 - fire_rate); the capacity is its mean plus
-    ``SPARSE_SIGMAS`` standard deviations (exceeded with p < 1e-3 per step, and then handled
-    exactly, in an extra chunk). Each sigma of margin costs ~1% more work at 2000-6000 cells;
-    3 sigmas instead of 6 measured 2-4% faster, the rare extra chunk included. A traced
-    ``fire_rate`` has no static value: dense.
-    """
-    if isinstance(fire_rate, jax.core.Tracer):
-        return None
-    q = 1.0 - float(fire_rate)
-    cap = q * n_cells + SPARSE_SIGMAS * math.sqrt(n_cells * q * (1.0 - q)) + 8
-    cap = int(math.ceil(cap / 8.0) * 8)
-    return cap if cap <= SPARSE_MAX_FRACTION * n_cells else None
-
-
-def _flat(a: jax.Array) -> jax.Array:
-    return a.reshape(-1, a.shape[-1])
-
-
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())))
-
-
-@lru_cache(maxsize=32)
-def _neighbour_table(grid: tuple[int, int, int]) -> np.ndarray:
-    """``(N + 1, 9)`` flat indices of the reflect-padded 3x3 neighbourhood of every cell.
-
-    Column ``3*dh + dw`` is the neighbour at offset ``(dh - 1, dw - 1)`` (the im2col order);
-    the extra row ``N`` (the padding index of the compaction) points at ``N`` again.
-    """
-    b, h, w = grid
-    i = np.abs(np.arange(-1, h + 1))
-    i = np.where(i >= h, 2 * (h - 1) - i, i)  # -1 -> 1, h -> h - 2
-    j = np.abs(np.arange(-1, w + 1))
-    j = np.where(j >= w, 2 * (w - 1) - j, j)
-    ii = np.stack([i[k : k + h] for k in range(3)], -1)  # (h, 3)
-    jj = np.stack([j[k : k + w] for k in range(3)], -1)  # (w, 3)
-    cell = (ii[:, None, :, None] * w + jj[None, :, None, :]).reshape(h, w, 9)
-    table = (np.arange(b)[:, None, None, None] * (h * w) + cell).reshape(b * h * w, 9)
-    return np.concatenate([table, np.full((1, 9), b * h * w)]).astype(np.int32)
-
-
-def _neighbours(idx: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-    """Flat neighbour indices ``(K, 9)`` of cells ``idx (K,)`` (``N`` maps to ``N``).
-
-    A table lookup rather than index arithmetic: XLA fuses arithmetic into the consuming
-    gather and recomputes it for every channel (measured ~3x slower gathers).
-    """
-    return jnp.asarray(_neighbour_table(grid)).at[idx].get(mode="promise_in_bounds")
-
-
-def _take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
-    # Clamped gather: padding indices (N) read the last row; their results are never used
-    # (dropped by the scatter, zero cotangent). Cheaper than mode="fill" (no select pass).
-    return a.at[jnp.minimum(idx, a.shape[0] - 1)].get(mode="promise_in_bounds")
-
-
-def _scatter_add_rows(a: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
-    """``a.at[idx].add(rows, mode="drop")`` for ``a (N, C)``, ``idx (M,)``, ``rows (M, C)``.
-
-    Written as a scatter whose window spans both dims, so that XLA gets the updates in its
-    canonical ``(M, 1, C)`` form: ``.at[].add`` made XLA:CPU copy the neighbourhood gradients
-    (3.6 MB, ~0.2 ms per step at 6320 cells) only to move a size-1 axis.
-    """
-    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,))
-    return jax.lax.scatter_add(a, idx[:, None], rows[:, None, :], dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
-
-
-def _conv_matrix(params: Params) -> tuple[jax.Array, jax.Array]:
-    """Both perception convs as one ``(9C, 2C)`` matrix and a ``(2C,)`` bias."""
-    k = jnp.concatenate([params["p0"]["kernel"], params["p1"]["kernel"]], axis=-1)
-    return k.reshape(-1, k.shape[-1]), jnp.concatenate([params["p0"]["bias"], params["p1"]["bias"]])
-
-
-def _prepare(params: Params, n_in: int) -> Params:
-    """The weights in the layouts the fast step multiplies with, built once per rollout.
-
-    The forward runs cell-major (``k``, ``w0``, ``w1``), the backward feature-major (``kt``,
-    ``w0t``): on XLA:CPU each is the faster layout for its products (measured: the cell-major
-    forward 1.2-1.5x faster at 2248-6488 cells, the feature-major weight gradients 1.5-3x).
-    Outside the scan on purpose: inside, XLA folds these transposes into the dots, which then
-    run as slower transposed-operand products. Gradients flow back to ``params`` through
-    this function.
-
-    fc1's columns of the ``n_in`` input channels are zeroed: the update then leaves the
-    image in those channels bit for bit, so a rollout writes it once instead of every step.
-    The original overwrites these outputs each step, so they get no gradient there either.
-    """
-    c = params["p0"]["kernel"].shape[2]
-    kmat, kbias = _conv_matrix(params)
-    w0 = params["fc0"]["kernel"]
-    w0 = jnp.concatenate([w0[c:], w0[:c], params["fc0"]["bias"][None]], axis=0)  # rows [p0 | p1 | x | bias]
-    return {"k": kmat, "kt": kmat.T, "kbias": kbias, "w0": w0, "w0t": w0.T, "w1": jnp.asarray(params["fc1"]["kernel"]).at[:, :n_in].set(0.0)}
-
-
-def _update_rows(w: Params, cols: jax.Array) -> jax.Array:
-    """The update ``d (K, C)`` of cells with neighbourhood columns ``cols (K, 9C)``, cell-major:
-    ``y = [p0 x | p1 x | x | 1] (K, 3C+1)`` (the ones column folds fc0's bias into the matmul),
-    ``d = relu(y @ w0) @ w1``."""
-    c = cols.shape[1] // 9
-    conv = cols @ w["k"] + w["kbias"]  # (K, 2C)
-    y = jnp.concatenate([conv, cols[:, 4 * c : 5 * c], jnp.ones((cols.shape[0], 1), cols.dtype)], axis=1)
-    return jax.nn.relu(y @ w["w0"]) @ w["w1"]
-
-
-def _hidden_t(w: Params, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Feature-major recomputation for the backward: ``y_t (3C+1, K)`` holding ``[p0 x | p1 x |
-    x | 1]`` and fc0's pre-activation ``h_t (hidden, K)``, from columns ``cols (K, 9C)``."""
-    c = cols.shape[1] // 9
-    conv_t = _dot(w["kt"], cols, (1, 1)) + w["kbias"][:, None]  # (2C, K)
-    ones = jnp.ones((1, cols.shape[0]), cols.dtype)
-    y_t = jnp.concatenate([conv_t, cols[:, 4 * c : 5 * c].T, ones], axis=0)
-    return y_t, w["w0t"] @ y_t
-
-
-def _update_backward(w: Params, cols: jax.Array, gd_t: jax.Array) -> tuple[Params, jax.Array, jax.Array]:
-    """Gradients given ``dL/dd`` as ``gd_t (C, K)``; recomputes the perception and fc0.
-
-    Returns ``(gradients in the layout of _prepare, dL/dcols (K, 9C) through the convs,
-    dL/dx_centre (C, K) through fc0's x columns)``; the two input parts are scattered
-    separately by the caller (adding the centre into the columns costs a pass over them).
-    """
-    c = cols.shape[1] // 9
-    y_t, h_t = _hidden_t(w, cols)
-    g_w1 = _dot(jax.nn.relu(h_t), gd_t, (1, 1))  # (hidden, C)
-    gh_t = jnp.where(h_t > 0, w["w1"] @ gd_t, 0.0)  # (hidden, K)
-    g_w0 = _dot(y_t, gh_t, (1, 1))  # (3C+1, hidden)
-    gy_t = w["w0"][: 3 * c] @ gh_t  # (3C, K)
-    gconv_t = gy_t[: 2 * c]
-    grads = {
-        "k": jnp.zeros_like(w["k"]),
-        "kt": _dot(gconv_t, cols, (1, 0)),  # (2C, 9C)
-        "kbias": gconv_t.sum(axis=1),
-        "w0": g_w0,
-        "w0t": jnp.zeros_like(w["w0t"]),
-        "w1": g_w1,
-    }
-    return grads, _dot(gconv_t, w["kt"], (0, 0)), gy_t[2 * c :]
-
-
-MIN_ROWS_PER_CHAIN = 512  # smaller pieces gained nothing (batch-1 level 0: 160 cells)
-
-
-def cell_chains(n_rows: int) -> int:
-    """Into how many independent pieces one step splits the work on ``n_rows`` fired cells.
-
-    XLA:CPU runs independent ops concurrently, one per core, but runs a matmul of a few
-    thousand rows on one core. Two pieces (gather, perception, MLP, and their backward) run
-    side by side. Measured on 2 cores: batch-1 inference 17 % faster, batch 4 10 %, batch
-    32 unchanged, a one-process train step 6-9 % faster; on one core 3 % slower, and 3 or 4
-    pieces on 2 cores gained less. So: two pieces on CPU when at least two cores are usable
-    (a process of ``train.py --cpu-processes`` has one), else one.
-    """
-    if n_rows < 2 * MIN_ROWS_PER_CHAIN or jax.default_backend() != "cpu":
-        return 1
-    return 2 if len(usable_cores()) >= 2 else 1
-
-
-def _row_pieces(n_rows: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of the :func:`cell_chains` near-equal pieces of ``n_rows`` rows."""
-    k = cell_chains(n_rows)
-    bounds = [i * n_rows // k for i in range(k + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _gather_cols(xf: jax.Array, nb: jax.Array) -> jax.Array:
-    """Neighbourhood columns ``(K, 9C)`` from neighbour indices ``nb (K, 9)`` (padding ``N``
-    reads the last row, see :func:`_take_rows`).
-
-    A row gather: on CPU ~3x cheaper than the slice-and-concatenate :func:`im2col3x3`.
-    """
-    return _take_rows(xf, nb).reshape(nb.shape[0], -1)
-
-
-# ---- every cell (fire rate unknown at trace time, or most cells fire)
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dense_update(w: Params, xf: jax.Array, m: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-    """``xf + d * m`` computed for every cell; ``xf (N, C)``, ``m (N,)`` float."""
-    nb = jnp.asarray(_neighbour_table(grid)[:-1])
-    d = jnp.concatenate([_update_rows(w, _gather_cols(xf, nb[a:b])) for a, b in _row_pieces(xf.shape[0])])
-    return xf + d * m[:, None]
-
-
-def _dense_update_fwd(w, xf, m, grid):
-    return _dense_update(w, xf, m, grid), (w, xf, m)
-
-
-def _dense_update_bwd(grid, res, g):
-    w, xf, m = res
-    nb = jnp.asarray(_neighbour_table(grid)[:-1])
-    gd = g * m[:, None]
-    grads, gx = None, g
-    for a, b in _row_pieces(xf.shape[0]):
-        more, gcols, gxc_t = _update_backward(w, _gather_cols(xf, nb[a:b]), gd[a:b].T)
-        grads = more if grads is None else jax.tree_util.tree_map(jnp.add, grads, more)
-        gx = _scatter_add_rows(gx.at[a:b].add(gxc_t.T), nb[a:b].reshape(-1), gcols.reshape(-1, g.shape[-1]))
-    return grads, gx, None
-
-
-_dense_update.defvjp(_dense_update_fwd, _dense_update_bwd)
-
-
-# ---- fired cells only
-def _chunk_indices(m: jax.Array, chunk: jax.Array, cap: int) -> jax.Array:
-    """Indices of the fired cells number ``[chunk*cap, (chunk+1)*cap)``, padded with ``N``."""
-    order = _fired_indices(m[None], m.shape[0] + cap)[0][0]
-    return jax.lax.dynamic_slice(order, (chunk * cap,), (cap,))
-
-
-def _extra_chunks(m: jax.Array, cap: int, body: Callable, init: tuple) -> tuple:
-    # More fired cells than the capacity (p < 1e-3 per step): process the rest chunk by chunk.
-    # The cond keeps XLA from hoisting the (chunk-independent) full compaction out of the loop,
-    # where it would run every step (measured ~0.25 ms per step).
-    count = jnp.sum(m, dtype=jnp.int32)
-
-    def loop(init):
-        return jax.lax.while_loop(lambda s: s[0] * cap < count, lambda s: (s[0] + 1,) + body(s[0], *s[1:]), (1,) + init)[1:]
-
-    return jax.lax.cond(count > cap, loop, lambda init: init, init)
-
-
-def _add_update(w: Params, xf: jax.Array, out: jax.Array, idx: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-    """``out`` plus the update of the cells ``idx (K,)`` (padding ``N`` dropped), from state ``xf``."""
-    pieces = [idx[a:b] for a, b in _row_pieces(idx.shape[0])]
-    d = jnp.concatenate([_update_rows(w, _gather_cols(xf, _neighbours(p, grid))) for p in pieces])
-    return out.at[idx].add(d, mode="drop", unique_indices=True, indices_are_sorted=True)
-
-
-def _add_backward(w, xf, idx, g, grads, gx, grid):
-    """Adds the gradients of :func:`_add_update` given ``g = dL/dout`` to ``grads`` (or None)
-    and ``gx``, in :func:`cell_chains` independent pieces as the forward."""
-    for piece in [idx[a:b] for a, b in _row_pieces(idx.shape[0])]:
-        nb = _neighbours(piece, grid)
-        cols = _gather_cols(xf, nb)
-        gd_t = jnp.where(piece[:, None] < g.shape[0], _take_rows(g, piece), 0.0).T  # padding: no gradient
-        more, gcols, gxc_t = _update_backward(w, cols, gd_t)
-        grads = more if grads is None else jax.tree_util.tree_map(jnp.add, grads, more)
-        gx = gx.at[piece].add(gxc_t.T, mode="drop", unique_indices=True, indices_are_sorted=True)
-        gx = _scatter_add_rows(gx, nb.reshape(-1), gcols.reshape(-1, g.shape[-1]))
-    return grads, gx
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fired_update(
-    w: Params, xf: jax.Array, m: jax.Array, idx: jax.Array, grid: tuple[int, int, int], overflow_possible: bool
-) -> jax.Array:
-    """``xf + d * m`` computing ``d`` only at the fired cells.
-
-    ``m (N,)`` bool; ``idx (cap,)`` the first ``cap`` fired cells in order, padded with ``N``.
-    With ``overflow_possible=False`` the caller knows that at most ``cap`` cells fired: no
-    check and no extra chunks, so the scatter can update the state in place (the check reads
-    the old state afterwards, which cost two state copies per step, ~5 % of a batch-1
-    inference).
-    """
-    cap = idx.shape[0]
-    out = _add_update(w, xf, xf, idx, grid)
-    if overflow_possible:
-        (out,) = _extra_chunks(m, cap, lambda c, o: (_add_update(w, xf, o, _chunk_indices(m, c, cap), grid),), (out,))
-    return out
-
-
-def _fired_update_fwd(w, xf, m, idx, grid, overflow_possible):
-    return _fired_update(w, xf, m, idx, grid, overflow_possible), (w, xf, m, idx)
-
-
-def _fired_update_bwd(grid, overflow_possible, res, g):
-    w, xf, m, idx = res
-    cap = idx.shape[0]
-    grads, gx = _add_backward(w, xf, idx, g, None, g, grid)
-    if overflow_possible:
-        grads, gx = _extra_chunks(m, cap, lambda c, gr, gx_: _add_backward(w, xf, _chunk_indices(m, c, cap), g, gr, gx_, grid), (grads, gx))
-    return grads, gx, None, None
-
-
-_fired_update.defvjp(_fired_update_fwd, _fired_update_bwd)
-
-
-_PREFIX_BLOCK = 64  # cells per block of the compaction's running count
-
-
-def _fired_indices(fired: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
-    """``(S, N)`` bool masks -> ``(S, cap)`` int32: the first ``cap`` fired cells of each step in
-    order, padded with ``N`` (what ``jnp.nonzero(size=cap, fill_value=N)`` gives per step),
-    and whether any step has more than ``cap`` fired cells (bool scalar).
-
-    One compaction for all steps (per step it costs ~0.3 ms of small-op overhead on CPU), and
-    not through ``jnp.nonzero``, which is 2.4x slower here (64 x 4096 cells: 2.0 against 0.81
-    ms; with the masks computed once, see :func:`_fired_cells`, a batch-1 inference got 4 %
-    faster). The running count of fired cells
-    is a matmul with a triangular matrix inside blocks of 64 cells (exact in float32) plus a
-    cumsum over the block totals; each fired cell is then scattered to its slot in one flat
-    scatter, whose last element collects the cells that get no slot.
-    """
-    s, n = fired.shape
-    b = _PREFIX_BLOCK
-    nb = -(-n // b)
-    rows = s * nb
-    blocks = jnp.pad(fired, ((0, 0), (0, nb * b - n))).reshape(rows, b).astype(jnp.float32)
-    within = blocks @ jnp.triu(jnp.ones((b, b), jnp.float32))  # inclusive count inside each block
-    # Per block (small arrays, so that the per-cell pass below needs no index arithmetic):
-    # the flat slot before its first cell, the end of its step's slots, its first cell. The
-    # totals are sliced from the float product: sliced after the int conversion, XLA fused
-    # this per-block work into the per-cell pass (measured 1.5x slower).
-    totals = within[:, -1].astype(jnp.int32).reshape(s, nb)
-    step_start = jnp.arange(s, dtype=jnp.int32)[:, None] * cap
-    base = (jnp.cumsum(totals, axis=1) - totals + step_start - 1).reshape(rows, 1)
-    end = ((step_start + cap) * jnp.ones((1, nb), jnp.int32)).reshape(rows, 1)
-    first_cell = (jnp.arange(rows, dtype=jnp.int32) % nb * b).reshape(rows, 1)
-    slot = within.astype(jnp.int32) + base
-    slot = jnp.where((blocks > 0) & (slot < end), slot, s * cap)
-    cells = first_cell + jax.lax.broadcasted_iota(jnp.int32, (rows, b), 1)
-    # promise_in_bounds: every slot is in [0, s * cap]; "drop" with out-of-range slots instead
-    # measured 5x slower.
-    out = jnp.full((s * cap + 1,), n, jnp.int32).at[slot.reshape(-1)].set(cells.reshape(-1), mode="promise_in_bounds")
-    return out[:-1].reshape(s, cap), jnp.any(jnp.sum(totals, axis=1) > cap)
-
-
-def _flat_step(
-    w: Params,
-    xf: jax.Array,
-    fired: jax.Array,
-    idx: jax.Array | None,
-    grid: tuple[int, int, int],
-) -> jax.Array:
-    """``xf + d * fired`` on the flattened state ``xf (B*H*W, C)`` with weights ``w`` from
-    :func:`_prepare` (which keeps the input channels as they are); ``fired (B*H*W,)`` bool;
-    ``idx`` from :func:`_fired_indices`, or ``None``: dense."""
-    if idx is None:
-        return _dense_update(w, xf, fired.astype(xf.dtype), grid)
-    return _fired_update(w, xf, fired, idx, grid, True)
-
-
-def _fired_cells(keys: jax.Array, grid: tuple[int, int, int], fire_rate: float | jax.Array) -> jax.Array:
-    """Masks ``(S, B*H*W)`` bool of ``S`` steps in one vectorised draw (the same numbers as
-    :func:`fire_mask` per key; one draw per step costs ~1 ms of loop overhead on CPU)."""
-    masks = jax.vmap(lambda k: fire_mask(k, grid + (1,), fire_rate).reshape(-1))(keys)
-    # sqrt leaves 0 and 1 as they are. It is there because XLA counts it as expensive and so
-    # computes the masks once; otherwise it fuses the Threefry hash (~100 integer ops per
-    # number) into each consumer of the masks, three or four times over (~1 ms of a batch-1
-    # inference).
-    return jnp.sqrt(masks) > 0
-
-
-BatchPart = tuple[jax.Array, int]  # (index, count): this batch is part `index` of `count` equal parts
-
-
-def _step_inputs(
-    keys: jax.Array, grid: tuple[int, int, int], fire_rate: float | jax.Array, part: BatchPart | None = None
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Per-step scan inputs: fired masks ``(S, N)``, fired indices ``(S, cap)`` and whether a
-    step has more fired cells than ``cap`` (bool scalar); both None on the dense path.
-
-    With ``part``, the masks are drawn for the whole batch (``count`` times ``grid``'s) and
-    this part's rows are kept, so each device of a data-parallel step sees the numbers one
-    device would.
-    """
-    if part is None:
-        fired = _fired_cells(keys, grid, fire_rate)
-    else:
-        index, count = part
-        n = grid[0] * grid[1] * grid[2]
-        fired = _fired_cells(keys, (grid[0] * count,) + grid[1:], fire_rate)
-        fired = jax.lax.dynamic_slice_in_dim(fired, index * n, n, axis=1)
-    cap = fired_capacity(fired.shape[-1], fire_rate)
-    if cap is None:
-        return fired, None, None
-    return (fired,) + _fired_indices(fired, cap)
-
-
-# --------------------------------------------------------------------------- the rollout
-def _scan_steps(
-    step: Callable[[jax.Array, Any], jax.Array], x: jax.Array, xs: Any, trajectory: bool
+# --------------------------------------------------------------------------- backends
+@dataclass(frozen=True)
+class Backend:
+    """A resolved backend (static): ``name`` is ``"reference"`` or ``"cpu_fast"``; ``pieces``
+    is into how many independent pieces ``cpu_fast`` splits a step (one per usable core, at
+    most 2; XLA:CPU runs them side by side)."""
+
+    name: str = "reference"
+    pieces: int = 1
+
+
+REFERENCE = Backend("reference")
+
+
+def resolve_backend(requested: str, rule: Rule, platform: str, cores: int, ndim: int = 2) -> Backend:
+    """The backend for ``model.backend = requested`` on ``platform`` (``jax.default_backend()``)
+    with ``cores`` usable CPU cores. ``auto``: ``cpu_fast`` on a CPU when it supports the rule,
+    else ``reference``. Asking for ``cpu_fast`` by name for a rule it cannot run raises
+    ``ValueError`` saying why."""
+    if requested not in BACKENDS:
+        raise ValueError(f"model.backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "reference":
+        return REFERENCE
+    try:
+        cpu_fast.check_supported(rule, ndim)
+    except ValueError:
+        if requested == "cpu_fast":
+            raise
+        return REFERENCE
+    if requested == "auto" and platform != "cpu":
+        return REFERENCE
+    return Backend("cpu_fast", pieces=2 if platform == "cpu" and cores >= 2 else 1)
+
+
+# --------------------------------------------------------------------------- rollouts
+def reference_rollout(
+    rule: Rule,
+    params: Params,
+    x: jax.Array,
+    image: jax.Array,
+    xs: jax.Array,
+    fire_rate: float | jax.Array,
+    *,
+    remat: str = "none",
+    trajectory: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    def body(carry, a):
-        new = step(carry, a)
+    """Iterate :func:`rule.step` over ``xs``: per-step keys ``(S, B)`` (each step's mask is drawn
+    in the scan body, so masks take no memory across steps) or masks ``(S, B, *spatial)`` bool."""
+    spatial = x.shape[1:-1]
+
+    def one(carry, a):
+        mask = a if a.dtype == jnp.bool_ else fire_mask(a, spatial, fire_rate)
+        new = step(rule, params, carry, image, mask)
         return new, (new if trajectory else None)
 
-    return jax.lax.scan(body, x, xs)
+    if remat != "none":
+        one = jax.checkpoint(one, prevent_cse=False)
 
+    def run(carry, xs_):
+        return jax.lax.scan(one, carry, xs_)
 
-def _nested_block(n: int) -> int:
-    # sqrt(n) blocks of sqrt(n) steps: stored states grow as 2*sqrt(n), not n.
-    return max(1, int(math.isqrt(n)))
+    if remat == "nested":
+        return blocked_scan(run, x, xs, xs.shape[0])
+    return run(x, xs)
 
 
 def rollout(
@@ -575,62 +143,47 @@ def rollout(
     steps: int,
     fire_rate: float | jax.Array,
     *,
+    rule: Rule = Rule(),
+    backend: Backend = REFERENCE,
     remat: str = "none",
     trajectory: bool = False,
-    part: BatchPart | None = None,
+    masks: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Iterate :func:`nca_step` ``steps`` times with ``jax.lax.scan``.
+    """``steps`` NCA steps of one level with ``jax.lax.scan``.
 
     Args:
-        x: initial state ``(B, H, W, C)``; image: ``(B, H, W, n_in)``, written into the input
-            channels before the first step and kept there (every caller's ``x`` already holds
-            it, as in the original, where it is also rewritten after every step).
-        key: split into one key per step (the same keys whatever ``remat`` is, so values and
-            gradients do not depend on it).
-        remat: ``"none"`` and ``"step"`` store one state per step for the backward pass (each
-            step has a custom VJP that recomputes its activations from the state);
-            ``"nested"`` also checkpoints blocks of ~sqrt(steps) steps, so memory grows as
-            ~2*sqrt(steps) states.
-        trajectory: also return every state after each step, ``(steps, B, H, W, C)``.
-        part: ``(index, count)`` when ``x`` is part ``index`` of ``count`` equal parts of a
-            batch (a data-parallel step): the fire masks are then the whole batch's rows for
-            this part.
+        x: initial state ``(B, *S, C)``; image: ``(B, *S, n_in)``, written into the input
+            channels before the first step and after every step.
+        key: one key, or per-sample keys ``(B,)`` (see :func:`rule.sample_keys`); step ``s``
+            of sample ``b`` draws its mask from ``split(keys[b], steps)[s]``.
+        fire_rate: a cell updates where ``u > fire_rate``; static values let ``cpu_fast``
+            compute only the fired cells.
+        rule, backend: which rule, and which implementation runs it (:class:`Backend`).
+        remat: ``none`` | ``step`` | ``nested`` (:mod:`mednca_jax.remat`); values and
+            gradients do not depend on it.
+        trajectory: also return every state after each step, ``(steps, B, *S, C)``.
+        masks: ``(steps, B, *S)`` bool, used instead of drawing from ``key``.
 
     Returns:
-        ``(final state (B, H, W, C), trajectory or None)``.
+        ``(final state (B, *S, C), trajectory or None)``.
     """
-    if remat not in REMAT_MODES:
-        raise ValueError(f"remat must be one of {REMAT_MODES}, got {remat!r}")
-    keys = jax.random.split(key, steps)
-    grid = x.shape[:3]
-    w = _prepare(params, image.shape[-1])
+    check_remat(remat)
+    keys = sample_keys(key, x.shape[0])
+    x = reset_inputs(x, image)
+    spatial = x.shape[1:-1]
+    if masks is not None and masks.shape != (steps, x.shape[0]) + spatial:
+        raise ValueError(f"masks must have shape {(steps, x.shape[0]) + spatial}, got {masks.shape}")
+    if backend.name == "cpu_fast":
+        if masks is None:
+            masks = fire_masks(keys, steps, spatial, fire_rate)
+        return cpu_fast.rollout(rule, params, x, image, masks, fire_rate, pieces=backend.pieces, remat=remat, trajectory=trajectory)
+    xs = step_keys(keys, steps) if masks is None else masks
+    return reference_rollout(rule, params, x, image, xs, fire_rate, remat=remat, trajectory=trajectory)
 
-    # No jax.checkpoint per step: the custom VJP of a step already keeps only the state (and
-    # the fired cells) for the backward pass, so "none" and "step" store the same.
-    def run(carry, step_keys):
-        fired, idx, overflow = _step_inputs(step_keys, grid, fire_rate, part)
-        exact = partial(_scan_steps, lambda c, a: _flat_step(w, c, *a, grid), xs=(fired, idx), trajectory=trajectory)
-        if idx is None:
-            return exact(carry)
-        # When no step of the block has more fired cells than the capacity, the scan runs the
-        # capped step; otherwise the exact one, chunk by chunk. At fire 0.5 a step overflows
-        # with p ~ 5e-4 (4096 cells) to 7e-4 (12288), so ~3-5 % of 64-step rollouts are exact.
-        capped = partial(_scan_steps, lambda c, a: _fired_update(w, c, *a, grid, False), xs=(fired, idx), trajectory=trajectory)
-        return jax.lax.cond(overflow, exact, capped, carry)
 
-    # Written once: the steps leave the input channels unchanged (see _prepare).
-    xf = _flat(reset_inputs(x, image))
-    if remat != "nested":
-        xf, traj = run(xf, keys)
-    else:
-        block = _nested_block(steps)
-        n_blocks = steps // block
-        head = keys[: n_blocks * block].reshape((n_blocks, block) + keys.shape[1:])
-        xf, traj = jax.lax.scan(jax.checkpoint(run), xf, head)
-        if n_blocks * block < steps:
-            xf, tail = run(xf, keys[n_blocks * block :])
-            if traj is not None:
-                traj = jnp.concatenate([traj.reshape((-1,) + xf.shape), tail], axis=0)
-    if traj is not None:
-        traj = traj.reshape((steps,) + x.shape)
-    return xf.reshape(x.shape), traj
+def nca_step(
+    params: Params, x: jax.Array, image: jax.Array, key: jax.Array, fire_rate: float | jax.Array, *, rule: Rule = Rule()
+) -> jax.Array:
+    """One stochastic step of one level ``(B, *S, C) -> (B, *S, C)``, its masks drawn from
+    ``key`` (one key or per-sample keys) as the first step of :func:`rollout`."""
+    return rollout(params, x, image, key, 1, fire_rate, rule=rule)[0]

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import levels
 from .config import Config
-from .model import BatchPart
+from .model import REFERENCE, Backend
 
 
 def init_network_params(cfg: Config, key: jax.Array) -> Any:
@@ -38,21 +38,24 @@ def check_network_params(params: Any, cfg: Config) -> None:
 
 
 def forward_train(
-    params: Any, cfg: Config, images: jax.Array, labels: jax.Array, key: jax.Array, part: BatchPart | None = None
+    params: Any, cfg: Config, images: jax.Array, labels: jax.Array, key: jax.Array, backend: Backend = REFERENCE
 ) -> tuple[jax.Array, jax.Array]:
     """``(logits, labels)`` the loss is computed on: NCA random crops, UNet whole images.
-    ``part``: see :func:`levels.forward_train` (the UNet has no randomness to share)."""
+    ``key``: one key or per-sample keys ``(B,)`` (see :func:`levels.forward_train`; the UNet
+    has no randomness)."""
     if cfg.model.kind == "unet":
         from .unet import unet_forward
 
         return unet_forward(params, cfg.model, images), labels
-    return levels.forward_train(params, cfg.model, images, labels, key, part=part)
+    return levels.forward_train(params, cfg.model, images, labels, key, backend=backend)
 
 
-def forward(params: Any, cfg: Config, images: jax.Array, key: jax.Array, fire_rate: Any = None) -> jax.Array:
+def forward(
+    params: Any, cfg: Config, images: jax.Array, key: jax.Array, fire_rate: Any = None, backend: Backend = REFERENCE
+) -> jax.Array:
     """Inference logits ``(B, H, W, n_out)`` on whole images (the UNet ignores key/fire_rate)."""
     if cfg.model.kind == "unet":
         from .unet import unet_forward
 
         return unet_forward(params, cfg.model, images)
-    return levels.forward(params, cfg.model, images, key, fire_rate)
+    return levels.forward(params, cfg.model, images, key, fire_rate, backend=backend)

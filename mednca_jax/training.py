@@ -4,8 +4,9 @@
 and the optimiser are closed over (static), only arrays flow in. With a device mesh the
 batch is sharded along its first axis and params / optimiser state are replicated; the step
 is a ``shard_map`` in which each device works on its rows and only the loss sums and the
-gradients are added across devices. The random numbers do not depend on the sharding, so N
-devices compute the same step as one (up to float rounding).
+gradients are added across devices. Every sample draws its random numbers from its own key
+(``fold_in(key, i)``, made before the batch is split), so N devices compute the same step as
+one (up to float rounding).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from . import networks
 from .config import Config, TrainConfig
 from .losses import dice_bce_from_sums, dice_bce_loss, dice_bce_sums, has_foreground
-from .model import BatchPart
+from .model import REFERENCE, Backend
+from .rule import sample_keys
 
 Batch = dict[str, jax.Array]  # {"image": (B, H, W, n_in), "label": (B, H, W, n_out)}
 
@@ -53,17 +55,17 @@ def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainStat
     return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
 
 
-def loss_fn(params: Any, cfg: Config, batch: Batch, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def loss_fn(params: Any, cfg: Config, batch: Batch, key: jax.Array, backend: Backend = REFERENCE) -> tuple[jax.Array, jax.Array]:
     """DiceBCE of one batch; also returns whether the (cropped) labels had any foreground."""
-    logits, labels = networks.forward_train(params, cfg, batch["image"], batch["label"], key)
+    logits, labels = networks.forward_train(params, cfg, batch["image"], batch["label"], key, backend)
     return dice_bce_loss(logits, labels), has_foreground(labels)
 
 
 def loss_and_grads(
-    params: Any, cfg: Config, batch: Batch, key: jax.Array, axis: str | None = None, part: BatchPart | None = None
+    params: Any, cfg: Config, batch: Batch, keys: jax.Array, backend: Backend, axis: str | None = None
 ) -> tuple[jax.Array, Any, jax.Array]:
-    """``(loss, grads, active)`` of one batch, or with ``axis`` of the whole batch whose part
-    ``part`` this is (inside ``shard_map``).
+    """``(loss, grads, active)`` of one batch with per-sample ``keys (B,)``, or with ``axis``
+    of the whole batch whose rows these are (inside ``shard_map``).
 
     DiceBCE is a function of batch sums (:func:`dice_bce_sums`): each part differentiates its
     sums, the sums are added over ``axis``, and the loss's gradient with respect to them is
@@ -72,7 +74,7 @@ def loss_and_grads(
     """
 
     def sums(p):
-        logits, labels = networks.forward_train(p, cfg, batch["image"], batch["label"], key, part)
+        logits, labels = networks.forward_train(p, cfg, batch["image"], batch["label"], keys, backend)
         return dice_bce_sums(logits, labels)
 
     s, pullback = jax.vjp(sums, params)
@@ -86,10 +88,11 @@ def loss_and_grads(
 
 
 def _train_step(
-    state: TrainState, batch: Batch, key: jax.Array, *, cfg: Config, tx: optax.GradientTransformation,
-    axis: str | None = None, part: BatchPart | None = None,
+    state: TrainState, batch: Batch, keys: jax.Array, *, cfg: Config, tx: optax.GradientTransformation,
+    backend: Backend, axis: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    loss, grads, active = loss_and_grads(state.params, cfg, batch, key, axis, part)
+    """One optimiser step on ``batch`` with per-sample keys ``keys (B,)``."""
+    loss, grads, active = loss_and_grads(state.params, cfg, batch, keys, backend, axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A batch without foreground makes no update at all, as in the original (whose loss is 0
@@ -130,31 +133,42 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
 
 
 def make_train_step(
-    cfg: Config, tx: optax.GradientTransformation, mesh: Mesh | None = None
+    cfg: Config, tx: optax.GradientTransformation, mesh: Mesh | None = None, backend: Backend | None = None
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted ``train_step(state, batch, key) -> (state, metrics)`` for this config.
 
     With ``mesh``, the batch must be sharded with :func:`batch_sharding` (see
-    :func:`put_batch`) and the state replicated; outputs keep those shardings.
+    :func:`put_batch`) and the state replicated; outputs keep those shardings. ``backend``:
+    resolved from ``model.backend`` for this machine when not given.
     """
+    if backend is None:
+        from .launch import backend_for
 
+        backend = backend_for(cfg.model)
     if mesh is None:
-        return jax.jit(partial(_train_step, cfg=cfg, tx=tx), donate_argnums=0)
-    check_batch_divisible(cfg.train.batch_size, mesh)
-    n = mesh.devices.size
+        def single(state, batch, key):
+            keys = sample_keys(key, batch["image"].shape[0])
+            return _train_step(state, batch, keys, cfg=cfg, tx=tx, backend=backend)
 
-    # Each device runs the whole step on its rows, with the whole batch's random numbers (see
-    # `part`); only the loss sums and the gradients cross devices. Letting XLA partition the
-    # global program instead moved the gathers of every NCA step across devices.
-    def local_step(state, batch, key):
-        return _train_step(state, batch, key, cfg=cfg, tx=tx, axis="data", part=(jax.lax.axis_index("data"), n))
+        return jax.jit(single, donate_argnums=0)
+    check_batch_divisible(cfg.train.batch_size, mesh)
+
+    # Each device runs the whole step on its rows with its samples' keys; only the loss sums
+    # and the gradients cross devices. Letting XLA partition the global program instead moved
+    # the gathers of every NCA step across devices.
+    def local_step(state, batch, keys):
+        return _train_step(state, batch, keys, cfg=cfg, tx=tx, backend=backend, axis="data")
 
     # check_vma=False: the custom VJPs of the NCA step return per-device gradients that the
     # psum above makes equal; the outputs are replicated by construction.
-    step = jax.shard_map(
-        local_step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec()),
+    sharded = jax.shard_map(
+        local_step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec("data")),
         out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False,
     )
+
+    def step(state, batch, key):
+        return sharded(state, batch, sample_keys(key, batch["image"].shape[0]))
+
     rep, data = replicated(mesh), batch_sharding(mesh)
     return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
 

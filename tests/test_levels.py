@@ -9,6 +9,7 @@ import pytest
 from conftest import random_params
 
 from mednca_jax.config import ModelConfig
+from mednca_jax.rule import sample_keys
 from mednca_jax.levels import (
     InputError,
     downscale,
@@ -48,17 +49,21 @@ def test_nearest_upsampling():
 
 
 def test_vmapped_crops_equal_a_python_loop():
-    key = jax.random.PRNGKey(4)
+    keys = sample_keys(jax.random.PRNGKey(4), 5)
     a = jax.random.normal(jax.random.PRNGKey(0), (5, 12, 10, 3))
     b = jax.random.normal(jax.random.PRNGKey(1), (5, 12, 10, 1))
-    ca, cb = random_crops(key, (a, b), 4)
-    ky, kx = jax.random.split(key)
-    ys = np.asarray(jax.random.randint(ky, (5,), 0, 9))
-    xs = np.asarray(jax.random.randint(kx, (5,), 0, 7))
-    assert len(set(zip(ys.tolist(), xs.tolist()))) > 1
-    for i in range(5):
-        np.testing.assert_array_equal(ca[i], np.asarray(a)[i, ys[i] : ys[i] + 4, xs[i] : xs[i] + 4])
-        np.testing.assert_array_equal(cb[i], np.asarray(b)[i, ys[i] : ys[i] + 4, xs[i] : xs[i] + 4])
+    ca, cb = random_crops(keys, (a, b), 4)
+    corners = []
+    for i in range(5):  # each sample's window from its own key
+        ky, kx = jax.random.split(keys[i])
+        y, x = int(jax.random.randint(ky, (), 0, 9)), int(jax.random.randint(kx, (), 0, 7))
+        corners.append((y, x))
+        np.testing.assert_array_equal(ca[i], np.asarray(a)[i, y : y + 4, x : x + 4])
+        np.testing.assert_array_equal(cb[i], np.asarray(b)[i, y : y + 4, x : x + 4])
+    assert len(set(corners)) > 1
+    # a shard of the batch crops exactly its own samples
+    part = random_crops(keys[2:], (a[2:],), 4)[0]
+    np.testing.assert_array_equal(part, ca[2:])
 
 
 def test_forward_shapes_and_label_cropped_with_the_image(tiny_cfg):

@@ -1,4 +1,4 @@
-"""One NCA level: the rule, the fire mask, padding, and the rollout with and without remat."""
+"""One NCA level: the rule's pieces, its parameters, the fire mask and the rollout."""
 
 import jax
 import jax.numpy as jnp
@@ -6,18 +6,8 @@ import numpy as np
 import pytest
 from conftest import random_level_params
 
-from mednca_jax.model import (
-    NCARule,
-    count_params,
-    fire_mask,
-    im2col3x3,
-    init_level_params,
-    nca_step,
-    nca_update,
-    perceive,
-    reflect_pad,
-    rollout,
-)
+from mednca_jax.model import NCARule, count_params, init_level_params, nca_step, rollout
+from mednca_jax.rule import Rule, conv3x3, fire_mask, perceive, perception_filters, sample_keys, sobel_bank, step, update
 
 C, HID = 6, 16
 
@@ -32,6 +22,12 @@ def test_param_count_matches_the_original_formula():
         assert count_params(p) == expected == 2 * (9 * c * c + c) + (3 * c * h + h) + h * c
 
 
+def test_sobel_rule_has_only_the_mlp_parameters():
+    p = init_level_params(jax.random.PRNGKey(0), 16, 128, "sobel")
+    assert set(p) == {"fc0", "fc1"} and p["fc0"]["kernel"].shape == (4 * 16, 128)
+    assert count_params(p) == 4 * 16 * 128 + 128 + 128 * 16
+
+
 def test_init_ranges_follow_pytorch_defaults():
     p = init_level_params(jax.random.PRNGKey(1), 32, 128)
     assert np.all(np.asarray(p["fc1"]["kernel"]) == 0)
@@ -42,11 +38,12 @@ def test_init_ranges_follow_pytorch_defaults():
         assert np.abs(np.asarray(p[name]["bias"])).max() <= bound
 
 
-def test_flax_module_applies_the_plain_update():
+def test_flax_module_applies_the_rule_step():
     p = random_level_params(jax.random.PRNGKey(0), C, HID)
     x = _state()
-    via_module = NCARule(C, HID).apply({"params": p}, x)
-    np.testing.assert_allclose(via_module, nca_update(p, x), rtol=1e-6, atol=1e-6)
+    mask = jax.random.uniform(jax.random.PRNGKey(4), x.shape[:-1]) > 0.5
+    via_module = NCARule(C, HID).apply({"params": p}, x, x[..., :1], mask)
+    np.testing.assert_array_equal(via_module, step(Rule(), p, x, x[..., :1], mask))
 
 
 def test_fresh_nca_is_identity():
@@ -56,39 +53,25 @@ def test_fresh_nca_is_identity():
     np.testing.assert_array_equal(out, x)
 
 
-def test_input_channels_never_change():
+def test_input_channels_always_hold_the_image():
     p = random_level_params(jax.random.PRNGKey(0), C, HID, scale=2.0)
     x = _state()
     image = jax.random.uniform(jax.random.PRNGKey(5), x.shape[:-1] + (2,))
-    x = x.at[..., :2].set(image)
     out, traj = rollout(p, x, image, jax.random.PRNGKey(3), 6, 0.3, trajectory=True)
     np.testing.assert_array_equal(out[..., :2], image)
     np.testing.assert_array_equal(traj[..., :2], jnp.broadcast_to(image, traj[..., :2].shape))
     assert not np.allclose(out[..., 2:], x[..., 2:])  # the rest did change
 
 
-def test_rollout_writes_the_image_before_the_first_step():
-    # The steps leave the input channels alone (fc1's columns for them are zeroed); the
-    # rollout writes the image once, so a stale input channel in x never reaches a step.
-    p = random_level_params(jax.random.PRNGKey(0), C, HID, scale=2.0)
-    x = _state()
-    image = jax.random.uniform(jax.random.PRNGKey(5), x.shape[:-1] + (1,))
-    out, _ = rollout(p, x, image, jax.random.PRNGKey(3), 4, 0.5)
-    ref, _ = rollout(p, x.at[..., :1].set(image), image, jax.random.PRNGKey(3), 4, 0.5)
-    np.testing.assert_array_equal(out, ref)
-    assert not np.allclose(x[..., :1], image)  # the two starts did differ
-
-
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 0.9])
 def test_fire_rate_statistics(rate):
-    m = fire_mask(jax.random.PRNGKey(0), (4, 64, 64, 8), rate)
-    assert m.shape == (4, 64, 64, 1)
+    m = fire_mask(sample_keys(jax.random.PRNGKey(0), 4), (64, 64), rate)
+    assert m.shape == (4, 64, 64) and m.dtype == bool
     frac = float(m.mean())
     if rate == 0.0:
         assert frac == 1.0
     else:
-        n = m.size
-        assert abs(frac - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / n)
+        assert abs(frac - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / m.size)
 
 
 def test_masked_cells_keep_their_state():
@@ -96,31 +79,75 @@ def test_masked_cells_keep_their_state():
     x = _state()
     key = jax.random.PRNGKey(9)
     out = nca_step(p, x, x[..., :1], key, 0.5)
-    fired = np.asarray(fire_mask(key, x.shape, 0.5))[..., 0] > 0
+    first_step_keys = jnp.stack([jax.random.split(k, 1)[0] for k in sample_keys(key, 2)])
+    fired = np.asarray(fire_mask(first_step_keys, (9, 7), 0.5))
     changed = np.any(np.asarray(out[..., 1:]) != np.asarray(x[..., 1:]), axis=-1)
-    assert np.array_equal(changed, fired)
+    assert np.array_equal(changed, fired) and 0 < fired.mean() < 1
 
 
-def test_reflect_padding_mirrors_without_repeating_the_border():
-    x = jnp.arange(12.0).reshape(1, 3, 4, 1)
-    xp = np.asarray(reflect_pad(x))[0, ..., 0]
-    assert xp.shape == (5, 6)
-    np.testing.assert_array_equal(xp[0, 1:-1], np.asarray(x)[0, 1, :, 0])  # row -1 -> row 1
-    np.testing.assert_array_equal(xp[1:-1, 0], np.asarray(x)[0, :, 1, 0])  # col -1 -> col 1
-    assert xp[0, 0] == x[0, 1, 1, 0]
+def _numpy_conv3x3(x, kernel):
+    """Reflect-padded 3^d cross-correlation by explicit loops over the taps (any rank)."""
+    nd = x.ndim - 2
+    xp = np.pad(x, [(0, 0)] + [(1, 1)] * nd + [(0, 0)], mode="reflect")
+    out = np.zeros(x.shape[:-1] + (kernel.shape[-1],))
+    for tap in np.ndindex(*(3,) * nd):
+        window = xp[(slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, x.shape[1:-1]))]
+        out += window @ kernel[tap]
+    return out
 
 
-def test_perception_equals_a_reflect_padded_convolution():
+@pytest.mark.parametrize("shape", [(2, 9, 7, C), (1, 5, 6, 4, C)], ids=["2d", "3d"])
+def test_conv3x3_is_a_reflect_padded_cross_correlation_of_any_rank(shape):
+    x = np.asarray(_state(shape=shape))
+    kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3,) * (len(shape) - 2) + (C, 5)))
+    np.testing.assert_allclose(conv3x3(jnp.asarray(x), jnp.asarray(kernel)), _numpy_conv3x3(x, kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_learned_perception_is_the_two_convs_after_x():
     p = random_level_params(jax.random.PRNGKey(0), C, HID)
     x = _state()
-    y = perceive(p, x)
-    for i, name in enumerate(["p0", "p1"]):
-        ref = jax.lax.conv_general_dilated(
-            reflect_pad(x), p[name]["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        ) + p[name]["bias"]
-        np.testing.assert_allclose(y[..., (i + 1) * C : (i + 2) * C], ref, atol=1e-5)
+    y = perceive(Rule(), p, x)
     np.testing.assert_array_equal(y[..., :C], x)
-    assert im2col3x3(x).shape == x.shape[:-1] + (9 * C,)
+    for i, name in enumerate(["p0", "p1"]):
+        ref = _numpy_conv3x3(np.asarray(x), np.asarray(p[name]["kernel"])) + np.asarray(p[name]["bias"])
+        np.testing.assert_allclose(y[..., (i + 1) * C : (i + 2) * C], ref, atol=1e-5)
+
+
+def test_sobel_filters_measure_gradients_and_curvature():
+    # On the ramp x = 2h + 3w + h^2 the Sobel features are the central differences and the
+    # Laplacian is 2 everywhere inside the image.
+    h, w = np.meshgrid(np.arange(8.0), np.arange(9.0), indexing="ij")
+    x = jnp.asarray((2 * h + 3 * w + h**2)[None, :, :, None].repeat(2, axis=-1), jnp.float32)
+    y = np.asarray(perceive(Rule("sobel"), {}, x))[0, 1:-1, 1:-1]
+    np.testing.assert_allclose(y[..., 2:4], (2 + 2 * h[1:-1, 1:-1])[..., None].repeat(2, -1), atol=1e-4)  # d/dh
+    np.testing.assert_allclose(y[..., 4:6], 3.0, atol=1e-4)  # d/dw
+    np.testing.assert_allclose(y[..., 6:8], 2.0, atol=1e-4)  # Laplacian
+    assert sobel_bank(3).shape == (4, 3, 3, 3)
+    kernel, bias = perception_filters("sobel", {}, 2, 3)
+    assert kernel.shape == (3, 3, 3, 2, 8) and bias.shape == (8,)
+
+
+def test_a_3d_rollout_of_the_reference_rule():
+    # The reference rule is rank-generic: a 3D state steps with 3x3x3 perceptions.
+    for perception in ["learned", "sobel"]:
+        p = init_level_params(jax.random.PRNGKey(0), C, HID, perception, ndim=3)
+        p["fc1"]["kernel"] = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (HID, C))
+        x = _state(shape=(2, 5, 6, 4, C))
+        out, traj = rollout(p, x, x[..., :1], jax.random.PRNGKey(2), 3, 0.5, rule=Rule(perception), trajectory=True)
+        assert out.shape == x.shape and traj.shape == (3,) + x.shape
+        np.testing.assert_array_equal(out[..., :1], x[..., :1])
+        d = update(Rule(perception), p, perceive(Rule(perception), p, x))
+        assert d.shape == x.shape and not np.allclose(out, x)
+
+
+def test_bfloat16_matmuls_stay_close_to_float32():
+    p = random_level_params(jax.random.PRNGKey(0), C, HID)
+    x = _state()
+    f32, _ = rollout(p, x, x[..., :1], jax.random.PRNGKey(3), 4, 0.5)
+    b16, _ = rollout(p, x, x[..., :1], jax.random.PRNGKey(3), 4, 0.5, rule=Rule("learned", "bfloat16"))
+    assert b16.dtype == jnp.float32
+    err = float(jnp.abs(b16 - f32).max() / jnp.abs(f32).max())
+    assert 0 < err < 0.05
 
 
 def _loss(p, x, remat, steps):
@@ -128,16 +155,18 @@ def _loss(p, x, remat, steps):
     return jnp.sum(out**2)
 
 
-@pytest.mark.parametrize("steps", [7, 9])
-def test_remat_modes_agree_in_values_and_gradients(steps):
+def test_remat_modes_run_different_programs():
+    # "step" checkpoints every step and "nested" blocks of steps too: their backward programs
+    # hold remat (checkpoint) regions, "none" holds none.
     p = random_level_params(jax.random.PRNGKey(0), C, HID)
     x = _state()
-    ref_v, ref_g = jax.value_and_grad(_loss)(p, x, "none", steps)
-    for mode in ["step", "nested"]:
-        v, g = jax.value_and_grad(_loss)(p, x, mode, steps)
-        np.testing.assert_allclose(v, ref_v, rtol=1e-6)
-        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref_g)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    def n_remat(mode):
+        jaxpr = str(jax.make_jaxpr(jax.grad(_loss), static_argnums=(2, 3))(p, x, mode, 9))
+        return jaxpr.count("checkpoint") + jaxpr.count("remat")
+
+    assert n_remat("none") == 0
+    assert n_remat("step") >= 1 and n_remat("nested") > n_remat("step")
 
 
 def test_trajectory_is_the_sequence_of_states_in_every_mode():
@@ -150,7 +179,8 @@ def test_trajectory_is_the_sequence_of_states_in_every_mode():
         np.testing.assert_array_equal(traj[-1], out)
         outs[mode] = traj
     np.testing.assert_allclose(outs["none"], outs["nested"], atol=1e-6)
-    step1 = nca_step(p, x, x[..., :1], jax.random.split(jax.random.PRNGKey(2), 10)[0], 0.5)
+    first = jnp.stack([jax.random.split(k, 10)[0] for k in sample_keys(jax.random.PRNGKey(2), 2)])
+    step1 = step(Rule(), p, x, x[..., :1], fire_mask(first, (9, 7), 0.5))
     np.testing.assert_allclose(outs["none"][0], step1, atol=1e-6)
 
 

@@ -11,18 +11,21 @@ from conftest import REFERENCE, require
 from mednca_jax.config import load_config
 from mednca_jax.levels import forward
 from mednca_jax.losses import dice_hard
+from mednca_jax.model import REFERENCE as REFERENCE_BACKEND
+from mednca_jax.model import Backend
 from mednca_jax.weights import WeightsError, load_torch_weights
 
 CONFIG = "configs/hippocampus_official.toml"
 
 
-@pytest.fixture(scope="module")
-def official():
+@pytest.fixture(scope="module", params=[REFERENCE_BACKEND, Backend("cpu_fast", 2)], ids=["reference", "cpu_fast"])
+def official(request):
     require(REFERENCE / "hippocampus_374_fire0.npz")
     cfg = load_config(CONFIG)
     params = load_torch_weights([REFERENCE / "mednca_hippocampus_official.npz"], cfg.model)
     fixture = dict(np.load(REFERENCE / "hippocampus_374_fire0.npz"))
-    fwd = jax.jit(lambda p, x, k, f: forward(p, cfg.model, x, k, f, return_states=True))
+    backend = request.param
+    fwd = jax.jit(lambda p, x, k, f: forward(p, cfg.model, x, k, f, backend=backend, return_states=True), static_argnums=3)
     return cfg, params, fixture, fwd
 
 

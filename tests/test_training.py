@@ -116,15 +116,6 @@ def _run_sharded(batch_size):
 
 
 @pytest.mark.slow
-def test_data_parallel_over_four_devices_equals_one_device():
-    out = _run_sharded(8)
-    assert out["devices"] == 4
-    assert abs(out["one"]["loss"] - out["four"]["loss"]) <= 1e-5
-    for a, b in zip(out["one"]["params"], out["four"]["params"]):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-@pytest.mark.slow
 def test_batch_not_divisible_by_devices_is_a_clear_error():
     out = _run_sharded(6)
     assert "divisible by the number of devices (4)" in out["error"]

@@ -1,0 +1,261 @@
+"""Every implementation of the NCA rule against the reference, values and gradients, on the
+same fire masks.
+
+| implementation                         | test                                               |
+| -------------------------------------- | -------------------------------------------------- |
+| cpu_fast, compacted (fired cells only) | test_cpu_fast_equals_reference[rate 0.5 / 0.9]     |
+| cpu_fast, dense (traced fire rate)     | test_cpu_fast_dense_path_equals_reference          |
+| cpu_fast, overflow chunks              | test_cpu_fast_overflow_chunks_equal_reference      |
+| cpu_fast, two pieces                   | test_cpu_fast_pieces_equal_reference               |
+| remat step / nested (both backends)    | test_remat_modes_equal_none                        |
+| both perceptions (learned, sobel)      | every test above is parametrised over them         |
+| two levels + crops, train loss / grads | test_two_level_training_loss_equals_reference      |
+| data-parallel over 4 virtual devices   | test_data_parallel_step_equals_one_device (3 steps) |
+| NumPy runtime, PyTorch runtime         | test_export.py::test_runtimes_equal_reference_on_given_masks |
+
+The reference is :func:`mednca_jax.model.reference_rollout`: :func:`mednca_jax.rule.step`
+under ``jax.lax.scan``, differentiated by JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+
+from mednca_jax import cpu_fast, levels
+from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
+from mednca_jax.model import REFERENCE, Backend, init_level_params, rollout
+from mednca_jax.rule import Rule, fire_masks, sample_keys
+
+C, HID = 6, 16
+PERCEPTIONS = ["learned", "sobel"]
+FAST = Backend("cpu_fast", pieces=1)
+
+
+def level_params(perception: str, seed: int = 0, scale: float = 0.5):
+    """Level params with a non-zero fc1 (a fresh NCA is the identity, which tests nothing)."""
+    key = jax.random.PRNGKey(seed)
+    p = init_level_params(key, C, HID, perception)
+    p["fc1"]["kernel"] = scale * jax.random.normal(jax.random.fold_in(key, 1), p["fc1"]["kernel"].shape) / np.sqrt(HID)
+    return p
+
+
+def _loss(perception, backend, rate, steps, remat="none", masks=None):
+    def f(p, x):
+        out, _ = rollout(
+            p, x, x[..., :1], jax.random.PRNGKey(7), steps, rate, rule=Rule(perception), backend=backend,
+            remat=remat, masks=masks,
+        )
+        return jnp.sum(jnp.sin(out))
+
+    return f
+
+
+def assert_trees_close(got, want, rtol=1e-4):
+    """Leaf by leaf, with an absolute floor scaled to each leaf's largest entry (float32
+    sums in another order differ by a few ulps of the largest term)."""
+    leaves, ref_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(leaves) == len(ref_leaves)
+    for a, b in zip(leaves, ref_leaves):
+        b = np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6 + 2e-6 * float(np.abs(b).max(initial=0.0)))
+
+
+def _compare(perception, backend, rate, shape=(3, 12, 10, C), steps=5, remat="none", traced=False, rtol=1e-5):
+    p = level_params(perception)
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    ref_v, ref_g = jax.value_and_grad(_loss(perception, REFERENCE, rate, steps), argnums=(0, 1))(p, x)
+    if traced:  # the rate as a traced value: cpu_fast cannot size its compaction, runs dense
+        f = lambda p, x, r: _loss(perception, backend, r, steps, remat)(p, x)  # noqa: E731
+        v, g = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(p, x, jnp.float32(rate))
+    else:
+        v, g = jax.jit(jax.value_and_grad(_loss(perception, backend, rate, steps, remat), argnums=(0, 1)))(p, x)
+    np.testing.assert_allclose(v, ref_v, rtol=rtol)
+    assert_trees_close(g, ref_g)
+    return ref_v
+
+
+@pytest.mark.parametrize("perception", PERCEPTIONS)
+@pytest.mark.parametrize("rate", [0.5, 0.9])
+def test_cpu_fast_equals_reference(perception, rate):
+    assert cpu_fast.fired_capacity(3 * 12 * 10, rate) is not None  # really the compacted path
+    _compare(perception, FAST, rate)
+
+
+@pytest.mark.parametrize("perception", PERCEPTIONS)
+def test_cpu_fast_dense_path_equals_reference(perception):
+    assert cpu_fast.fired_capacity(360, 0.0) is None  # (a traced rate has no capacity either)
+    _compare(perception, FAST, 0.5, traced=True)
+    _compare(perception, FAST, 0.0)
+
+
+@pytest.mark.parametrize("perception", PERCEPTIONS)
+def test_cpu_fast_overflow_chunks_equal_reference(monkeypatch, perception):
+    monkeypatch.setattr(cpu_fast, "SPARSE_SIGMAS", -6.0)  # capacity far below the fired count: extra chunks run
+    cap = cpu_fast.fired_capacity(360, 0.5)
+    assert cap is not None and cap < 360 * 0.5 * 0.8
+    _compare(perception, FAST, 0.5)
+
+
+@pytest.mark.parametrize("perception", PERCEPTIONS)
+def test_cpu_fast_pieces_equal_reference(perception):
+    shape = (2, 40, 40, C)  # 3200 cells, ~1600 fired: two pieces of >= MIN_ROWS_PER_CHAIN rows
+    assert cpu_fast.cell_chains(1600, 2) == 2
+    _compare(perception, Backend("cpu_fast", pieces=2), 0.5, shape=shape, steps=3)
+    _compare(perception, Backend("cpu_fast", pieces=2), 0.0, shape=shape, steps=3)
+
+
+@pytest.mark.parametrize("perception", PERCEPTIONS)
+@pytest.mark.parametrize("backend", [REFERENCE, FAST], ids=["reference", "cpu_fast"])
+@pytest.mark.parametrize("remat", ["step", "nested"])
+def test_remat_modes_equal_none(perception, backend, remat):
+    _compare(perception, backend, 0.5, steps=7, remat=remat)
+
+
+def test_given_masks_are_the_drawn_masks():
+    # The masks a rollout draws from its keys are rule.fire_masks of the per-sample keys: the
+    # same rollout with those masks passed in gives the same state, on both backends.
+    p = level_params("learned")
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, C))
+    key = jax.random.PRNGKey(4)
+    masks = fire_masks(sample_keys(key, 3), 6, (8, 8), 0.5)
+    assert 0.3 < float(masks.mean()) < 0.7
+    for backend in (REFERENCE, FAST):
+        drawn, _ = rollout(p, x, x[..., :1], key, 6, 0.5, backend=backend)
+        given, _ = rollout(p, x, x[..., :1], key, 6, 0.5, backend=backend, masks=masks)
+        np.testing.assert_array_equal(drawn, given)
+
+
+def test_a_shard_of_the_batch_draws_its_own_samples_masks():
+    # Per-sample keys: rows 2..3 of a batch of 4 equal a batch of those two samples' keys.
+    keys = sample_keys(jax.random.PRNGKey(0), 4)
+    whole = fire_masks(keys, 5, (6, 6), 0.5)
+    part = fire_masks(keys[2:], 5, (6, 6), 0.5)
+    np.testing.assert_array_equal(whole[:, 2:], part)
+    assert not np.array_equal(whole[:, 0], whole[:, 1])
+
+
+# --------------------------------------------------------------------------- two levels
+def _cfg(perception: str, backend: str = "auto") -> Config:
+    return validate(
+        Config(
+            name="equiv",
+            model=ModelConfig(
+                channels=C, hidden=HID, steps=(4, 4), scales=(2, 1), patch_size=8, fire_rate=0.5, perception=perception,
+                backend=backend,
+            ),
+            data=DataConfig(image_size=(16, 16)),
+            train=TrainConfig(batch_size=4, num_steps=10),
+        )
+    )
+
+
+def _two_level_params(cfg: Config):
+    params = levels.init_params(cfg.model, jax.random.PRNGKey(0))
+    for i, name in enumerate(levels.level_names(cfg.model)):
+        k = jax.random.fold_in(jax.random.PRNGKey(1), i)
+        params[name]["fc1"]["kernel"] = jax.random.normal(k, params[name]["fc1"]["kernel"].shape) / np.sqrt(HID)
+    return params
+
+
+@pytest.mark.parametrize("perception", PERCEPTIONS)
+def test_two_level_training_loss_equals_reference(perception):
+    from mednca_jax.losses import dice_bce_loss
+
+    cfg = _cfg(perception)
+    params = _two_level_params(cfg)
+    images = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 1))
+    labels = (images > 0.5).astype(jnp.float32)
+
+    def loss(p, backend):
+        logits, lab = levels.forward_train(p, cfg.model, images, labels, jax.random.PRNGKey(3), backend=backend)
+        return dice_bce_loss(logits, lab)
+
+    ref_v, ref_g = jax.value_and_grad(loss)(params, REFERENCE)
+    v, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, Backend("cpu_fast", 2))
+    np.testing.assert_allclose(v, ref_v, rtol=1e-5)
+    assert_trees_close(g, ref_g)
+
+
+@pytest.mark.slow
+def test_data_parallel_step_equals_one_device():
+    # Four virtual CPU devices (a fresh process: the device count is fixed at JAX start-up);
+    # the sharded step must give the one-device step's loss and params, on both backends.
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
+from mednca_jax import levels
+from mednca_jax.model import REFERENCE, Backend
+from mednca_jax.training import init_train_state, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated
+assert jax.device_count() == 4
+for backend in (REFERENCE, Backend("cpu_fast", 1)):
+    cfg = validate(Config(model=ModelConfig(channels=6, hidden=16, steps=(3, 3), scales=(2, 1), patch_size=8),
+                          data=DataConfig(image_size=(16, 16)), train=TrainConfig(batch_size=8)))
+    params = levels.init_params(cfg.model, jax.random.PRNGKey(0))
+    params["level1"]["fc1"]["kernel"] = 0.3 * jax.random.normal(jax.random.PRNGKey(5), (16, 6))
+    rng = np.random.default_rng(0)
+    img = rng.random((8, 16, 16, 1), dtype=np.float32)
+    batch = {"image": img, "label": (img > 0.5).astype(np.float32)}
+    tx = make_optimizer(cfg.train)
+    one, mesh = make_train_step(cfg, tx, backend=backend), make_mesh()
+    many = make_train_step(cfg, tx, mesh, backend=backend)
+    s1, s4 = init_train_state(params, tx), put_replicated(init_train_state(params, tx), mesh)
+    for i in range(3):
+        s1, m1 = one(s1, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.PRNGKey(i))
+        s4, m4 = many(s4, put_batch(batch, mesh), jax.random.PRNGKey(i))
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(s4.params), jax.tree_util.tree_leaves(s1.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    print(backend.name, "ok", float(m1["loss"]))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reference ok" in res.stdout and "cpu_fast ok" in res.stdout
+
+
+# --------------------------------------------------------------------------- backend choice
+def test_auto_backend_takes_cpu_fast_on_a_cpu_and_reference_elsewhere():
+    from mednca_jax.model import resolve_backend
+
+    assert resolve_backend("auto", Rule("learned"), "cpu", 2) == Backend("cpu_fast", 2)
+    assert resolve_backend("auto", Rule("sobel"), "cpu", 1) == Backend("cpu_fast", 1)
+    assert resolve_backend("auto", Rule("learned"), "gpu", 16) == REFERENCE
+    assert resolve_backend("auto", Rule("learned", "bfloat16"), "cpu", 2) == REFERENCE
+    assert resolve_backend("auto", Rule("learned"), "cpu", 2, ndim=3) == REFERENCE
+    assert resolve_backend("reference", Rule("learned"), "cpu", 2) == REFERENCE
+    with pytest.raises(ValueError, match="cpu_fast.*float32"):
+        resolve_backend("cpu_fast", Rule("learned", "bfloat16"), "cpu", 2)
+    with pytest.raises(ValueError, match="cpu_fast.*2D"):
+        resolve_backend("cpu_fast", Rule("learned"), "cpu", 2, ndim=3)
+
+
+@pytest.mark.parametrize("perception", PERCEPTIONS)
+def test_ten_training_steps_agree_between_backends(perception):
+    # The same batches and keys through make_train_step on each backend: the losses of the
+    # first 10 optimiser steps agree to 1e-4 relative (the params drift apart by rounding only).
+    from mednca_jax.training import init_train_state, make_optimizer, make_train_step
+
+    cfg = _cfg(perception)
+    rng = np.random.default_rng(0)
+    images = rng.random((10, 4, 16, 16, 1), dtype=np.float32)
+    batches = [{"image": jnp.asarray(im), "label": jnp.asarray((im > 0.6).astype(np.float32))} for im in images]
+    losses = {}
+    for backend in (REFERENCE, Backend("cpu_fast", 2)):
+        tx = make_optimizer(cfg.train)
+        step = make_train_step(cfg, tx, backend=backend)
+        state = init_train_state(_two_level_params(cfg), tx)
+        out = []
+        for i, batch in enumerate(batches):
+            state, m = step(state, batch, jax.random.PRNGKey(i))
+            out.append(float(m["loss"]))
+        losses[backend.name] = np.array(out)
+    assert np.ptp(losses["reference"]) > 1e-3  # the loss does move
+    np.testing.assert_allclose(losses["cpu_fast"], losses["reference"], rtol=1e-4)
