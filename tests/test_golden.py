@@ -4,6 +4,7 @@ makes it; see its docstring for the shapes and why they were chosen)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
 from mednca_jax.export import export_numpy, export_torch, load_runtime_module, npz_arrays_to_params
+from mednca_jax.launch import backend_for
 from mednca_jax.levels import forward, segment
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
@@ -37,11 +39,28 @@ def golden():
     return g, cfg, npz_arrays_to_params(g, cfg)
 
 
-def test_golden_jax_forward_matches_the_torch_reference(golden):
+def _backend(cfg, name: str):
+    return backend_for(dataclasses.replace(cfg.model, backend=name))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu_fast"])
+def test_golden_jax_forward_matches_the_torch_reference(golden, backend):
     g, cfg, params = golden
-    got = np.asarray(forward(params, cfg.model, g["images"], jax.random.PRNGKey(0), 0.0))
+    got = np.asarray(forward(params, cfg.model, g["images"], jax.random.PRNGKey(0), 0.0, backend=_backend(cfg, backend)))
     assert got.shape == g["logits"].shape
     np.testing.assert_allclose(got, g["logits"], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu_fast"])
+def test_golden_fixed_fire_masks_match_the_torch_reference(golden, backend):
+    """Fire rate 0.5 with the reference's own masks: the stochastic update, minus the PRNG."""
+    g, cfg, params = golden
+    masks = [jax.numpy.asarray(g["masks0"]), jax.numpy.asarray(g["masks1"])]
+    assert 0.3 < float(g["masks1"].mean()) < 0.7
+    assert np.abs(g["logits_masked"] - g["logits"]).max() > 10 * ATOL  # the masks matter
+    got = np.asarray(forward(params, cfg.model, g["images"], jax.random.PRNGKey(0), 0.5, backend=_backend(cfg, backend),
+                             masks=masks))
+    np.testing.assert_allclose(got, g["logits_masked"], atol=ATOL, rtol=RTOL)
 
 
 def test_golden_jax_segment_gives_the_reference_probabilities(golden):

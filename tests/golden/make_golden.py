@@ -1,6 +1,7 @@
 """Regenerate ``parity_small.npz``: random two-level Med-NCA weights, input slices and the
 logits of the project's independent PyTorch reference (``benchmarks/torch_reference.py``,
-the original's computation in the original's ``(B, C, W, H)`` layout) at fire rate 0.
+the original's computation in the original's ``(B, C, W, H)`` layout) at fire rate 0, and
+at fire rate 0.5 with fixed fire masks (drawn here, so no PRNG has to agree).
 
     python tests/golden/make_golden.py            # rewrite the file
     python tests/golden/make_golden.py --check    # exit 1 unless the committed file is reproduced
@@ -13,6 +14,8 @@ bias-free update with conv biases catches a dropped term. Keys of the file:
     level{i}.{p0,p1}.{kernel (3, 3, C, C), bias (C,)}, level{i}.fc0.{kernel (3C, hidden), bias}
     level{i}.fc1.kernel (hidden, C)      our channels-last layout (docs/design.md, "Parameters")
     images (B, H, W, 1) float32 in [0, 1];  logits (B, H, W, 1) float32, fire rate 0
+    masks0 (steps0, B, H/4, W/4), masks1 (steps1, B, H, W) bool, about half True (True fires)
+    logits_masked (B, H, W, 1) float32: the same images with those fire masks
     channels, hidden, steps (2,), scales (2,): the model
 """
 
@@ -66,9 +69,14 @@ def make_golden() -> dict[str, np.ndarray]:
     flat = make_params(rng)
     images = rng.random((BATCH, HEIGHT, WIDTH, 1), dtype=np.float32)
     model = TorchMedNCA(CHANNELS, HIDDEN, STEPS, scale=SCALES[0], layout="original").load_jax(nested(flat))
+    sizes = [(HEIGHT // s, WIDTH // s) for s in SCALES]
+    masks = [rng.random((n, BATCH, h, w)) < 0.5 for n, (h, w) in zip(STEPS, sizes)]
     with torch.inference_mode():
-        logits = model(torch.from_numpy(images), 0.0).numpy()
-    return {**flat, "images": images, "logits": logits.astype(np.float32), "channels": np.int64(CHANNELS),
+        x = torch.from_numpy(images)
+        logits = model(x, 0.0).numpy()
+        logits_masked = model(x, 0.5, masks=tuple(torch.from_numpy(m) for m in masks)).numpy()
+    return {**flat, "images": images, "logits": logits.astype(np.float32), "masks0": masks[0], "masks1": masks[1],
+            "logits_masked": logits_masked.astype(np.float32), "channels": np.int64(CHANNELS),
             "hidden": np.int64(HIDDEN), "steps": np.array(STEPS), "scales": np.array(SCALES)}
 
 
