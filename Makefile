@@ -1,13 +1,15 @@
 # Two entry points for a fresh machine (see README, Quickstart):
 #   make demo   set up .venv, train on the embedded synthetic data, evaluate on its test patients
 #   make test   set up .venv (with the test extras) and run the test suite
+# and, for development, make test-fast: the suite without the tests marked slow (subprocess,
+# multi-process and export-isolation tests).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 is the CPU build that pip finds on these machines; any torch works elsewhere.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test setup setup-test clean
+.PHONY: demo test test-fast setup setup-test clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +25,14 @@ setup: $(VENV)/.base
 setup-test: $(VENV)/.test
 
 demo: setup
-	$(PY) train.py --config configs/demo.toml --workdir runs/demo $$([ -d runs/demo/checkpoints ] && echo --resume)
-	$(PY) evaluate.py --checkpoint runs/demo --split test --out runs/demo/eval-test
+	$(VENV)/bin/mednca train --config demo --workdir runs/demo $$([ -d runs/demo/checkpoints ] && echo --resume)
+	$(VENV)/bin/mednca evaluate --checkpoint runs/demo --split test --out runs/demo/eval-test
 
 test: setup-test
 	$(PY) -m pytest -q
+
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs/demo

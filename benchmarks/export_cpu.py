@@ -1,4 +1,4 @@
-"""CPU benchmark of the exported runtimes (issue 4): NumPy runtime vs torch module vs JAX jit.
+"""CPU benchmark of the exported runtimes: NumPy runtime vs torch module vs JAX jit.
 
 For one 64x64 and one 256x256 slice, at 1 thread and at all threads, each runtime runs in its
 own subprocess (thread settings are fixed before any import) and reports its median latency

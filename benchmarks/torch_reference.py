@@ -1,7 +1,7 @@
 """A plain PyTorch Med-NCA with the original's structure, for side-by-side timing.
 
 Written for this project (nothing copied from the original repository); it follows the
-computation described in ``../shared/reference/REFERENCE.md``:
+computation described in ``docs/design.md``:
 
 * one level: state ``(B, H, W, C)`` channels-last; per step the state is moved to
   channels-first for two separate 3x3 reflect-padded convs ``p0``, ``p1``, the perception
@@ -67,8 +67,9 @@ class TorchNCA(nn.Module):
             self.fc1.weight.copy_(t(p["fc1"]["kernel"]).T)
         return self
 
-    def step(self, x: Tensor, image: Tensor, fire_rate: float, gen: torch.Generator | None) -> Tensor:
-        """One stochastic step, ``x (B, H, W, C)`` channels-last."""
+    def step(self, x: Tensor, image: Tensor, fire_rate: float, gen: torch.Generator | None, mask: Tensor | None = None) -> Tensor:
+        """One stochastic step, ``x (B, H, W, C)`` channels-last; ``mask (B, H, W)`` bool, when
+        given, replaces the drawn fire mask (True: the cell updates)."""
         if self.layout == "original":
             xc = x.transpose(1, 3)  # (B, C, W, H)
             y = torch.cat([xc, self.p0(xc), self.p1(xc)], 1).transpose(1, 3)
@@ -76,17 +77,22 @@ class TorchNCA(nn.Module):
             xc = x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last in memory
             y = torch.cat([xc, self.p0(xc), self.p1(xc)], 1).permute(0, 2, 3, 1)
         d = self.fc1(F.relu(self.fc0(y)))
-        u = 1.0 - torch.rand(x.shape[:3] + (1,), generator=gen)
-        d = d * (u > fire_rate).float()
+        if mask is None:
+            u = 1.0 - torch.rand(x.shape[:3] + (1,), generator=gen)
+            d = d * (u > fire_rate).float()
+        else:
+            d = d * mask[..., None].float()
         if self.layout == "original":
             new = (xc + d.transpose(1, 3)).transpose(1, 3).clone()
         else:
             new = x + d
         return torch.cat([image, new[..., self.n_in :]], -1)
 
-    def forward(self, x: Tensor, image: Tensor, steps: int, fire_rate: float, gen: torch.Generator | None = None) -> Tensor:
-        for _ in range(steps):
-            x = self.step(x, image, fire_rate, gen)
+    def forward(self, x: Tensor, image: Tensor, steps: int, fire_rate: float, gen: torch.Generator | None = None,
+                masks: Tensor | None = None) -> Tensor:
+        """``steps`` steps; ``masks (steps, B, H, W)`` bool, when given, are the fire masks."""
+        for s in range(steps):
+            x = self.step(x, image, fire_rate, gen, None if masks is None else masks[s])
         return x
 
 
@@ -121,14 +127,17 @@ class TorchMedNCA(nn.Module):
         b, h, w, _ = image.shape
         return torch.cat([image, torch.zeros(b, h, w, self.channels - self.n_in)], -1)
 
-    def _level0(self, images: Tensor, fire_rate: float, gen: torch.Generator | None) -> Tensor:
+    def _level0(self, images: Tensor, fire_rate: float, gen: torch.Generator | None, masks: Tensor | None = None) -> Tensor:
         small = downscale_bilinear(images, self.scale)
-        x = self.level0(self._seed(small), small, self.steps[0], fire_rate, gen)
+        x = self.level0(self._seed(small), small, self.steps[0], fire_rate, gen, masks)
         return torch.cat([images, upsample_nearest(x, self.scale)[..., self.n_in :]], -1)
 
-    def forward(self, images: Tensor, fire_rate: float = 0.5, gen: torch.Generator | None = None) -> Tensor:
-        """Inference on whole images ``(B, H, W, n_in) -> logits (B, H, W, n_out)``."""
-        x = self.level1(self._level0(images, fire_rate, gen), images, self.steps[1], fire_rate, gen)
+    def forward(self, images: Tensor, fire_rate: float = 0.5, gen: torch.Generator | None = None,
+                masks: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Inference on whole images ``(B, H, W, n_in) -> logits (B, H, W, n_out)``; ``masks``:
+        optional fire masks per level, ``(steps_i, B, h_i, w_i)`` bool, instead of drawn ones."""
+        m0, m1 = (None, None) if masks is None else masks
+        x = self.level1(self._level0(images, fire_rate, gen, m0), images, self.steps[1], fire_rate, gen, m1)
         return x[..., self.n_in : self.n_in + self.n_out]
 
     def forward_train(self, images: Tensor, labels: Tensor, patch: int, fire_rate: float, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

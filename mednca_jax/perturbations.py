@@ -3,7 +3,7 @@
 Every perturbation is a function ``fn(image, severity, rng) -> image`` where
 
 * ``image`` is ``(H, W)`` or ``(B, H, W)`` float32, intensities in ``[0, 1]`` (the range of the
-  preprocessed slices, REFERENCE.md "Data");
+  preprocessed slices, docs/design.md, "Preprocessing");
 * ``severity`` is a float in ``[0, 1]``: 0 returns the image unchanged, 1 is the strongest
   setting, documented below in physical terms (intensity unit = the ``[0, 1]`` range);
 * ``rng`` is a ``numpy.random.Generator``; each image of a batch gets its own random draws.

@@ -2,7 +2,7 @@
 
 The NCA fires a random half of its cells each step, so N inference runs of one case give N
 slightly different sigmoid outputs. Where the model is unsure the runs disagree; NQM sums that
-disagreement relative to the predicted volume (REFERENCE.md, "Data"):
+disagreement relative to the predicted volume (docs/design.md, "Evaluation and quality"):
 
     NQM = Σ_voxels std_runs(p) / Σ_voxels mean_runs(p)
 

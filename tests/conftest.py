@@ -1,4 +1,10 @@
-"""Shared fixtures: small configs and the paths of ../shared (skipped where absent)."""
+"""Shared fixtures: small configs, and the one place that knows the paths of ../shared.
+
+The reference weights, the reference case and the MSD data live in ``../shared`` next to the
+repository (never copied into it). Tests reach them only through :data:`REFERENCE`,
+:data:`HIPPOCAMPUS` and :func:`require`, which skips with the missing path named; the parity
+checks that must run everywhere use ``tests/golden/`` instead.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ REFERENCE = SHARED / "reference"
 HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
 
 
-def require(path: Path) -> Path:
-    """Skip the calling test with a clear reason unless ``path`` exists."""
-    if not path.exists():
-        pytest.skip(f"{path} is not available (the shared reference data lives in ../shared next to the repository)")
+def require(path: Path, *more: Path) -> Path:
+    """Skip the calling test with a clear reason unless every path exists; returns ``path``."""
+    for p in (path, *more):
+        if not p.exists():
+            pytest.skip(f"{p} is not available (the shared reference data lives in ../shared next to the repository)")
     return path
 
 

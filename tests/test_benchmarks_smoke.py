@@ -16,14 +16,38 @@ import rollout_memory  # noqa: E402
 import train_step  # noqa: E402
 
 
-def test_defaults_are_the_original_example_config():
+def test_benchmarks_measure_the_original_example_config():
+    """docs/performance.md's figures are for the original example: the benchmarks' default
+    problem must be the one in configs/hippocampus.toml, or the table describes something else."""
+    from mednca_jax.config import load_config
+    from mednca_jax.named_configs import resolve_config_path
+
+    cfg = load_config(resolve_config_path("hippocampus"))
+    m, image = cfg.model, cfg.data.image_size
+    assert image[0] == image[1] and m.steps[0] == m.steps[1] and tuple(m.scales) == (4, 1)
     a = train_step.parse_args([])
-    assert (a.batch, a.image, a.patch, a.steps, a.channels, a.hidden, a.fire_rate) == (48, 64, 16, 64, 16, 128, 0.5)
-    assert a.max_ratio == 0.5 and a.max_compile_s == 10.0 and a.jax_processes == 0
+    assert (a.channels, a.hidden, (a.steps, a.steps), a.fire_rate, a.patch) == (m.channels, m.hidden, tuple(m.steps), m.fire_rate, m.patch_size)
+    assert (a.batch, a.image) == (cfg.train.batch_size, image[0])
     b = inference.parse_args([])
-    assert (b.batch, b.image, b.steps, b.max_ratio) == (32, 64, 64, 0.33)
+    assert (b.channels, b.hidden, b.steps, b.fire_rate, b.image) == (m.channels, m.hidden, m.steps[0], m.fire_rate, image[0])
     c = rollout_memory.parse_args([])
-    assert (c.steps, c.batch, c.image, c.remat, c.max_growth) == ([64, 256, 1024], 8, 64, "nested", 2.0)
+    assert (c.channels, c.hidden, c.image) == (m.channels, m.hidden, image[0])
+
+
+def test_torch_reference_has_our_parameter_count():
+    """The timing reference is the same model: same layers, same sizes (fc1 without bias)."""
+    pytest.importorskip("torch")
+    import jax
+    from torch_reference import TorchMedNCA
+
+    from mednca_jax.config import ModelConfig
+    from mednca_jax.levels import init_params
+    from mednca_jax.model import count_params
+
+    cfg = ModelConfig(channels=16, hidden=128, steps=(64, 64), scales=(4, 1))
+    ours = count_params(init_params(cfg, jax.random.PRNGKey(0)))
+    theirs = sum(p.numel() for p in TorchMedNCA(16, 128, (64, 64)).parameters())
+    assert ours == theirs
 
 
 def test_parent_only_options_are_not_forwarded_to_workers():
@@ -38,6 +62,7 @@ def test_table_and_json(tmp_path):
     assert json.loads((tmp_path / "d" / "f.json").read_text()) == {"k": 1}
 
 
+@pytest.mark.slow
 def test_train_step_script_writes_its_json(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "train.json"

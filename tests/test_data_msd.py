@@ -7,12 +7,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import HIPPOCAMPUS as HIPPO, require
 
 from mednca_jax.config import DataConfig
 from mednca_jax.data import DataError, list_cases, load_case, load_slices, write_volume
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-HIPPO = SHARED / "data" / "Task04_Hippocampus"
 SHAPE = (8, 9, 6)
 
 
@@ -239,8 +238,7 @@ def test_empty_and_constant_slices_give_no_nan(tmp_path):
 
 # -- the real data ------------------------------------------------------------------------
 def test_real_hippocampus_three_cases(tmp_path):
-    if not (HIPPO / "imagesTr").is_dir():
-        pytest.skip(f"MSD Task04_Hippocampus not found at {HIPPO} (needs ../shared/data next to the repo)")
+    require(HIPPO / "imagesTr")
     cases = list_cases(HIPPO)
     assert len(cases) >= 3 and all(c.label is not None for c in cases)
     assert cases[0].label_values == (0, 1, 2)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REFERENCE as REF, require
 
 from mednca_jax.config import DataConfig
 from mednca_jax.data import (
@@ -21,8 +22,6 @@ from mednca_jax.data import (
     resize_nearest,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REF = SHARED / "reference"
 
 
 # -- bicubic -------------------------------------------------------------------------------
@@ -137,8 +136,7 @@ def test_encode_labels():
 # -- parity with the original ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fixture_374():
-    if not (REF / "hippocampus_374_fire0.npz").is_file() or not (REF / "hippocampus_374" / "image.nii.gz").is_file():
-        pytest.skip(f"parity fixture not found under {REF} (needs ../shared/reference next to the repo)")
+    require(REF / "hippocampus_374_fire0.npz", REF / "hippocampus_374" / "image.nii.gz")
     case = Case("hippocampus_374", REF / "hippocampus_374" / "image.nii.gz", REF / "hippocampus_374" / "label.nii.gz")
     image, label, meta = load_case(case, DataConfig())
     return np.load(REF / "hippocampus_374_fire0.npz"), image, label, meta

@@ -184,6 +184,7 @@ def test_two_level_training_loss_equals_reference(perception):
     assert_trees_close(g, ref_g)
 
 
+@pytest.mark.slow
 def test_data_parallel_step_equals_one_device():
     # Four virtual CPU devices (a fresh process: the device count is fixed at JAX start-up);
     # the sharded step must give the one-device step's loss and params, on both backends.

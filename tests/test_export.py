@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REFERENCE as REF, require
 
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
 from mednca_jax.export import (
@@ -30,18 +31,10 @@ from mednca_jax.levels import forward
 
 torch = pytest.importorskip("torch")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REF = SHARED / "reference"
 FIXTURE = REF / "hippocampus_374_fire0.npz"
 DICE_SLICES = [9, 14, 19, 24]  # 4 of the 28 slices with foreground (CPU budget)
 PARITY_SLICES = [0, 5, 10, 15, 19, 24, 30, 35]  # includes the fixture's state_slices region
 N_SEEDS = 10
-
-
-def need(*paths: Path) -> None:
-    for p in paths:
-        if not p.exists():
-            pytest.skip(f"{p} is not available: the shared reference data lives in ../shared next to the repository")
 
 
 def small_cfg(**model: object) -> Config:
@@ -127,7 +120,7 @@ reachable = [n for n in ('jax', 'flax', 'torch') if importlib.util.find_spec(n) 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """Official weights (.npz) exported to both runtimes: (cfg, params, numpy dir, torch dir)."""
-    need(REF / "mednca_hippocampus_official.npz", REF / "model0.pth", REF / "model1.pth")
+    require(REF / "mednca_hippocampus_official.npz", REF / "model0.pth", REF / "model1.pth")
     from mednca_jax.weights import load_torch_weights
 
     cfg = resolve_config("hippocampus_official")
@@ -140,7 +133,7 @@ def official(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fixture_npz():
-    need(FIXTURE)
+    require(FIXTURE)
     with np.load(FIXTURE) as z:
         return {k: z[k] for k in z.files}
 
@@ -195,11 +188,13 @@ json.dump(res, open(out_path, 'w'))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def numpy_official_job(tmp_path_factory, numpy_only_path):
+def numpy_official_job(request, tmp_path_factory, numpy_only_path):
     """Start the NumPy runtime on the whole fixture (official weights, isolated, 1 thread) in
-    the background as soon as the module starts, so it overlaps the torch/JAX work."""
+    the background as soon as the module starts, so it overlaps the torch/JAX work. Not
+    started when no selected test needs it (e.g. ``-m "not slow"``)."""
     files = (REF / "mednca_hippocampus_official.npz", FIXTURE)
-    if not all(p.exists() for p in files):
+    wanted = any("numpy_official" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if not wanted or not all(p.exists() for p in files):
         yield None
         return
     from mednca_jax.weights import load_torch_weights
@@ -219,7 +214,7 @@ def numpy_official_job(tmp_path_factory, numpy_only_path):
 @pytest.fixture(scope="module")
 def numpy_official(numpy_official_job) -> dict:
     if numpy_official_job is None:
-        need(REF / "mednca_hippocampus_official.npz", FIXTURE)
+        require(REF / "mednca_hippocampus_official.npz", FIXTURE)
     proc, out = numpy_official_job
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -235,12 +230,13 @@ def official_torch(official):
     return rt, rt.MedNCATorch.load(official[3])
 
 
+@pytest.mark.slow
 def test_numpy_matches_original_fixture(numpy_official):
     """All 39 fixture slices at fire 0: level 0 state ≤ 1e-3, logits ≤ 1e-2, Dice as measured."""
     assert numpy_official["level0_input_diff"] <= 1e-6
     assert numpy_official["level0_diff"] <= 1e-3
     assert numpy_official["logits_diff"] <= 1e-2
-    assert numpy_official["dice_fire0"] == pytest.approx(0.843, abs=1e-3)  # REFERENCE.md, fire 0.0
+    assert numpy_official["dice_fire0"] == pytest.approx(0.843, abs=1e-3)  # the original's fire-0 Dice (docs/results.md)
 
 
 def test_torch_matches_original_fixture(official_torch, fixture_npz):
@@ -257,6 +253,7 @@ def test_torch_matches_original_fixture(official_torch, fixture_npz):
     assert np.abs(x.permute(0, 3, 2, 1).numpy() - fixture_npz["level0_output"]).max() <= 1e-3
 
 
+@pytest.mark.slow
 def test_official_weights_match_jax(official, official_torch, numpy_official, fixture_npz):
     """Both runtimes vs JAX at fire 0 with the official weights.
 
@@ -277,6 +274,7 @@ def test_official_weights_match_jax(official, official_torch, numpy_official, fi
     assert np.all(np.abs(official_torch[1].predict(torch.from_numpy(x), fire_rate=0.0).numpy() - ref) <= tol)
 
 
+@pytest.mark.slow
 def test_fire_half_dice_matches_jax(numpy_official, official, official_torch, fixture_npz):
     """Mean hard Dice over 10 seeds at fire 0.5 within ±0.01 of JAX (on DICE_SLICES)."""
     cfg, params = official[0], official[1]
@@ -292,6 +290,7 @@ def test_fire_half_dice_matches_jax(numpy_official, official, official_torch, fi
     assert numpy_official["deterministic"]
 
 
+@pytest.mark.slow
 def test_numpy_official_run_imports_no_jax_or_torch(numpy_official):
     assert numpy_official["modules"] == []
     assert numpy_official["reachable"] == []
@@ -390,7 +389,7 @@ def test_runs_give_variance_and_nqm(small, tmp_path, capsys):
     assert np.load(tmp_path / "out.npy").shape == (2, 32, 32) and np.load(tmp_path / "var.npy").shape == (2, 32, 32, 1)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")  # TorchScript is what issue 4 asks for
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")  # the torch runtime promises TorchScript support
 def test_torch_inference_mode_and_torchscript(small, tmp_path):
     _, _, _, _, m_pt, _, _ = small
     x = torch.rand(2, 32, 32, 1)
@@ -406,7 +405,7 @@ def test_torch_inference_mode_and_torchscript(small, tmp_path):
 
 # --------------------------------------------------------------------------- round trips and CLI
 def test_official_pth_round_trip_is_exact(tmp_path):
-    need(REF / "model0.pth", REF / "model1.pth")
+    require(REF / "model0.pth", REF / "model1.pth")
     pths = [str(REF / "model0.pth"), str(REF / "model1.pth")]
     assert export_main(["from-torch", "--config", "hippocampus_official", "--weights", *pths, "--out", str(tmp_path / "run")]) == 0
     assert export_main(["to-torch", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "pt")]) == 0
@@ -428,6 +427,7 @@ def test_official_pth_round_trip_is_exact(tmp_path):
     assert conf["model"]["channels"] == 32 and conf["format"] == "mednca-export"
 
 
+@pytest.mark.slow
 def test_numpy_runtime_in_isolation(small, numpy_only_path, tmp_path):
     """The exported file runs with only numpy + nibabel importable: module API, .npy CLI and
     NIfTI CLI; JAX, Flax and torch are neither imported nor importable."""

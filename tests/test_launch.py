@@ -24,6 +24,7 @@ def test_core_blocks_refuse_more_processes_than_cores(n):
         core_blocks(n, [0, 1])
 
 
+@pytest.mark.slow
 def test_processes_get_the_job_variables_and_their_own_cores(tmp_path):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 usable cores")
@@ -40,6 +41,7 @@ def test_processes_get_the_job_variables_and_their_own_cores(tmp_path):
     assert got[0]["cores"] == core_blocks(2)[0] and got[1]["cores"] == core_blocks(2)[1]
 
 
+@pytest.mark.slow
 def test_a_failing_process_stops_the_job_with_its_status():
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 usable cores")

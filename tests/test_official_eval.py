@@ -1,4 +1,4 @@
-"""evaluate.py on the imported official weights reproduces the original's Dice (REFERENCE.md)."""
+"""evaluate.py on the imported official weights reproduces the original's Dice (docs/results.md, "Fidelity to the original")."""
 
 import json
 
@@ -25,6 +25,7 @@ def official_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fire,seed,expected", [("0", "0", 0.843), ("0.5", "3", 0.902)])
+@pytest.mark.slow
 def test_official_weights_reproduce_the_original_dice(official_run, fire, seed, expected, monkeypatch):
     root, msd = official_run
     monkeypatch.setenv("MEDNCA_CACHE", str(root / "cache"))

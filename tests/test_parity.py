@@ -46,6 +46,7 @@ def test_deterministic_parity_with_the_original(official):
     assert abs(dice_hard(np.asarray(logits[..., 0]) > 0, fx["label"]) - 0.843) <= 0.002
 
 
+@pytest.mark.slow
 def test_stochastic_parity_ten_seeds(official):
     cfg, params, fx, fwd = official
     img = jnp.asarray(fx["image"])[..., None]

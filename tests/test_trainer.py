@@ -32,6 +32,7 @@ def _params(run):
     return jax.tree_util.tree_leaves(params)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted(task, tmp_path, monkeypatch):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
@@ -54,6 +55,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(task, tmp_path, monkey
     assert (tmp_path / "full" / "curve.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_time_limit_stops_with_a_checkpoint(task, tmp_path, monkeypatch):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
@@ -137,6 +139,7 @@ def test_unlabelled_folder_gives_predictions_only(task, tmp_path, monkeypatch):
     assert (tmp_path / "o" / "predictions" / "case_a.nii.gz").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_quality_and_robustness_outputs(task, tmp_path, monkeypatch, capsys):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
@@ -169,6 +172,7 @@ def test_evaluate_quality_and_robustness_outputs(task, tmp_path, monkeypatch, ca
         assert msg in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unet_baseline_trains_and_evaluates_through_the_same_cli(task, tmp_path, monkeypatch):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
@@ -181,6 +185,7 @@ def test_unet_baseline_trains_and_evaluates_through_the_same_cli(task, tmp_path,
     assert 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices(task, tmp_path):
     """Multi-host through jax.distributed (2 local processes, 1 CPU device each, started by
     ``train.py --cpu-processes 2``) gives the params of 1 process with 2 devices, and only

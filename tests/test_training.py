@@ -115,6 +115,7 @@ def _run_sharded(batch_size, augment="AugmentConfig()", extra_train=""):
     return json.loads(line[len("RESULT") :])
 
 
+@pytest.mark.slow
 def test_data_parallel_with_augmentation_clipping_and_ema_equals_one_device():
     """Each device augments its own rows with the global rows' keys: the same step as one device."""
     out = _run_sharded(8, "AugmentConfig.from_preset('default', p_shift=1.0, p_gamma=1.0, p_spike=1.0)",
@@ -125,6 +126,7 @@ def test_data_parallel_with_augmentation_clipping_and_ema_equals_one_device():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_devices_is_a_clear_error():
     out = _run_sharded(6)
     assert "divisible by the number of devices (4)" in out["error"]

@@ -1,4 +1,4 @@
-"""Volume -> 2D slices, exactly as the original Med-NCA (REFERENCE.md, "Data").
+"""Volume -> 2D slices, exactly as the original Med-NCA (docs/design.md, "Preprocessing").
 
 Per volume: slices along ``slice_axis``; each slice keeps the remaining two axes in array
 order as (H, W) -- no transpose (verified against the parity fixture

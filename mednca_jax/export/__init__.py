@@ -41,7 +41,6 @@ WEIGHTS_NPZ = "weights.npz"
 CONFIG_JSON = "config.json"
 FORMAT = "mednca-export"
 FORMAT_VERSION = 2
-CONFIGS_DIR = HERE.parents[1] / "configs"
 # The original module declares fc0, fc1 before p0, p1: its state dicts list keys in this order.
 ORIGINAL_KEY_ORDER = ("fc0.weight", "fc0.bias", "fc1.weight", "p0.weight", "p0.bias", "p1.weight", "p1.bias")
 LEVEL_KEYS = ("p0.kernel", "p0.bias", "p1.kernel", "p1.bias", "fc0.kernel", "fc0.bias", "fc1.kernel")
@@ -59,19 +58,12 @@ class ExportError(ValueError):
 
 # --------------------------------------------------------------------------- configs
 def resolve_config(config: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """A TOML config from a path, or by name from the repository's ``configs/`` folder
+    """A TOML config from a path, or by name from the shipped configs
     (``hippocampus_official`` -> ``configs/hippocampus_official.toml``)."""
-    path = Path(config)
-    if not path.is_file():
-        named = CONFIGS_DIR / f"{config}.toml"
-        if named.is_file() and path.suffix == "" and path.parent == Path("."):
-            path = named
-        else:
-            known = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")) if CONFIGS_DIR.is_dir() else []
-            raise ExportError(f"unknown config {str(config)!r}: not a file, and not one of the named configs "
-                              f"{known} in {CONFIGS_DIR}")
+    from ..named_configs import resolve_config_path
+
     try:
-        return load_config(path, overrides)
+        return load_config(resolve_config_path(config), overrides)
     except ConfigError as e:
         raise ExportError(str(e)) from None
 

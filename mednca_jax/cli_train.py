@@ -1,0 +1,97 @@
+"""Train Med-NCA (or the UNet baseline) on an MSD task folder or the embedded synthetic data.
+
+Examples:
+  python train.py --config configs/demo.toml
+  python train.py --config configs/hippocampus_cpu.toml --data ../shared/data/Task04_Hippocampus --workdir runs/hippo
+  python train.py --workdir runs/hippo --resume
+
+Multi-host data parallelism: set train.data_parallel = true and start one process per host
+with JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i. On one CPU
+machine, --cpu-processes 0 starts one such process per core, which trains faster than one
+process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="TOML config under configs/ (with --resume: defaults to the run's own config.toml)")
+    p.add_argument("--data", type=Path, help="MSD task folder (imagesTr/, labelsTr/, dataset.json); default: generate the synthetic demo task inside --workdir")
+    p.add_argument("--workdir", type=Path, help="run folder for checkpoints, logs, split and config (default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-3 --set model.steps=[32,32]; repeatable")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+    p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
+    p.add_argument("--cpu-processes", type=int, default=1, metavar="N",
+                   help="train as one data-parallel job of N processes on this machine (jax.distributed), each on its "
+                        "own cores; sets train.data_parallel=true. On a CPU machine one process per core is faster than "
+                        "one process (README, Performance). 0: one per usable core. The batch size must divide by N")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train; a user's mistake (any :class:`~mednca_jax.errors.MedNCAError`) is one
+    ``error: ...`` line on stderr and exit code 2, a Ctrl-C before training a clean exit."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # during start-up (training turns the first Ctrl-C into a save and stop)
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.cpu_processes != 1 and "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        from mednca_jax.launch import run_local_job, usable_cores, without_option
+
+        child = without_option(argv, "--cpu-processes") + ["--set", "train.data_parallel=true"]
+        try:
+            # The children import the same mednca_jax as this process (a checkout may sit
+            # beside an installed copy): its parent folder goes first on their PYTHONPATH.
+            root = str(Path(__file__).resolve().parents[1])
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+            return run_local_job([sys.executable, "-m", "mednca_jax.cli_train", *child],
+                                 args.cpu_processes or len(usable_cores()), env=env)
+        except ValueError as e:  # more processes than cores, raised before anything starts
+            print(f"error: --cpu-processes: {e}", file=sys.stderr)
+            return 2
+    from mednca_jax.checkpoint import CONFIG_FILE
+    from mednca_jax.config import ConfigError, load_config
+    from mednca_jax.errors import MedNCAError
+    from mednca_jax.trainer import train
+
+    try:
+        if args.config is None:
+            if not (args.resume and args.workdir):
+                raise ConfigError("--config is required (or --resume with --workdir of an existing run)")
+            args.config = args.workdir / CONFIG_FILE
+        cfg = load_config(args.config, args.overrides)
+        from mednca_jax.training import initialize_distributed_from_env
+
+        initialize_distributed_from_env()  # multi-host: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+        workdir = args.workdir or Path("runs") / cfg.name
+        result = train(cfg, workdir, args.data, resume=args.resume, cache_dir=args.cache_dir, progress=not args.no_progress)
+    except MedNCAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from mednca_jax.training import is_primary
+
+    if is_primary():  # every process of a data-parallel job ends with the same result
+        print(
+            f"{result['reason']}: step {result['step']} in {result['minutes']:.1f} min, "
+            f"best validation Dice {result['best_val_dice']:.4f}; run folder {workdir}"
+        )
+    return 130 if result["reason"] == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

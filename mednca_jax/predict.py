@@ -1,0 +1,305 @@
+"""Segment new, unlabelled NIfTI scans: ``mednca predict``.
+
+Each scan goes through the training preprocessing (``data.preprocess.preprocess_volume``:
+slices along ``data.slice_axis``, bicubic resize to ``data.image_size``, per-slice [0, 1]
+normalisation), the model's jitted prediction (``evaluation.make_predict_fn`` /
+``predict_slices``, as ``mednca evaluate`` uses), and back to the scan's own voxel grid
+(``data.resample_to_native``). The label volume is written with the input's affine and
+header (``data.write_volume``). With ``runs >= 2`` the stochastic model runs several times:
+the labels come from the mean probability, and a variance volume and the NQM quality score
+(``quality.nqm``; high means the runs disagree, a likely failure) are written as well.
+
+Every output file is written under a temporary name and renamed when complete, and every
+input is checked before the first prediction, so a bad scan in a folder leaves no output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import Config
+
+LABEL_SUFFIX = ".nii.gz"
+VARIANCE_SUFFIX = "_variance.nii.gz"
+QUALITY_FILE = "quality.json"
+
+
+class PredictError(ValueError):
+    """A user's input to ``mednca predict`` is unusable; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One input scan and where its outputs go."""
+
+    name: str
+    image: Path
+    label_out: Path
+    variance_out: Path
+
+
+# --------------------------------------------------------------------------- model
+def load_model(checkpoint: str | Path, which: str = "best") -> tuple[Any, Config]:
+    """Params and config from a run folder (``mednca train``, or ``mednca export from-torch``
+    for the original weights) or from a ``mednca export to-numpy`` folder.
+
+    Raises:
+        PredictError: the folder is missing or is neither kind.
+    """
+    from .checkpoint import CONFIG_FILE, CheckpointError, load_params
+    from .config import ConfigError, from_dict
+    from .export import CONFIG_JSON, WEIGHTS_NPZ, npz_arrays_to_params
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise PredictError(f"--checkpoint {path} is not a folder; pass a run folder (mednca train, mednca export "
+                           "from-torch) or a to-numpy export folder")
+    if (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_NPZ).is_file():
+        try:
+            return load_params(path, which=which)
+        except CheckpointError as e:
+            raise PredictError(str(e)) from None
+    try:  # a to-numpy export: config.json (the whole config plus a format tag) + weights.npz
+        raw = json.loads((path / CONFIG_JSON).read_text())
+        cfg = from_dict({k: v for k, v in raw.items() if k in ("name", "model", "data", "train")})
+        with np.load(path / WEIGHTS_NPZ) as z:
+            params = npz_arrays_to_params(dict(z), cfg)
+    except (OSError, ValueError, KeyError, ConfigError) as e:
+        raise PredictError(f"--checkpoint {path} looks like a to-numpy export but cannot be read "
+                           f"({type(e).__name__}: {e}); export it again") from None
+    from .networks import check_network_params
+
+    try:
+        check_network_params(params, cfg)
+    except ValueError as e:
+        raise PredictError(f"--checkpoint {path}: {e}") from None
+    return params, cfg
+
+
+# --------------------------------------------------------------------------- inputs, outputs
+def _is_nifti(path: Path) -> bool:
+    from .data.msd import NIFTI_SUFFIXES
+
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def plan_scans(input_path: str | Path, output_path: str | Path) -> tuple[list[Scan], Path]:
+    """The scans to segment, their output files, and the quality JSON's path.
+
+    A file input with an output ending in ``.nii.gz``/``.nii`` writes that file (variance
+    ``<output stem>_variance.nii.gz``, NQM ``<output stem>_quality.json``). A folder input
+    (its NIfTI files, not recursive), or a file input with any other output, writes
+    ``OUTPUT/<scan>.nii.gz``, ``OUTPUT/<scan>_variance.nii.gz`` and ``OUTPUT/quality.json``.
+
+    Raises:
+        PredictError: missing input, a file that is not NIfTI, a folder without NIfTI files,
+            an output that does not fit the input.
+    """
+    from .data.msd import _nifti_files, case_name
+
+    src, dst = Path(input_path), Path(output_path)
+    if not src.exists():
+        raise PredictError(f"--input {src} does not exist")
+    if src.is_dir():
+        images = _nifti_files(src)
+        if not images:
+            raise PredictError(f"--input folder {src} holds no .nii.gz or .nii file (an MSD task folder keeps them "
+                               "in imagesTr/ and imagesTs/: pass one of those)")
+        if _is_nifti(dst):
+            raise PredictError(f"--output {dst} names a NIfTI file, but --input {src} is a folder: name an output folder")
+    else:
+        if not _is_nifti(src):
+            raise PredictError(f"--input {src} is not a NIfTI file (expected .nii.gz or .nii)")
+        if _is_nifti(dst):
+            stem = case_name(dst)
+            scan = Scan(case_name(src), src, dst, dst.with_name(stem + VARIANCE_SUFFIX))
+            return [scan], dst.with_name(stem + "_quality.json")
+        images = [src]
+    if dst.exists() and not dst.is_dir():
+        raise PredictError(f"--output {dst} exists and is not a folder; name a new or existing folder")
+    scans = [Scan(case_name(p), p, dst / (case_name(p) + LABEL_SUFFIX), dst / (case_name(p) + VARIANCE_SUFFIX)) for p in images]
+    return scans, dst / QUALITY_FILE
+
+
+def load_scan(scan: Scan, cfg: Config):
+    """The scan as training reads an image (``data.load_case``), as a :class:`PredictError`
+    naming the file when it is unreadable, not 3D/4D, NaN/inf or constant."""
+    from .data import Case, DataError, load_case
+
+    try:
+        return load_case(Case(scan.name, scan.image), cfg.data)
+    except DataError as e:
+        raise PredictError(str(e)) from None
+
+
+# --------------------------------------------------------------------------- prediction
+def predict_volume(
+    params: Any,
+    cfg: Config,
+    image: np.ndarray,
+    key: Any,
+    *,
+    fire_rate: float,
+    runs: int = 1,
+    batch_size: int = 32,
+    predict: Any = None,
+) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+    """Segment one volume in its own grid.
+
+    Args:
+        image: ``(X, Y, Z)`` float32, as read by ``data.load_case``.
+        key: PRNG key of the fire masks; run ``r`` uses ``fold_in(key, r)``, as ``evaluate``.
+        predict: a function from ``evaluation.make_predict_fn(cfg)`` (made when None; pass one
+            to reuse its compiled shapes across scans).
+
+    Returns:
+        ``labels (X, Y, Z) uint8`` (0 background, else class 1..n_out), and with ``runs >= 2``
+        ``variance (X, Y, Z) float32`` (over runs, max over classes) and the NQM; else None, None.
+    """
+    import jax
+
+    from .data import preprocess_volume, resample_to_native
+    from .evaluation import make_predict_fn, predict_slices, probabilities_to_labels
+    from .quality import nqm
+
+    predict = predict or make_predict_fn(cfg)
+    images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
+    run_probs = np.stack([
+        predict_slices(predict, params, images, jax.random.fold_in(key, r), fire_rate, batch_size) for r in range(runs)
+    ])  # (runs, S, H, W, n_out)
+    axis = cfg.data.slice_axis
+    labels = resample_to_native(probabilities_to_labels(run_probs.mean(axis=0)), image.shape, axis)
+    if runs < 2:
+        return labels, None, None
+    variance = run_probs.var(axis=0).max(axis=-1).astype(np.float32)
+    return labels, resample_to_native(variance, image.shape, axis), nqm(run_probs)
+
+
+def _write_atomic(path: Path, volume: np.ndarray, meta: Any, dtype: Any) -> None:
+    """``data.write_volume`` under a temporary name in the same folder, then renamed."""
+    from .data import write_volume
+
+    tmp = path.with_name(f".{path.name}.partial{os.getpid()}{LABEL_SUFFIX}")
+    try:
+        write_volume(tmp, volume, meta, dtype)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def predict_scans(
+    checkpoint: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    runs: int = 1,
+    fire_rate: float | None = None,
+    seed: int = 0,
+    which: str = "best",
+    batch_size: int = 32,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Everything ``mednca predict`` does; returns ``{"scans": {name: {...}}, ...}`` (also
+    written to the quality JSON when ``runs >= 2``).
+
+    Raises:
+        PredictError: any problem with the arguments, the checkpoint or an input scan,
+            found before anything is written.
+    """
+    import jax
+
+    from .evaluation import make_predict_fn
+    from .levels import InputError, check_fire_rate
+
+    if runs < 1:
+        raise PredictError(f"--runs must be >= 1, got {runs}")
+    if batch_size < 1:
+        raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
+    params, cfg = load_model(checkpoint, which)
+    fr = float(cfg.model.fire_rate if fire_rate is None else fire_rate)
+    try:
+        check_fire_rate(fr)
+    except InputError as e:
+        raise PredictError(f"--fire-rate: {e}") from None
+    if runs >= 2 and (fr == 0.0 or cfg.model.kind != "nca"):
+        raise PredictError(f"--runs {runs} needs a stochastic model (Med-NCA at a fire rate > 0; here "
+                           f"{cfg.model.kind} at fire rate {fr}): the runs would be identical")
+    scans, quality_json = plan_scans(input_path, output_path)
+    for scan in scans:  # all inputs first: a bad file stops the command before any output
+        load_scan(scan, cfg)
+    predict = make_predict_fn(cfg)
+    key = jax.random.PRNGKey(seed)
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "runs": runs, "fire_rate": fr, "seed": seed, "scans": {}}
+    for scan in scans:
+        image, _, meta = load_scan(scan, cfg)
+        labels, variance, score = predict_volume(params, cfg, image, key, fire_rate=fr, runs=runs,
+                                                 batch_size=batch_size, predict=predict)
+        scan.label_out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(scan.label_out, labels, meta, np.uint8)
+        entry: dict[str, Any] = {"input": str(scan.image), "labels": str(scan.label_out), "shape": list(meta.shape),
+                                 "foreground_voxels": int((labels > 0).sum())}
+        if variance is not None:
+            _write_atomic(scan.variance_out, variance, meta, np.float32)
+            entry.update(variance=str(scan.variance_out), nqm=score)
+        report["scans"][scan.name] = entry
+        log(f"{scan.name}: {tuple(meta.shape)} -> {scan.label_out}" + (f" (NQM {score:.4f})" if score is not None else ""))
+    if runs >= 2:
+        from .checkpoint import write_text_atomic
+
+        write_text_atomic(quality_json, json.dumps(report, indent=2) + "\n")
+        log(f"NQM per scan (higher: the runs disagree more, a likely failure): {quality_json}")
+    return report
+
+
+# --------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mednca predict",
+        description="Segment new NIfTI scans (no labels needed) with a trained or imported model. Each scan is "
+                    "preprocessed as in training and the label volume is written in the scan's own voxel grid, "
+                    "with its affine and header.",
+        epilog="examples:\n"
+               "  mednca predict --checkpoint runs/demo --input scan.nii.gz --output scan_label.nii.gz\n"
+               "  mednca predict --checkpoint runs/official --input imagesTs/ --output predictions/ --runs 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_OR_EXPORT",
+                   help="a run folder (mednca train; mednca export from-torch for the original weights) or a "
+                        "mednca export to-numpy folder")
+    p.add_argument("--input", required=True, type=Path, metavar="FILE_OR_FOLDER",
+                   help="one .nii.gz/.nii scan (3D, or 4D with the modality of data.channel), or a folder of them")
+    p.add_argument("--output", required=True, type=Path, metavar="FILE_OR_FOLDER",
+                   help="a .nii.gz file (with a file --input) or a folder that gets <scan>.nii.gz per scan")
+    p.add_argument("--runs", type=int, default=1, metavar="N",
+                   help="stochastic runs per scan (default 1). N >= 2 takes the labels from the mean probability "
+                        "and also writes <scan>_variance.nii.gz and the NQM per scan in quality.json")
+    p.add_argument("--fire-rate", type=float, metavar="F",
+                   help="cell fire rate at inference, in [0, 1) (default: the checkpoint config's; 0 is deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of the fire masks (default 0)")
+    p.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="checkpoint of a run folder: best validation Dice (default; falls back to latest) or latest")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="slices per inference batch (default 32)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        predict_scans(args.checkpoint, args.input, args.output, runs=args.runs, fire_rate=args.fire_rate,
+                      seed=args.seed, which=args.which, batch_size=args.batch_size)
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
