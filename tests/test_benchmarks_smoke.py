@@ -77,6 +77,7 @@ def test_train_step_script_writes_its_json(tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert fig["jax_processes"] == cores
     assert fig["single_process"]["step_s_median"] > 0
+    assert fig["jax"]["backend"] == "cpu_fast" and fig["reference"]["step_s_median"] > 0  # the reference row beside it
     assert f"{cores} processes x 1 core, data parallel / torch =" in res.stdout if cores > 1 else "1 process / torch =" in res.stdout
 
 
@@ -101,3 +102,19 @@ def test_torch_reference_matches_jax_at_fire_0(layout):
         got = model(torch.from_numpy(images), 0.0).numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_accelerator_script_runs_every_backend_and_precision_in_ci_size(tmp_path):
+    out = tmp_path / "acc.json"
+    res = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--quick", "--json", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    assert fig["platform"] == "cpu" and fig["bounds_met"] and f"device: {fig['device']}" in res.stdout
+    rows = {(r["backend"], r["precision"]): r for r in fig["rows"]}
+    assert set(rows) == {("reference", "float32"), ("reference", "bfloat16"), ("cpu_fast", "float32")}
+    for r in rows.values():
+        assert r["train_example_s"] > 0 and r["train_official_s"] > 0 and r["infer_b1_ms_per_slice"] > 0
+        assert r["memory_4_compiled_mib"] > 0
+    assert 0 < rows[("reference", "bfloat16")]["bf16_logit_error"] < 0.1
