@@ -3,10 +3,10 @@ NIfTI predictions in the input's geometry, optional stochastic runs (variance, N
 score, failure detection) and an optional robustness suite (shifts, scale, MRI artefacts).
 
 Examples:
-  python evaluate.py --checkpoint runs/demo --split test
-  python evaluate.py --checkpoint runs/official --data MSD_FOLDER --runs 10
-  python evaluate.py --checkpoint runs/hippo --data MSD_FOLDER --split test --robustness --severities 0.5 1.0
-  python evaluate.py --checkpoint runs/unet --data MSD_FOLDER --split test --robustness --compare-with runs/hippo/eval-test/robustness.json
+  mednca evaluate --checkpoint runs/demo --split test
+  mednca evaluate --checkpoint runs/official --data MSD_FOLDER --runs 10
+  mednca evaluate --checkpoint runs/hippo --data MSD_FOLDER --split test --robustness --severities 0.5 1.0
+  mednca evaluate --checkpoint runs/unet --data MSD_FOLDER --split test --robustness --compare-with runs/hippo/eval-test/robustness.json
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Train Med-NCA (or the UNet baseline) on an MSD task folder or the embedded synthetic data.
 
 Examples:
-  python train.py --config configs/demo.toml
-  python train.py --config configs/hippocampus_cpu.toml --data ../shared/data/Task04_Hippocampus --workdir runs/hippo
-  python train.py --workdir runs/hippo --resume
+  mednca train --config demo
+  mednca train --config hippocampus_cpu --data PATH/Task04_Hippocampus --workdir runs/hippo
+  mednca train --workdir runs/hippo --resume
 
 Multi-host data parallelism: set train.data_parallel = true and start one process per host
 with JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i. On one CPU
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-processes", type=int, default=1, metavar="N",
                    help="train as one data-parallel job of N processes on this machine (jax.distributed), each on its "
                         "own cores; sets train.data_parallel=true. On a CPU machine one process per core is faster than "
-                        "one process (README, Performance). 0: one per usable core. The batch size must divide by N")
+                        "one process (docs/performance.md). 0: one per usable core. The batch size must divide by N")
     return p.parse_args(argv)
 
 

@@ -71,7 +71,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How an MSD task becomes 2D slices (REFERENCE.md, "Data")."""
+    """How an MSD task becomes 2D slices (docs/design.md, "Preprocessing")."""
 
     image_size: tuple[int, int] = (64, 64)
     slice_axis: int = 2

@@ -1,6 +1,6 @@
 """Per-patient evaluation: predict every slice, stack to volumes, score, write NIfTI.
 
-Metrics per case (REFERENCE.md, "Evaluation"): hard Dice (sigmoid > 0.5) and soft Dice on
+Metrics per case (docs/design.md, "Evaluation and quality"): hard Dice (sigmoid > 0.5) and soft Dice on
 the model grid, as the original reports them, and hard Dice on the native voxel grid (the
 prediction resampled back to the input's shape, against the original label file). With
 ``runs >= 2`` the stochastic model is run several times: mean prediction, a variance

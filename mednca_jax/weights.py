@@ -4,7 +4,7 @@ The original keeps, per level, ``p0.weight (C, C, 3, 3)``, ``p0.bias``, ``p1.wei
 ``p1.bias``, ``fc0.weight (hidden, 3C)``, ``fc0.bias``, ``fc1.weight (C, hidden)``.
 Its convolutions run on a ``(B, C, W, H)`` tensor, so the first spatial kernel axis runs
 along W: our ``(dh, dw, in, out)`` kernel is ``weight.transpose(3, 2, 1, 0)``
-(REFERENCE.md, "Layout detail"). Linear weights are transposed.
+(docs/design.md, "Weight layout"). Linear weights are transposed.
 """
 
 from __future__ import annotations
