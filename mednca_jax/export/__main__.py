@@ -25,18 +25,21 @@ def cmd_from_torch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_verify(diff: float, runtime: str, tolerance: float = 1e-3) -> int:
+    """Print the fire-0 logit difference of an export against JAX; exit status 1 beyond ``tolerance``."""
+    print(f"verify: max |logits({runtime}) - logits(JAX)| = {diff:.3g} at fire rate 0")
+    if diff > tolerance:
+        print(f"error: the {runtime} export disagrees with JAX beyond {tolerance:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_to_numpy(args: argparse.Namespace) -> int:
     params, cfg = load_checkpoint(args.checkpoint, args.which)
     files = export_numpy(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
     print(f"run it with: python {Path(args.out) / files[0].name} {args.out} IN.nii.gz OUT.nii.gz")
-    if args.verify:
-        diff = verify_numpy(args.out, params, cfg)
-        print(f"verify: max |logits(NumPy) - logits(JAX)| = {diff:.3g} at fire rate 0")
-        if diff > 1e-3:
-            print("error: the exported runtime disagrees with JAX beyond 1e-3", file=sys.stderr)
-            return 1
-    return 0
+    return _report_verify(verify_numpy(args.out, params, cfg), "NumPy") if args.verify else 0
 
 
 def cmd_to_torch(args: argparse.Namespace) -> int:
@@ -51,13 +54,7 @@ def cmd_to_onnx(args: argparse.Namespace) -> int:
     files = export_onnx(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
     print("inputs: images (B, H, W) float32, fire_rate () float32, seed () int64; output: logits (B, H, W, n_out)")
-    if args.verify:
-        diff = verify_onnx(args.out, params, cfg)
-        print(f"verify: max |logits(onnxruntime) - logits(JAX)| = {diff:.3g} at fire rate 0")
-        if diff > 1e-3:
-            print("error: the ONNX export disagrees with JAX beyond 1e-3", file=sys.stderr)
-            return 1
-    return 0
+    return _report_verify(verify_onnx(args.out, params, cfg), "onnxruntime") if args.verify else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
