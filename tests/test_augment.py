@@ -110,6 +110,7 @@ def test_deterministic_for_a_key_and_different_for_another(batch):
     assert not np.array_equal(np.asarray(a["image"]), np.asarray(c["image"]))
 
 
+@pytest.mark.slow
 def test_per_sample_keys_a_batch_equals_its_halves_with_their_own_keys(batch):
     acfg = AugmentConfig.from_preset("default", p_shift=1.0, p_gamma=1.0, p_spike=1.0)
     key = jax.random.PRNGKey(11)
@@ -205,6 +206,7 @@ preset = "default"
 """
 
 
+@pytest.mark.slow
 def test_resume_with_augmentation_and_ema_is_exact(tmp_path, monkeypatch):
     """The EMA is checkpointed and restored, and the augmentation keys follow the step keys:
     a run stopped at step 4 and resumed ends where an uninterrupted one does."""

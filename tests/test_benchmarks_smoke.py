@@ -81,6 +81,7 @@ def test_train_step_script_writes_its_json(tmp_path):
     assert f"{cores} processes x 1 core, data parallel / torch =" in res.stdout if cores > 1 else "1 process / torch =" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["original", "channels-last"])
 def test_torch_reference_matches_jax_at_fire_0(layout):
     """The timing reference computes what our forward computes (fire 0 is deterministic)."""

@@ -89,6 +89,7 @@ def test_cpu_fast_equals_reference(perception, rate):
     _compare(perception, FAST, rate)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perception", PERCEPTIONS)
 def test_cpu_fast_dense_path_equals_reference(perception):
     assert cpu_fast.fired_capacity(360, 0.0) is None  # (a traced rate has no capacity either)
@@ -104,6 +105,7 @@ def test_cpu_fast_overflow_chunks_equal_reference(monkeypatch, perception):
     _compare(perception, FAST, 0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perception", PERCEPTIONS)
 def test_cpu_fast_pieces_equal_reference(perception):
     shape = (2, 40, 40, C)  # 3200 cells, ~1600 fired: two pieces of >= MIN_ROWS_PER_CHAIN rows
@@ -112,6 +114,7 @@ def test_cpu_fast_pieces_equal_reference(perception):
     _compare(perception, Backend("cpu_fast", pieces=2), 0.0, shape=shape, steps=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perception", PERCEPTIONS)
 @pytest.mark.parametrize("backend", [REFERENCE, FAST], ids=["reference", "cpu_fast"])
 @pytest.mark.parametrize("remat", ["step", "nested"])
@@ -119,6 +122,7 @@ def test_remat_modes_equal_none(perception, backend, remat):
     _compare(perception, backend, 0.5, steps=7, remat=remat)
 
 
+@pytest.mark.slow
 def test_given_masks_are_the_drawn_masks():
     # The masks a rollout draws from its keys are rule.fire_masks of the per-sample keys: the
     # same rollout with those masks passed in gives the same state, on both backends.
@@ -165,6 +169,7 @@ def _two_level_params(cfg: Config):
     return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perception", PERCEPTIONS)
 def test_two_level_training_loss_equals_reference(perception):
     from mednca_jax.losses import dice_bce_loss
@@ -237,6 +242,7 @@ def test_auto_backend_takes_cpu_fast_on_a_cpu_and_reference_elsewhere():
         resolve_backend("cpu_fast", Rule("learned"), "cpu", 2, ndim=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perception", PERCEPTIONS)
 def test_ten_training_steps_agree_between_backends(perception):
     # The same batches and keys through make_train_step on each backend: the losses of the

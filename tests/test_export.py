@@ -706,6 +706,7 @@ def test_torch_chunked_steps_and_masks(small):
         m_pt.plan([3, 40, 36, 1], rt.BASE_MB - 50)
 
 
+@pytest.mark.slow
 def test_edge_memory_benchmark_smoke(tmp_path):
     """benchmarks/edge_memory.py at 64x64, one round: a row per runtime, figures > 0, JSON."""
     import importlib.util

@@ -219,6 +219,7 @@ def poisoned_steps(monkeypatch, from_step: int, healthy_below_lr: float | None) 
     monkeypatch.setattr(trainer, "make_train_step", make)
 
 
+@pytest.mark.slow
 def test_divergence_between_loss_checks_rolls_back_at_half_lr(task, tmp_path, monkeypatch, capsys):  # noqa: F811
     """NaN params from step 5 reach the save at step 6 before any loss check (log_every 4):
     not saved; back to step 3 with lr / 2, which trains on to the end."""
@@ -239,6 +240,7 @@ def test_divergence_between_loss_checks_rolls_back_at_half_lr(task, tmp_path, mo
     assert lrs[-1] == pytest.approx(cfg.train.lr * 0.5 * cfg.train.lr_decay**8, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_divergence_stops_after_max_rollbacks_with_an_intact_best(task, tmp_path, monkeypatch, capsys):  # noqa: F811
     data, cfg_path = task
     poisoned_steps(monkeypatch, 4, healthy_below_lr=None)
@@ -273,6 +275,7 @@ def _biggest_params_file(step_dir: Path) -> Path:
     return max((f for f in (step_dir / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_fall_back_or_fail_clearly(task, reference, tmp_path, monkeypatch):  # noqa: F811
     """Also: the resumed run compiles its train step once (a restored NumPy step counter
     used to make the second call compile again)."""
@@ -306,6 +309,7 @@ def test_damaged_checkpoints_fall_back_or_fail_clearly(task, reference, tmp_path
         ckpt.restore(run, {"params": None}, which="latest")
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save(task, reference, tmp_path, capsys):  # noqa: F811
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -416,6 +420,7 @@ def test_a_stale_split_is_refused_and_the_folder_kept(task, tmp_path, capsys):  
         train(load_config(cfg_path, ["data.split=[0.34, 0.33, 0.33]"]), run, data, progress=False)
 
 
+@pytest.mark.slow
 def test_evaluate_one_case_and_unlabelled_folders(task, reference, tmp_path, capsys):  # noqa: F811
     data, _ = task
     one = tmp_path / "one"
@@ -447,6 +452,7 @@ def test_evaluate_one_case_and_unlabelled_folders(task, reference, tmp_path, cap
     assert "--robustness needs labelled cases" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quality_flag_turns_on_the_quality_metrics(task, reference, tmp_path, capsys):  # noqa: F811
     data, _ = task
     out = tmp_path / "q"

@@ -90,6 +90,7 @@ def test_whole_image_training_when_patch_is_zero(tiny_cfg):
     np.testing.assert_allclose(lg, forward(p, m, img, jax.random.PRNGKey(9), 0.0), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps,scales", [((3,), (1,)), ((2, 2, 2), (4, 2, 1))])
 def test_any_number_of_levels(steps, scales):
     m = ModelConfig(channels=5, hidden=8, steps=steps, scales=scales, patch_size=4, remat="none")

@@ -127,6 +127,7 @@ def test_sobel_filters_measure_gradients_and_curvature():
     assert kernel.shape == (3, 3, 3, 2, 8) and bias.shape == (8,)
 
 
+@pytest.mark.slow
 def test_a_3d_rollout_of_the_reference_rule():
     # The reference rule is rank-generic: a 3D state steps with 3x3x3 perceptions.
     for perception in ["learned", "sobel"]:

@@ -122,12 +122,14 @@ def fixture_npz():
         return {k: z[k] for k in z.files}
 
 
+@pytest.mark.slow
 def test_onnx_official_matches_original_fixture(official, fixture_npz):
     """All 39 slices of hippocampus_374 at fire 0: within 1e-2 of the original's logits."""
     z = onnx_logits(official[2], fixture_npz["image"], 0.0)
     assert np.abs(z[..., 0] - fixture_npz["logits"]).max() <= 1e-2
 
 
+@pytest.mark.slow
 def test_onnx_official_fire_half_dice_matches_jax(official, fixture_npz):
     """Mean hard Dice over 10 seeds at fire 0.5 within 0.01 of JAX's (DICE_SLICES)."""
     cfg, params, path = official

@@ -37,6 +37,7 @@ def test_pth_and_npz_give_identical_params(official):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_deterministic_parity_with_the_original(official):
     cfg, params, fx, fwd = official
     logits, states = fwd(params, jnp.asarray(fx["image"])[..., None], jax.random.PRNGKey(0), 0.0)
@@ -55,6 +56,7 @@ def test_stochastic_parity_ten_seeds(official):
     assert np.std(dices) > 0  # the masks really are stochastic
 
 
+@pytest.mark.slow
 def test_swapped_kernel_axes_break_parity(official):
     """Guards the layout trap: without the spatial swap the logits are far off."""
     cfg, params, fx, fwd = official

@@ -61,6 +61,7 @@ def test_folder_with_runs_writes_labels_variance_and_nqm_in_the_input_grid(tiny_
     assert not list(out.glob(".*"))  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_predict_equals_evaluate_on_an_unlabelled_case(tiny_run, tmp_path, monkeypatch):
     """One code path for both commands: same seed, same labels, voxel for voxel."""
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
@@ -153,6 +154,7 @@ def test_bad_arguments_are_one_line_and_exit_2(tiny_run, tmp_path, capsys, args,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_official_weights_segment_the_reference_scan(tmp_path, capsys):
     """The original's pretrained weights, imported as a user would, on a scan with its label."""
     case = require(REFERENCE / "hippocampus_374")

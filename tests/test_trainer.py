@@ -67,6 +67,7 @@ def test_time_limit_stops_with_a_checkpoint(task, tmp_path, monkeypatch):
     assert ckpt.manager(tmp_path / "run", ckpt.LATEST_DIR, 1).latest_step() == 1
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_and_resume_needs_a_run(task, tmp_path, monkeypatch):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
@@ -83,6 +84,7 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(task, tmp_path, monkey
         train(other, tmp_path / "run", data, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_train_then_evaluate(task, tmp_path, monkeypatch, capsys):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
@@ -121,6 +123,7 @@ def test_cli_errors_are_clear(task, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unlabelled_folder_gives_predictions_only(task, tmp_path, monkeypatch):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))

@@ -42,6 +42,7 @@ def setup(tiny_cfg):
     return cfg, tx, step
 
 
+@pytest.mark.slow
 def test_train_step_learns_and_compiles_once(setup):
     cfg, tx, step = setup
     state = init_train_state(init_network_params(cfg, jax.random.PRNGKey(0)), tx)
@@ -155,6 +156,7 @@ def test_clipping_bounds_what_reaches_adam(tiny_cfg):
         np.testing.assert_allclose(float(jnp.linalg.norm(_mu(state)["w"])), (1 - b1) * expect, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ema_update_math_and_train_step_keeps_the_average(setup):
     a, p = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, -2.0])}
     np.testing.assert_allclose(ema_update(a, p, 0.9)["w"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 - 0.1 * 2], rtol=1e-6)
@@ -193,6 +195,7 @@ def test_budget_schedule_warms_up_and_reaches_its_final_value_at_the_end_of_the_
     assert np.isclose(float(state.budget_used), 0.5)
 
 
+@pytest.mark.slow
 def test_train_step_with_budget_schedule_reads_the_state(setup):
     cfg, _, _ = setup
     t = dataclasses.replace(cfg.train, schedule="budget_cosine", time_limit_min=1.0, lr_final=0.1, clip_grad_norm=1.0)
@@ -206,6 +209,7 @@ def test_train_step_with_budget_schedule_reads_the_state(setup):
     assert step._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_augmentation_hook_uses_its_own_key_and_leaves_the_model_keys_alone(setup):
     """A step with [augment] on equals a step without it on the batch augmented outside with
     augment_keys(step key): the hook augments exactly that way, and the model's random

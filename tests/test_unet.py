@@ -72,6 +72,7 @@ def test_batch_independent():
     np.testing.assert_allclose(np.asarray(full[1:2]), np.asarray(single), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_adam_reduces_loss_on_toy_blob():
     cfg = _cfg(width=4, depth=2)
     yy, xx = np.mgrid[:16, :16]
