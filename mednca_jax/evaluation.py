@@ -28,7 +28,7 @@ from .errors import UsageError
 from .losses import dice_hard, dice_soft
 from .inference import PredictFn, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
 from .model import count_params
-from .quality import nqm
+from .quality import nqm, variance_volume
 from .robustness import check_perturbation_names, robustness_suite
 
 def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float | None, batch_size: int,
@@ -129,7 +129,7 @@ def evaluate_cases(
             meta = slices.meta(k)
             write_volume(out / "predictions" / f"{name}.nii.gz", resample_to_native(pred_labels, meta.shape, slices.slice_axis), meta)
             if runs >= 2:
-                var = run_probs[:, rows].var(axis=0).max(axis=-1).astype(np.float32)
+                var = variance_volume(run_probs[:, rows])
                 write_volume(out / "variance" / f"{name}.nii.gz", resample_to_native(var, meta.shape, slices.slice_axis), meta, np.float32)
     metrics = {"summary": summarize(results), "cases": results}
     if out is not None:

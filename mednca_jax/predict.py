@@ -168,7 +168,7 @@ def predict_volume(
 
     from .data import preprocess_volume, resample_to_native
     from .evaluation import make_predict_fn, predict_slices, probabilities_to_labels
-    from .quality import nqm
+    from .quality import nqm, variance_volume
 
     predict = predict or make_predict_fn(cfg)
     images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
@@ -179,7 +179,7 @@ def predict_volume(
     labels = resample_to_native(probabilities_to_labels(run_probs.mean(axis=0)), image.shape, axis)
     if runs < 2:
         return labels, None, None
-    variance = run_probs.var(axis=0).max(axis=-1).astype(np.float32)
+    variance = variance_volume(run_probs)
     return labels, resample_to_native(variance, image.shape, axis), nqm(run_probs)
 
 

@@ -35,6 +35,12 @@ def std_map(probs_runs: Any, ddof: int = 1) -> np.ndarray:
     return (p - p[:1]).std(axis=0, ddof=ddof)
 
 
+def variance_volume(probs_runs: Any) -> np.ndarray:
+    """The written variance volume: per-voxel variance over runs, max over classes,
+    ``(N, ..., n_out) -> (...)`` float32."""
+    return np.asarray(probs_runs).var(axis=0).max(axis=-1).astype(np.float32)
+
+
 def nqm(probs_runs: Any, ddof: int = 1) -> float:
     """NCA quality metric of one case.
 
