@@ -31,8 +31,6 @@ from .rule import (  # noqa: F401  (re-exported: the rule's pieces are part of t
     Params, Rule, fire_mask, fire_masks, init_rule_params, perceive, reset_inputs, sample_keys, step, step_keys, update,
 )
 
-fired_capacity = cpu_fast.fired_capacity
-
 
 # --------------------------------------------------------------------------- parameters
 class NCARule(nn.Module):

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import prng
-from .config import PRECISIONS
 
 Params = dict[str, Any]
 
@@ -230,8 +229,3 @@ def fire_mask(keys: jax.Array, spatial: tuple[int, ...], fire_rate: float | jax.
 def fire_masks(keys: jax.Array, steps: int, spatial: tuple[int, ...], fire_rate: float | jax.Array) -> jax.Array:
     """Masks of a whole rollout ``(steps, B, *S)``: :func:`fire_mask` of :func:`step_keys`."""
     return jax.vmap(lambda k: fire_mask(k, spatial, fire_rate))(step_keys(keys, steps))
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
