@@ -291,11 +291,13 @@ def check(failures: list[str], ok: bool, message: str) -> None:
 
 def sample_quiet(
     workers: dict[str, "Worker"], call: Callable[[str, "Worker"], float], repeats: int, limit: float,
-    budget_s: float,
+    budget_s: float, warm: int = 0,
 ) -> tuple[dict[str, list[float]], list[float], int]:
     """Time one call per worker, interleaved, ``repeats`` times, keeping only the rounds in
     which other processes used at most ``limit`` cores; noisy rounds are retried while
-    ``budget_s`` lasts. Returns ``(times per worker, foreign load of the kept rounds, rounds
+    ``budget_s`` lasts. ``warm`` untimed calls precede each timed one: a short call timed
+    right after another framework's shares the cores with that framework's still-spinning
+    worker threads (OpenMP's wait policy), or, after an idle pause, starts on cold cores. Returns ``(times per worker, foreign load of the kept rounds, rounds
     discarded)``; if no round was quiet, all rounds are returned (and the caller reports the
     run as inconclusive)."""
     kept: dict[str, list[float]] = {n: [] for n in workers}
@@ -304,7 +306,11 @@ def sample_quiet(
     pids = [p for w in workers.values() for p in w.pids]
     while len(loads) < repeats:
         meter = CpuMeter(pids).start()
-        got = {n: call(n, w) for n, w in workers.items()}
+        got = {}
+        for n, w in workers.items():
+            for _ in range(warm):
+                call(n, w)
+            got[n] = call(n, w)
         foreign = meter.stop()
         dest, dl = (kept, loads) if foreign <= limit else (noisy, noisy_loads)
         for n, t in got.items():

@@ -6,6 +6,7 @@ Examples:
   mednca evaluate --checkpoint runs/demo --split test
   mednca evaluate --checkpoint runs/official --data MSD_FOLDER --runs 10
   mednca evaluate --checkpoint runs/hippo --data MSD_FOLDER --split test --robustness --severities 0.5 1.0
+  mednca evaluate --checkpoint runs/hippo --data MSD_FOLDER --split test --robustness --protocol ours torchio
   mednca evaluate --checkpoint runs/unet --data MSD_FOLDER --split test --robustness --compare-with runs/hippo/eval-test/robustness.json
 """
 
@@ -34,10 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality", action="store_true", help="compute the quality metrics (NQM, Spearman, failure detection) with 10 runs unless --runs says otherwise; an error if they cannot be computed (--runs 1, fewer than 2 labelled cases)")
     p.add_argument("--failure-dice", type=float, default=0.8, help="with --runs: a case with hard Dice below this counts as a failure to detect")
     p.add_argument("--robustness", action="store_true", help="Dice under each perturbation and severity, and at other image sizes")
-    p.add_argument("--perturbations", nargs="+", help="with --robustness: which ones (default: all; see mednca_jax/perturbations.py, plus 'scale')")
-    p.add_argument("--severities", nargs="+", type=float, help="with --robustness: severities in [0, 1] (default: 0.25 0.5 0.75 1.0)")
+    p.add_argument("--protocol", nargs="+", choices=["ours", "torchio"], default=["ours"],
+                   help="with --robustness: 'ours' (default; mednca_jax/perturbations.py, written to robustness.json) and/or 'torchio' "
+                        "(torchio's RandomGhosting, RandomAnisotropy, RandomBiasField, RandomNoise, RandomBlur at levels 1-5 with the "
+                        "parameters of OctreeNCA's out-of-distribution study, written to robustness_torchio.json; needs "
+                        "pip install 'mednca-jax[torchio]')")
+    p.add_argument("--perturbations", nargs="+", help="with --robustness: which ones (default: all of each protocol; ours: see mednca_jax/perturbations.py, plus 'scale'; torchio: the class names above)")
+    p.add_argument("--severities", nargs="+", type=float, help="with --robustness, protocol 'ours': severities in [0, 1] (default: 0.25 0.5 0.75 1.0); the torchio protocol always runs levels 1-5")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. for log files)")
-    p.add_argument("--compare-with", nargs="+", type=Path, default=[], help="with --robustness: robustness.json of other models to draw on the same plot")
+    p.add_argument("--compare-with", nargs="+", type=Path, default=[], help="with --robustness: robustness.json of other models to draw on the same plot (with --protocol torchio, the robustness_torchio.json beside each)")
     return p.parse_args(argv)
 
 
@@ -63,7 +69,7 @@ def _main(args: argparse.Namespace) -> int:
         cases_file=args.cases, split=args.split, runs=runs, fire_rate=args.fire_rate, seed=args.seed, which=args.which,
         batch_size=args.batch_size, cache_dir=args.cache_dir, failure_dice=args.failure_dice, quality=args.quality,
         robustness=args.robustness, perturbations=args.perturbations, severities=args.severities,
-        compare_with=args.compare_with, progress=not args.no_progress,
+        compare_with=args.compare_with, progress=not args.no_progress, protocols=tuple(args.protocol),
     )
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.data, out, opts)
@@ -82,8 +88,9 @@ def _main(args: argparse.Namespace) -> int:
         fd = q["failure_detection"]
         print(f"NQM vs Dice: Spearman {q['spearman_nqm_dice']:.3f}; NQM threshold {q['nqm_threshold']:.4f} "
               f"(chosen on {q['threshold_chosen_on']}) flags {fd['TP']}/{fd['n_failures']} failures with {fd['FP']} false alarms")
-    if "robustness" in metrics:
-        print((out / "robustness.md").read_text())
+    for stem in ("robustness", "robustness_torchio"):
+        if stem in metrics:
+            print((out / f"{stem}.md").read_text())
     print(f"metrics: {out / 'metrics.json'}; predictions: {out / 'predictions'}")
     return 0
 

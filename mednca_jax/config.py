@@ -101,7 +101,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     time_limit_min: float = 0.0  # stop (with a checkpoint) after this many minutes; 0: no limit
     data_parallel: bool = False  # shard the batch over all devices (jax.sharding)
-    max_rollbacks: int = 3  # on a non-finite loss: back to the last good checkpoint at half the lr, this often
+    max_rollbacks: int = 3  # on a diverged loss: back to the last good checkpoint at half the lr, this often
+    # a logged loss above this counts as diverged, like a non-finite one (DiceBCE of a healthy run
+    # stays below ~3; an exploded one reaches 1e5-1e29 while staying finite); 0: non-finite only
+    max_loss: float = 100.0
     clip_grad_norm: float = 0.0  # clip the gradient to this global norm before Adam; 0: off
     ema_decay: float = 0.0  # keep an EMA of the params (validated, saved as best, exported); 0: off
     # exponential: lr * lr_decay**step. budget_*: warm-up (warmup_steps), then anneal from lr to
@@ -338,6 +341,7 @@ def validate(cfg: Config) -> Config:
         _check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     _check(math.isfinite(t.time_limit_min) and t.time_limit_min >= 0, "train.time_limit_min", f"must be a finite number >= 0, got {t.time_limit_min}")
     _check(t.max_rollbacks >= 0, "train.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")
+    _check(math.isfinite(t.max_loss) and t.max_loss >= 0, "train.max_loss", f"must be a finite number >= 0 (0: off), got {t.max_loss}")
     _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", f"must be >= 0 (0: off), got {t.clip_grad_norm}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
     _check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")

@@ -29,7 +29,9 @@ from .losses import dice_hard, dice_soft
 from .inference import PredictFn, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
 from .model import count_params
 from .quality import nqm, variance_volume
-from .robustness import check_perturbation_names, robustness_suite
+from .perturbations import PERTURBATIONS
+from .perturbations_torchio import TORCHIO_PROTOCOL, import_torchio
+from .robustness import SCALE, robustness_suite, torchio_suite
 
 def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float | None, batch_size: int,
                 repeats: int = 5) -> dict[str, Any]:
@@ -221,6 +223,7 @@ class EvalOptions:
     severities: Sequence[float] | None = None
     compare_with: Sequence[Path] = ()
     progress: bool = True
+    protocols: Sequence[str] = ("ours",)
 
     def check(self) -> "EvalOptions":
         """Raise :class:`~.errors.UsageError` naming the option that is out of range."""
@@ -238,11 +241,34 @@ class EvalOptions:
         try:
             if self.fire_rate is not None:
                 check_fire_rate(self.fire_rate)
-            check_perturbation_names(self.perturbations or [])
             check_severities(self.severities or [])
         except (InputError, ValueError) as e:
             raise UsageError(str(e)) from None
+        bad = [p for p in self.protocols if p not in ROBUSTNESS_FILES]
+        if bad or not self.protocols:
+            raise UsageError(f"--protocol must be one or more of {', '.join(ROBUSTNESS_FILES)}, got {list(self.protocols)}")
+        if self.perturbations:
+            valid = [n for p in self.protocols for n in protocol_perturbations(p)]
+            unknown = [n for n in self.perturbations if n not in valid]
+            if unknown:
+                raise UsageError(f"unknown perturbation(s) {unknown} for --protocol {' '.join(self.protocols)}; valid choices: {', '.join(valid)}")
+        if self.robustness and "torchio" in self.protocols:
+            import_torchio()  # the install hint now, not after the clean evaluation
         return self
+
+
+# robustness protocol -> stem of its output files (robustness.json keeps its name and layout)
+ROBUSTNESS_FILES = {"ours": "robustness", "torchio": "robustness_torchio"}
+
+
+def protocol_perturbations(protocol: str) -> list[str]:
+    """Every perturbation name of ``protocol``."""
+    return list(PERTURBATIONS) + [SCALE] if protocol == "ours" else list(TORCHIO_PROTOCOL)
+
+
+def protocol_names(protocol: str, requested: Sequence[str] | None) -> list[str] | None:
+    """The perturbations of ``protocol`` among ``requested`` (None: all of them)."""
+    return None if not requested else [n for n in requested if n in protocol_perturbations(protocol)]
 
 
 def evaluate_checkpoint(
@@ -255,7 +281,8 @@ def evaluate_checkpoint(
     and a failure detection summary (``quality``; NQM threshold chosen on the run's
     validation patients when ``split`` is given and the run has some; "not available" with
     fewer than 2 labelled cases), an NQM-Dice plot, case panels and a GIF of one rollout.
-    With ``robustness``: ``robustness.json``/``.md``/``.png``.
+    With ``robustness``: ``robustness.json``/``.md``/``.png`` for our suite and
+    ``robustness_torchio.*`` for the torchio protocol (``protocols``).
 
     Raises:
         UsageError: an option out of range. DataError, CheckpointError: unusable inputs.
@@ -300,16 +327,27 @@ def evaluate_checkpoint(
     if opts.robustness:
         from .plots import markdown_table, plot_robustness
 
-        res = robustness_suite(params, cfg, test_slices, key, perturbations=opts.perturbations, severities=opts.severities,
-                               fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size, progress=bar("robustness"))
         label = f"{cfg.model.kind}:{cfg.name}"
-        combined = {label: res}
-        for other in opts.compare_with:
-            combined.update(json.loads(Path(other).read_text())["models"])
-        (out / "robustness.json").write_text(json.dumps({"models": {label: res}}, indent=2) + "\n")
-        (out / "robustness.md").write_text(markdown_table(combined) + "\n")
-        plot_robustness(combined, out / "robustness.png")
-        metrics["robustness"] = res
+        common = dict(fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size)
+        for protocol in opts.protocols:
+            names = protocol_names(protocol, opts.perturbations)
+            if names == []:
+                continue  # --perturbations named none of this protocol's
+            if protocol == "ours":
+                res = robustness_suite(params, cfg, test_slices, key, perturbations=names, severities=opts.severities,
+                                       progress=bar("robustness"), **common)
+            else:
+                res = torchio_suite(params, cfg, test_slices, key, perturbations=names, progress=bar("torchio protocol"), **common)
+            stem = ROBUSTNESS_FILES[protocol]
+            combined = {label: res}
+            for other in opts.compare_with:
+                other = Path(other) if protocol == "ours" else Path(other).with_name(f"{stem}.json")
+                if other.is_file():  # a model evaluated without this protocol is left out of its plot
+                    combined.update(json.loads(other.read_text())["models"])
+            (out / f"{stem}.json").write_text(json.dumps({"models": {label: res}}, indent=2) + "\n")
+            (out / f"{stem}.md").write_text(markdown_table(combined) + "\n")
+            plot_robustness(combined, out / f"{stem}.png")
+            metrics[stem] = res
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

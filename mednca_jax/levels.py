@@ -191,6 +191,35 @@ def forward(
     """
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     keys = sample_keys(key, images.shape[0])
+    groups = batch_groups(images.shape[0], images.shape[1] * images.shape[2], backend.group_cells)
+    if groups > 1 and masks is None:
+        # One group of samples after the other, each with its own samples' keys: the same
+        # result as the whole batch at once, with a working set that fits the caches.
+        split = lambda t: t.reshape((groups, -1) + t.shape[1:])  # noqa: E731
+        out = jax.lax.map(
+            lambda a: _forward(params, model_cfg, a[0], a[1], fire_rate, backend, remat, return_states), (split(images), split(keys))
+        )
+        return jax.tree_util.tree_map(lambda t: t.reshape((-1,) + t.shape[2:]), out)
+    return _forward(params, model_cfg, images, keys, fire_rate, backend, remat, return_states, masks)
+
+
+def batch_groups(batch: int, cells_per_sample: int, group_cells: int) -> int:
+    """Into how many equal groups of samples :func:`forward` splits a batch: the fewest whose
+    groups hold at most ``group_cells`` cells. 1 (no split) when ``group_cells`` is 0, when
+    the batch fits, or when only groups of single samples would do although two fit (a
+    prime batch size): one sample at a time measured no faster than the whole batch."""
+    if not group_cells or batch * cells_per_sample <= group_cells:
+        return 1
+    per_group = max(1, group_cells // cells_per_sample)
+    size = max(d for d in range(1, per_group + 1) if batch % d == 0)
+    return 1 if size == 1 and per_group > 1 else batch // size
+
+
+def _forward(
+    params: Params, model_cfg: ModelConfig, images: jax.Array, keys: jax.Array, fire_rate: float | jax.Array, backend: Backend,
+    remat: str, return_states: bool, masks: Any = None,
+) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+    """:func:`forward` of one group, with per-sample ``keys (B,)``."""
     x, states = _coarse_levels(params, model_cfg, images, keys, fire_rate, backend, remat, masks)
     last = model_cfg.n_levels - 1
     x, _ = rollout(

@@ -72,10 +72,19 @@ def count_params(params: Any) -> int:
 class Backend:
     """A resolved backend (static): ``name`` is ``"reference"`` or ``"cpu_fast"``; ``pieces``
     is into how many independent pieces ``cpu_fast`` splits a step (one per usable core, at
-    most 2; XLA:CPU runs them side by side)."""
+    most 2; XLA:CPU runs them side by side); ``group_cells``: inference runs a large batch in
+    groups of about this many cells, one group after the other (0: the whole batch at once;
+    see :func:`mednca_jax.levels.forward`)."""
 
     name: str = "reference"
     pieces: int = 1
+    group_cells: int = 0
+
+
+# cpu_fast inference in groups of ~8 slices of 64x64: a step's working set (state, gathered
+# neighbourhoods) then stays in the CPU caches. Measured on 2 cores, batch 32 of 64x64 at 2 x 64
+# steps: 24.1 ms/slice whole, 15.7 in groups of 8, 15.1 of 4, 17.9 of 2, 23.4 one by one.
+CPU_GROUP_CELLS = 8 * 64 * 64
 
 
 REFERENCE = Backend("reference")
@@ -98,7 +107,7 @@ def resolve_backend(requested: str, rule: Rule, platform: str, cores: int, ndim:
         return REFERENCE
     if requested == "auto" and platform != "cpu":
         return REFERENCE
-    return Backend("cpu_fast", pieces=2 if platform == "cpu" and cores >= 2 else 1)
+    return Backend("cpu_fast", pieces=2 if platform == "cpu" and cores >= 2 else 1, group_cells=CPU_GROUP_CELLS if platform == "cpu" else 0)
 
 
 # --------------------------------------------------------------------------- rollouts

@@ -18,6 +18,7 @@ from .data import SliceSet
 from .inference import PredictFn, make_predict_fn, predict_slices
 from .losses import dice_hard
 from .perturbations import PERTURBATIONS, SCALE_SIZES, apply_perturbation, check_severities, rescale
+from .perturbations_torchio import TORCHIO_LEVELS, apply_torchio, check_torchio_names
 from .quality import choose_nqm_threshold, failure_detection_summary, spearman
 
 SCALE = "scale"
@@ -41,6 +42,18 @@ def _stats(d: np.ndarray) -> dict[str, float]:
     return {"mean": float(d.mean()), "std": float(d.std())}
 
 
+def _runner(
+    params: Any, cfg: Config, slices: SliceSet, key: jax.Array, fire_rate: float | None, batch_size: int
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, float]]:
+    """``run(images (N, H, W)) -> probs`` for the model, and its clean per-case Dice stats."""
+    if slices.labels is None:
+        raise ValueError("the robustness suite needs labelled cases")
+    fire_rate = cfg.model.fire_rate if fire_rate is None else fire_rate
+    predict = make_predict_fn(cfg)
+    run = lambda imgs: predict_slices(predict, params, imgs[..., None].astype(np.float32), key, fire_rate, batch_size)  # noqa: E731
+    return run, _stats(per_case_dice(run(slices.images[..., 0]), slices.labels, slices))
+
+
 def robustness_suite(
     params: Any,
     cfg: Config,
@@ -61,15 +74,10 @@ def robustness_suite(
     evaluates the model at other image sizes (``sizes``, pixels): images bilinear, labels
     nearest; both model kinds are fully convolutional and run at the new size directly.
     """
-    if slices.labels is None:
-        raise ValueError("the robustness suite needs labelled cases")
     names = check_perturbation_names(perturbations or list(PERTURBATIONS) + [SCALE])
     sev = check_severities(severities) if severities is not None else None
-    fire_rate = cfg.model.fire_rate if fire_rate is None else fire_rate
-    predict = make_predict_fn(cfg)
+    run, clean = _runner(params, cfg, slices, key, fire_rate, batch_size)
     images, labels = slices.images[..., 0], slices.labels
-    run = lambda imgs: predict_slices(predict, params, imgs[..., None].astype(np.float32), key, fire_rate, batch_size)  # noqa: E731
-    clean = _stats(per_case_dice(run(images), labels, slices))
     results: dict[str, dict[str, dict[str, float]]] = {"clean": {"0": clean}}
     for name in progress(names):
         if name == SCALE:
@@ -84,6 +92,36 @@ def robustness_suite(
         for s in sev if sev is not None else PERTURBATIONS[name].severities:
             imgs, labs = apply_perturbation(name, images, labels, float(s), seed)
             results[name][str(float(s))] = _stats(per_case_dice(run(imgs), labs, slices))
+    return results
+
+
+def torchio_suite(
+    params: Any,
+    cfg: Config,
+    slices: SliceSet,
+    key: jax.Array,
+    *,
+    perturbations: Sequence[str] | None = None,
+    levels: Sequence[int] = TORCHIO_LEVELS,
+    fire_rate: float | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: Callable[[Any], Any] = lambda it: it,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-case Dice under the torchio protocol (:mod:`.perturbations_torchio`), levels 1…5.
+
+    Same layout as :func:`robustness_suite`: ``{"clean": {"0": …}, name: {"0": clean,
+    "1": …, …, "5": …}}`` with the transforms' class names (``RandomGhosting``, …) as names.
+    """
+    names = check_torchio_names(list(perturbations) if perturbations else None)
+    run, clean = _runner(params, cfg, slices, key, fire_rate, batch_size)
+    images = slices.images[..., 0]
+    results: dict[str, dict[str, dict[str, float]]] = {"clean": {"0": clean}}
+    for name in progress(names):
+        results[name] = {"0": clean}
+        for level in levels:
+            perturbed = apply_torchio(name, images, int(level), seed)
+            results[name][str(int(level))] = _stats(per_case_dice(run(perturbed), slices.labels, slices))
     return results
 
 
@@ -109,4 +147,4 @@ def quality_summary(
     }
 
 
-__all__ = ["SCALE", "check_perturbation_names", "per_case_dice", "quality_summary", "robustness_suite", "PredictFn"]
+__all__ = ["SCALE", "check_perturbation_names", "per_case_dice", "quality_summary", "robustness_suite", "torchio_suite", "PredictFn"]

@@ -41,7 +41,7 @@ from .data import BatchIterator, Case, DataError, list_cases, load_slices, make_
 from .evaluation import evaluate_cases, make_predict_fn, predict_slices
 from .networks import init_network_params
 from .training import (
-    TrainState, any_process, eval_params, init_train_state, is_primary, local_part, make_mesh, make_optimizer, make_train_step,
+    TrainState, any_process, eval_params, is_budget_schedule, process0_value, init_train_state, is_primary, local_part, make_mesh, make_optimizer, make_train_step,
     primary_first, put_batch, put_replicated, with_budget_used,
 )
 
@@ -394,7 +394,8 @@ def log_train_metrics(run: Run, step: int, metrics: dict[str, Any], rate: float)
     """Fetch the step's metrics, write them to TensorBoard and ``log.jsonl``; return them."""
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     for k in ("loss", "lr", "grad_norm"):
-        tb(run, "add_scalar", f"train/{k}", m[k], step)
+        if np.isfinite(m[k]):  # a non-finite loss is reported by the rollback; tensorboardX would warn per value
+            tb(run, "add_scalar", f"train/{k}", m[k], step)
     tb(run, "add_scalar", "train/slices_per_s", rate, step)
     log(run, {"step": step, "minutes": run.elapsed() / 60, "loss": m["loss"], "lr": m["lr"]})
     return m
@@ -410,7 +411,9 @@ def validate(run: Run, step: int) -> float | None:
     params = eval_params(run.progress.state)  # the EMA when kept
     params = jax.device_get(params) if jax.process_count() > 1 else params
     m = evaluate_cases(params, cfg, data.val, data.cases, run.eval_key, native=False, predict=run.predict)
-    dice = m["summary"]["dice"]["mean"]
+    # Process 0's figure for all: the processes must take the same best-checkpoint decision
+    # (the saves are collective), and float rounding may differ between their validations.
+    dice = process0_value(m["summary"]["dice"]["mean"])
     tb(run, "add_scalar", "val/dice", dice, step)
     tb(run, "add_scalar", "val/dice_soft", m["summary"]["dice_soft"]["mean"], step)
     rows = _pick_val_images(data.val)
@@ -450,9 +453,20 @@ def save(run: Run, step: int, val_dice: float | None = None) -> None:
         ckpt.save_checkpoint(run.best_mngr, step, jax.device_get(eval_params(p.state)), dict(meta, val_dice=val_dice))
 
 
-def roll_back(run: Run, step: int) -> int:
-    """After a non-finite loss at ``step``: restart from the last good checkpoint (or step 0)
-    with the learning rate halved once more. Returns the step training continues from.
+def divergence(loss: float, max_loss: float) -> str:
+    """Why ``loss`` counts as diverged (``""``: it does not): non-finite, or above ``max_loss``
+    (``train.max_loss``; 0 = no bound)."""
+    if not np.isfinite(loss):
+        return "non-finite loss"
+    if max_loss and loss > max_loss:
+        return f"loss {loss:.3g} above train.max_loss {max_loss:g}"
+    return ""
+
+
+def roll_back(run: Run, step: int, why: str = "non-finite loss") -> int:
+    """After a divergence at ``step`` (``why``: see :func:`divergence`): restart from the last
+    good checkpoint (or step 0) with the learning rate halved once more. Returns the step
+    training continues from.
 
     Raises:
         RunError: ``train.max_rollbacks`` rollbacks are used up.
@@ -462,7 +476,7 @@ def roll_back(run: Run, step: int) -> int:
         best = run.best_mngr.latest_step()
         kept = f"the best checkpoint (step {best}) in {run.workdir / ckpt.BEST_DIR} is intact" if best is not None else "no checkpoint was written"
         raise RunError(
-            f"the loss became non-finite at step {step} after {p.rollbacks} rollback(s) with the learning rate halved each time "
+            f"training diverged ({why}) at step {step} after {p.rollbacks} rollback(s) with the learning rate halved each time "
             f"(train.lr {cfg.train.lr:g} -> {cfg.train.lr * p.lr_factor:g}); lower train.lr or check the data; {kept}"
         )
     rollbacks = p.rollbacks + 1
@@ -478,7 +492,7 @@ def roll_back(run: Run, step: int) -> int:
     run.progress, run.t0 = new, time.perf_counter()
     lr = cfg.train.lr * new.lr_factor
     log(run, {"step": step, "minutes": run.elapsed() / 60, "rollback": rollbacks, "to_step": back_to, "lr_factor": new.lr_factor})
-    print(f"warning: non-finite loss at step {step}; rollback {rollbacks}/{cfg.train.max_rollbacks} to step {back_to} with train.lr {lr:g}")
+    print(f"warning: {why} at step {step}; rollback {rollbacks}/{cfg.train.max_rollbacks} to step {back_to} with train.lr {lr:g}")
     return back_to
 
 
@@ -613,7 +627,10 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
         try:
             while step < end:
                 batch = put_batch(local_part(next(batches)) if mesh is not None else next(batches), mesh)
-                state = with_budget_used(run.progress.state, run.cfg.train, run.elapsed())  # budget schedules only
+                if is_budget_schedule(tcfg):  # every process takes process 0's clock: one learning rate for all
+                    state = with_budget_used(run.progress.state, tcfg, process0_value(run.elapsed()))
+                else:
+                    state = run.progress.state
                 run.progress.state, metrics = run.train_step(state, batch, jax.random.fold_in(run.progress.base_key, step + 1))
                 step += 1
                 window_n += 1
@@ -622,8 +639,9 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
                     window_t, window_n = time.perf_counter(), 0
                     m = log_train_metrics(run, step, metrics, rate)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", slices_s=f"{rate:.0f}", val=f"{run.progress.best:.3f}")
-                    if not np.isfinite(m["loss"]):
-                        step = roll_back(run, step)
+                    why = divergence(m["loss"], tcfg.max_loss)
+                    if why:
+                        step = roll_back(run, step, why)
                         bar.reset(total=tcfg.num_steps)
                         bar.update(step)
                         continue
@@ -631,7 +649,7 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
                 eval_due = _due(step, tcfg.eval_every) or step == tcfg.num_steps
                 if eval_due or _due(step, tcfg.checkpoint_every) or step == end:
                     if not state_is_finite(run):  # diverged between two loss checks: never save it
-                        step = roll_back(run, step)
+                        step = roll_back(run, step, "non-finite params")
                         continue
                     if eval_due:
                         last_val = validate(run, step)

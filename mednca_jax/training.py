@@ -368,5 +368,20 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in np.asarray(seen).reshape(-1, len(flags)).any(axis=0))
 
 
+def process0_value(value: float) -> float:
+    """Process 0's ``value`` on every process (one small collective; the value itself alone).
+
+    For what each process measures on its own but all must agree on: the elapsed time that
+    sets a budget schedule's learning rate (each process has its own clock: without this the
+    replicated params drift apart by the differing learning rates) and a validation Dice
+    that decides whether every process writes the best checkpoint.
+    """
+    if jax.process_count() == 1:
+        return float(value)
+    from jax.experimental import multihost_utils
+
+    return float(multihost_utils.broadcast_one_to_all(np.float32(value)))
+
+
 def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
     return tree if mesh is None else jax.device_put(tree, replicated(mesh))

@@ -11,6 +11,7 @@ same fire masks.
 | both perceptions (learned, sobel)      | every test above is parametrised over them         |
 | two levels + crops, train loss / grads | test_two_level_training_loss_equals_reference      |
 | data-parallel over 4 virtual devices   | test_data_parallel_step_equals_one_device (3 steps) |
+| inference in groups of samples         | test_grouped_inference_equals_whole_batch          |
 | NumPy runtime, PyTorch runtime         | test_export.py::test_runtimes_equal_reference_on_given_masks |
 
 The reference is :func:`mednca_jax.model.reference_rollout`: :func:`mednca_jax.rule.step`
@@ -31,7 +32,7 @@ from conftest import REPO
 
 from mednca_jax import cpu_fast, levels
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
-from mednca_jax.model import REFERENCE, Backend, init_level_params, rollout
+from mednca_jax.model import CPU_GROUP_CELLS, REFERENCE, Backend, init_level_params, rollout
 from mednca_jax.rule import Rule, fire_masks, sample_keys
 
 C, HID = 6, 16
@@ -226,12 +227,41 @@ for backend in (REFERENCE, Backend("cpu_fast", 1)):
     assert "reference ok" in res.stdout and "cpu_fast ok" in res.stdout
 
 
+@pytest.mark.parametrize("backend", [REFERENCE, Backend("cpu_fast", 2)], ids=["reference", "cpu_fast"])
+def test_grouped_inference_equals_whole_batch(backend):
+    """``levels.forward`` run in groups of samples (``Backend.group_cells``) gives the whole
+    batch's logits and states: each sample keeps its own keys."""
+    import dataclasses
+
+    cfg = _cfg("learned")
+    params = _two_level_params(cfg)
+    images = jnp.asarray(np.random.default_rng(0).random((6, 16, 16, 1), dtype=np.float32))
+    grouped = dataclasses.replace(backend, group_cells=2 * 16 * 16)  # 3 groups of 2 samples
+    assert levels.batch_groups(6, 16 * 16, grouped.group_cells) == 3
+    run = jax.jit(lambda b: levels.forward(params, cfg.model, images, jax.random.PRNGKey(3), 0.5, backend=b, return_states=True),
+                  static_argnums=0)
+    (whole, ws), (parts, ps) = run(backend), run(grouped)
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ps, ws, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(whole)).max() > 1e-3
+
+
+def test_batch_groups():
+    assert levels.batch_groups(32, 4096, CPU_GROUP_CELLS) == 4
+    assert levels.batch_groups(8, 4096, CPU_GROUP_CELLS) == 1  # fits
+    assert levels.batch_groups(30, 4096, CPU_GROUP_CELLS) == 5  # groups of 6
+    assert levels.batch_groups(31, 4096, CPU_GROUP_CELLS) == 1  # prime: single samples are no faster
+    assert levels.batch_groups(4, 256 * 256, CPU_GROUP_CELLS) == 4  # one 256x256 slice per group
+    assert levels.batch_groups(32, 4096, 0) == 1
+
+
 # --------------------------------------------------------------------------- backend choice
 def test_auto_backend_takes_cpu_fast_on_a_cpu_and_reference_elsewhere():
     from mednca_jax.model import resolve_backend
 
-    assert resolve_backend("auto", Rule("learned"), "cpu", 2) == Backend("cpu_fast", 2)
-    assert resolve_backend("auto", Rule("sobel"), "cpu", 1) == Backend("cpu_fast", 1)
+    assert resolve_backend("auto", Rule("learned"), "cpu", 2) == Backend("cpu_fast", 2, CPU_GROUP_CELLS)
+    assert resolve_backend("auto", Rule("sobel"), "cpu", 1) == Backend("cpu_fast", 1, CPU_GROUP_CELLS)
     assert resolve_backend("auto", Rule("learned"), "gpu", 16) == REFERENCE
     assert resolve_backend("auto", Rule("learned", "bfloat16"), "cpu", 2) == REFERENCE
     assert resolve_backend("auto", Rule("learned"), "cpu", 2, ndim=3) == REFERENCE

@@ -4,6 +4,7 @@ intact checkpoints, and a resume that gives the params of a run that never stopp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -197,9 +198,10 @@ def test_ctrl_c_during_start_up_exits_cleanly(task, tmp_path, monkeypatch, capsy
 
 
 # --------------------------------------------------------------------------- divergence
-def poisoned_steps(monkeypatch, from_step: int, healthy_below_lr: float | None) -> None:
+def poisoned_steps(monkeypatch, from_step: int, healthy_below_lr: float | None, loss: float = float("nan")) -> None:
     """Make the train step return NaN params and loss from ``from_step`` on; with
-    ``healthy_below_lr``, only while the learning rate is at least that (a rollback heals it)."""
+    ``healthy_below_lr``, only while the learning rate is at least that (a rollback heals it).
+    A finite ``loss`` leaves the params finite: an exploded but finite run."""
     real = trainer.make_train_step
 
     def make(cfg, tx, mesh=None):
@@ -210,8 +212,9 @@ def poisoned_steps(monkeypatch, from_step: int, healthy_below_lr: float | None) 
         def bad(state, batch, key):
             state, metrics = step(state, batch, key)
             if int(state.step) >= from_step:
-                state = state._replace(params=jax.tree_util.tree_map(lambda x: x * jnp.nan, state.params))
-                metrics = dict(metrics, loss=jnp.float32(jnp.nan))
+                if not np.isfinite(loss):
+                    state = state._replace(params=jax.tree_util.tree_map(lambda x: x * jnp.nan, state.params))
+                metrics = dict(metrics, loss=jnp.float32(loss))
             return state, metrics
 
         return bad
@@ -241,6 +244,20 @@ def test_divergence_between_loss_checks_rolls_back_at_half_lr(task, tmp_path, mo
 
 
 @pytest.mark.slow
+def test_exploded_finite_loss_rolls_back_too(task, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A loss of 1e29 is finite but diverged (train.lr=1 did that on the demo task): above
+    train.max_loss it rolls back like a NaN; with train.max_loss=0 it is only logged."""
+    data, cfg_path = task
+    cfg = load_config(cfg_path, ["train.log_every=4", "train.num_steps=9"])
+    poisoned_steps(monkeypatch, 5, healthy_below_lr=cfg.train.lr, loss=1e29)
+    out = train(cfg, tmp_path / "run", data, progress=False)
+    assert out["reason"] == "done" and out["step"] == 9 and out["rollbacks"] == 1
+    assert "warning: loss 1e+29 above train.max_loss 100 at step 8; rollback 1/3 to step 6" in capsys.readouterr().out
+    off = train(cfg.replace(train=dataclasses.replace(cfg.train, max_loss=0.0)), tmp_path / "off", data, progress=False)
+    assert off["rollbacks"] == 0 and "rollback" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_divergence_stops_after_max_rollbacks_with_an_intact_best(task, tmp_path, monkeypatch, capsys):  # noqa: F811
     data, cfg_path = task
     poisoned_steps(monkeypatch, 4, healthy_below_lr=None)
@@ -249,7 +266,7 @@ def test_divergence_stops_after_max_rollbacks_with_an_intact_best(task, tmp_path
     err = capsys.readouterr()
     assert rc == 2 and "Traceback" not in err.err
     line = [l for l in err.err.splitlines() if l.startswith("error:")]
-    assert len(line) == 1 and "non-finite at step 4 after 2 rollback(s)" in line[0] and "best checkpoint (step 3)" in line[0]
+    assert len(line) == 1 and "diverged (non-finite loss) at step 4 after 2 rollback(s)" in line[0] and "best checkpoint (step 3)" in line[0]
     assert err.out.count("warning: non-finite loss at step 4") == 2
     assert saved_steps_all_finite(run) == {ckpt.LATEST_DIR: [3], ckpt.BEST_DIR: [3]}
     params, _ = ckpt.load_params(run)  # best
@@ -397,7 +414,7 @@ def test_bad_nifti_inputs_are_named_and_leave_no_run_folder(task, tmp_path, caps
 
 def test_bad_configs_are_config_errors(task, tmp_path, capsys):  # noqa: F811
     _, cfg_path = task
-    for override, key in [("train.lr=inf", "train.lr"), ("train.lr=nan", "train.lr"), ("train.max_rollbacks=-1", "train.max_rollbacks"),
+    for override, key in [("train.lr=inf", "train.lr"), ("train.lr=nan", "train.lr"), ("train.max_rollbacks=-1", "train.max_rollbacks"), ("train.max_loss=-1", "train.max_loss"),
                           ("train.eps=inf", "train.eps")]:
         with pytest.raises(ConfigError, match=key):
             load_config(cfg_path, [override])

@@ -215,3 +215,38 @@ def test_two_processes_train_like_one_process_with_two_devices(task, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5)
     steps = lambda run: [json.loads(l)["step"] for l in (run / "log.jsonl").read_text().splitlines()]  # noqa: E731
     assert steps(tmp_path / "multi") == steps(tmp_path / "one")
+
+
+AGREE_SCRIPT = """
+import jax
+from mednca_jax.training import any_process, initialize_distributed_from_env, process0_value
+assert initialize_distributed_from_env()
+me = jax.process_index()
+print("agreed", process0_value(100.0 + 7.5 * me), any_process(me == 1)[0])
+"""
+
+
+@pytest.mark.slow
+def test_processes_agree_on_process0_clock_and_flags(tmp_path):
+    """What each process measures alone (its clock, its validation Dice) is replaced by process
+    0's: with a budget schedule, differing clocks gave differing learning rates, replicated
+    params drifted apart, and a best-checkpoint decision taken by one process only broke the
+    job's collectives."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from mednca_jax.launch import free_port, start_job_process
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 usable cores for 2 pinned processes")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(REPO)
+    port = free_port()
+    procs = [start_job_process([sys.executable, "-c", AGREE_SCRIPT], 2, i, port, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert [l for l in out.splitlines() if l.startswith("agreed")] == ["agreed 100.0 True"]
