@@ -41,8 +41,8 @@ from .data import BatchIterator, Case, DataError, list_cases, load_slices, make_
 from .evaluation import evaluate_cases, make_predict_fn, predict_slices
 from .networks import init_network_params
 from .training import (
-    TrainState, any_process, eval_params, is_budget_schedule, process0_value, init_train_state, is_primary, local_part, make_mesh, make_optimizer, make_train_step,
-    primary_first, put_batch, put_replicated, with_budget_used,
+    TrainState, agree, eval_params, init_train_state, is_primary, local_part, make_mesh, make_optimizer,
+    make_train_step, primary_first, process0_value, put_batch, put_replicated, with_budget_used,
 )
 
 SPLIT_FILE = "split.json"
@@ -623,14 +623,15 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
     last_val: float | None = None
     reason = "done"
     window_t, window_n = time.perf_counter(), 0
+    # Process 0's clock, for a budget schedule: each process has its own, and differing
+    # learning rates would let the replicated params drift apart. Refreshed after each step
+    # with the stop flags (one collective), so a step's learning rate lags its clock by a step.
+    clock = process0_value(run.elapsed())
     with interrupt_flag() as flag:
         try:
             while step < end:
                 batch = put_batch(local_part(next(batches)) if mesh is not None else next(batches), mesh)
-                if is_budget_schedule(tcfg):  # every process takes process 0's clock: one learning rate for all
-                    state = with_budget_used(run.progress.state, tcfg, process0_value(run.elapsed()))
-                else:
-                    state = run.progress.state
+                state = with_budget_used(run.progress.state, tcfg, clock)  # budget schedules only
                 run.progress.state, metrics = run.train_step(state, batch, jax.random.fold_in(run.progress.base_key, step + 1))
                 step += 1
                 window_n += 1
@@ -655,7 +656,7 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
                         last_val = validate(run, step)
                     save(run, step, last_val if eval_due else None)
                 over_time = bool(tcfg.time_limit_min) and run.elapsed() >= tcfg.time_limit_min * 60
-                interrupted, over_time = any_process(flag["stop"], over_time)
+                (interrupted, over_time), clock = agree((flag["stop"], over_time), run.elapsed())
                 if interrupted or over_time:
                     reason = "interrupted" if interrupted else "time_limit"
                     break

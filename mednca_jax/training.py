@@ -12,7 +12,7 @@ one (up to float rounding).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -360,12 +360,19 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
     """Each flag OR-ed over processes (one collective for all of them), so that all processes
     stop at the same step: a time limit or a Ctrl-C seen by one process must stop all, or the
     others would wait in a collective."""
+    return agree(flags, 0.0)[0]
+
+
+def agree(flags: Sequence[bool], value: float) -> tuple[tuple[bool, ...], float]:
+    """Each flag OR-ed over processes, and process 0's ``value`` (float32), in one collective:
+    what the train loop asks after every step (stop? and the clock of the budget schedule)."""
     if jax.process_count() == 1:
-        return tuple(bool(f) for f in flags)
+        return tuple(bool(f) for f in flags), float(value)
     from jax.experimental import multihost_utils
 
-    seen = multihost_utils.process_allgather(np.array(flags, np.int32))  # (processes, flags)
-    return tuple(bool(v) for v in np.asarray(seen).reshape(-1, len(flags)).any(axis=0))
+    row = np.array([*map(float, flags), value], np.float32)
+    seen = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, row.size)  # (processes, flags + 1)
+    return tuple(bool(v) for v in seen[:, :-1].any(axis=0)), float(seen[0, -1])
 
 
 def process0_value(value: float) -> float:

@@ -1,6 +1,5 @@
-"""The torchio artefact protocol: OctreeNCA's parameters, determinism, and evaluate.py's files."""
-
-import json
+"""The torchio artefact protocol: OctreeNCA's parameters, determinism, errors. evaluate.py's
+files for it: tests/test_trainer.py::test_evaluate_quality_and_robustness_outputs."""
 
 import numpy as np
 import pytest
@@ -74,32 +73,3 @@ def test_missing_extra_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torchio)
     with pytest.raises(UsageError, match=r"pip install 'mednca-jax\[torchio\]'"):
         EvalOptions(robustness=True, protocols=("torchio",)).check()
-
-
-@pytest.mark.slow
-def test_evaluate_writes_both_protocols(tmp_path, monkeypatch, capsys):
-    import evaluate as evaluate_cli
-    import train as train_cli
-    from conftest import TINY_RUN_TOML
-    from mednca_jax.data import make_synthetic_task
-
-    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "synth"
-    make_synthetic_task(data, n_cases=6, seed=0, shape=(24, 24, 24))
-    (tmp_path / "tiny.toml").write_text(TINY_RUN_TOML)
-    run = tmp_path / "run"
-    assert train_cli.main(["--config", str(tmp_path / "tiny.toml"), "--data", str(data), "--workdir", str(run), "--no-progress",
-                           "--set", "train.num_steps=2"]) == 0
-    out = tmp_path / "eval"
-    args = ["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out), "--no-progress", "--robustness",
-            "--protocol", "ours", "torchio", "--perturbations", "gamma", "RandomNoise", "RandomGhosting", "--severities", "1.0"]
-    assert evaluate_cli.main(args) == 0
-    ours = json.loads((out / "robustness.json").read_text())["models"]["nca:tiny"]
-    tio_res = json.loads((out / "robustness_torchio.json").read_text())["models"]["nca:tiny"]
-    assert set(ours) == {"clean", "gamma"}  # robustness.json keeps its layout and names
-    assert set(tio_res) == {"clean", "RandomNoise", "RandomGhosting"}
-    assert set(tio_res["RandomNoise"]) == {"0", "1", "2", "3", "4", "5"}
-    assert tio_res["RandomNoise"]["0"] == tio_res["clean"]["0"] == ours["clean"]["0"]
-    for f in ("robustness_torchio.md", "robustness_torchio.png"):
-        assert (out / f).stat().st_size > 0
-    assert "RandomGhosting" in capsys.readouterr().out

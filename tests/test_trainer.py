@@ -1,5 +1,6 @@
 """train.py / evaluate.py end to end on a tiny synthetic task: resume, errors, outputs."""
 
+import importlib.util
 import json
 import shutil
 
@@ -149,11 +150,18 @@ def test_evaluate_quality_and_robustness_outputs(task, tmp_path, monkeypatch, ca
     run = tmp_path / "run"
     assert train_cli.main(["--config", str(cfg_path), "--data", str(data), "--workdir", str(run), "--no-progress", "--set", "train.num_steps=2"]) == 0
     out = tmp_path / "rob"
+    tio = importlib.util.find_spec("torchio") is not None  # the optional torchio protocol, when installed
     args = ["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out), "--runs", "2",
-            "--robustness", "--perturbations", "gaussian_noise", "translation", "scale", "--severities", "1.0"]
+            "--robustness", "--perturbations", "gaussian_noise", "translation", "scale", *(["RandomNoise"] if tio else []),
+            "--severities", "1.0", *(["--protocol", "ours", "torchio"] if tio else [])]
     assert evaluate_cli.main(args) == 0
     rob = json.loads((out / "robustness.json").read_text())["models"]["nca:tiny"]
-    assert set(rob) == {"clean", "gaussian_noise", "translation", "scale"}
+    assert set(rob) == {"clean", "gaussian_noise", "translation", "scale"}  # robustness.json keeps its layout and names
+    if tio:
+        tio_res = json.loads((out / "robustness_torchio.json").read_text())["models"]["nca:tiny"]
+        assert set(tio_res) == {"clean", "RandomNoise"} and set(tio_res["RandomNoise"]) == {"0", "1", "2", "3", "4", "5"}
+        assert tio_res["RandomNoise"]["0"] == tio_res["clean"]["0"] == rob["clean"]["0"]
+        assert (out / "robustness_torchio.png").stat().st_size > 0 and "RandomNoise" in (out / "robustness_torchio.md").read_text()
     assert set(rob["gaussian_noise"]) == {"0", "1.0"} and set(rob["scale"]) >= {"48", "64"}
     assert rob["scale"]["64"] == rob["clean"]["0"]  # 64 px is the training size: the clean result
     metrics = json.loads((out / "metrics.json").read_text())
@@ -219,10 +227,10 @@ def test_two_processes_train_like_one_process_with_two_devices(task, tmp_path):
 
 AGREE_SCRIPT = """
 import jax
-from mednca_jax.training import any_process, initialize_distributed_from_env, process0_value
+from mednca_jax.training import agree, any_process, initialize_distributed_from_env, process0_value
 assert initialize_distributed_from_env()
 me = jax.process_index()
-print("agreed", process0_value(100.0 + 7.5 * me), any_process(me == 1)[0])
+print("agreed", process0_value(100.0 + 7.5 * me), any_process(me == 1)[0], agree((me == 0, False), 3.0 + me))
 """
 
 
@@ -249,4 +257,4 @@ def test_processes_agree_on_process0_clock_and_flags(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
-        assert [l for l in out.splitlines() if l.startswith("agreed")] == ["agreed 100.0 True"]
+        assert [l for l in out.splitlines() if l.startswith("agreed")] == ["agreed 100.0 True ((True, False), 3.0)"]
