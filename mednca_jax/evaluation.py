@@ -328,7 +328,7 @@ def evaluate_checkpoint(
         from .plots import markdown_table, plot_robustness
 
         label = f"{cfg.model.kind}:{cfg.name}"
-        common = dict(fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size)
+        common = dict(fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size, predict=predict)
         for protocol in opts.protocols:
             names = protocol_names(protocol, opts.perturbations)
             if names == []:

@@ -43,13 +43,15 @@ def _stats(d: np.ndarray) -> dict[str, float]:
 
 
 def _runner(
-    params: Any, cfg: Config, slices: SliceSet, key: jax.Array, fire_rate: float | None, batch_size: int
+    params: Any, cfg: Config, slices: SliceSet, key: jax.Array, fire_rate: float | None, batch_size: int,
+    predict: PredictFn | None = None,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, float]]:
-    """``run(images (N, H, W)) -> probs`` for the model, and its clean per-case Dice stats."""
+    """``run(images (N, H, W)) -> probs`` for the model, and its clean per-case Dice stats.
+    ``predict``: a jitted :func:`make_predict_fn` of ``cfg`` to reuse (one compile per caller)."""
     if slices.labels is None:
         raise ValueError("the robustness suite needs labelled cases")
     fire_rate = cfg.model.fire_rate if fire_rate is None else fire_rate
-    predict = make_predict_fn(cfg)
+    predict = predict or make_predict_fn(cfg)
     run = lambda imgs: predict_slices(predict, params, imgs[..., None].astype(np.float32), key, fire_rate, batch_size)  # noqa: E731
     return run, _stats(per_case_dice(run(slices.images[..., 0]), slices.labels, slices))
 
@@ -67,6 +69,7 @@ def robustness_suite(
     seed: int = 0,
     batch_size: int = 32,
     progress: Callable[[Any], Any] = lambda it: it,
+    predict: PredictFn | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per-case Dice (mean, std over cases) for each perturbation and severity.
 
@@ -76,7 +79,7 @@ def robustness_suite(
     """
     names = check_perturbation_names(perturbations or list(PERTURBATIONS) + [SCALE])
     sev = check_severities(severities) if severities is not None else None
-    run, clean = _runner(params, cfg, slices, key, fire_rate, batch_size)
+    run, clean = _runner(params, cfg, slices, key, fire_rate, batch_size, predict)
     images, labels = slices.images[..., 0], slices.labels
     results: dict[str, dict[str, dict[str, float]]] = {"clean": {"0": clean}}
     for name in progress(names):
@@ -107,6 +110,7 @@ def torchio_suite(
     seed: int = 0,
     batch_size: int = 32,
     progress: Callable[[Any], Any] = lambda it: it,
+    predict: PredictFn | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per-case Dice under the torchio protocol (:mod:`.perturbations_torchio`), levels 1…5.
 
@@ -114,7 +118,7 @@ def torchio_suite(
     "1": …, …, "5": …}}`` with the transforms' class names (``RandomGhosting``, …) as names.
     """
     names = check_torchio_names(list(perturbations) if perturbations else None)
-    run, clean = _runner(params, cfg, slices, key, fire_rate, batch_size)
+    run, clean = _runner(params, cfg, slices, key, fire_rate, batch_size, predict)
     images = slices.images[..., 0]
     results: dict[str, dict[str, dict[str, float]]] = {"clean": {"0": clean}}
     for name in progress(names):

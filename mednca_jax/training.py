@@ -356,16 +356,11 @@ def primary_first(fn: Callable[[], Any], name: str) -> Any:
     return out if is_primary() else fn()
 
 
-def any_process(*flags: bool) -> tuple[bool, ...]:
-    """Each flag OR-ed over processes (one collective for all of them), so that all processes
-    stop at the same step: a time limit or a Ctrl-C seen by one process must stop all, or the
-    others would wait in a collective."""
-    return agree(flags, 0.0)[0]
-
-
 def agree(flags: Sequence[bool], value: float) -> tuple[tuple[bool, ...], float]:
     """Each flag OR-ed over processes, and process 0's ``value`` (float32), in one collective:
-    what the train loop asks after every step (stop? and the clock of the budget schedule)."""
+    what the train loop asks after every step. The flags make all processes stop at the same
+    step (a time limit or a Ctrl-C seen by one must stop all, or the others would wait in a
+    collective); the value is the clock of the budget schedule."""
     if jax.process_count() == 1:
         return tuple(bool(f) for f in flags), float(value)
     from jax.experimental import multihost_utils

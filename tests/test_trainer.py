@@ -227,10 +227,10 @@ def test_two_processes_train_like_one_process_with_two_devices(task, tmp_path):
 
 AGREE_SCRIPT = """
 import jax
-from mednca_jax.training import agree, any_process, initialize_distributed_from_env, process0_value
+from mednca_jax.training import agree, initialize_distributed_from_env, process0_value
 assert initialize_distributed_from_env()
 me = jax.process_index()
-print("agreed", process0_value(100.0 + 7.5 * me), any_process(me == 1)[0], agree((me == 0, False), 3.0 + me))
+print("agreed", process0_value(100.0 + 7.5 * me), agree((me == 1,), 0.0)[0][0], agree((me == 0, False), 3.0 + me))
 """
 
 
