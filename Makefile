@@ -28,11 +28,15 @@ demo: setup
 	$(VENV)/bin/mednca train --config demo --workdir runs/demo $$([ -d runs/demo/checkpoints ] && echo --resume)
 	$(VENV)/bin/mednca evaluate --checkpoint runs/demo --split test --out runs/demo/eval-test
 
+# Two pytest-xdist workers, tests handed out one by one (a module fixture then runs once per
+# worker; whole files per worker left one worker alone with the slow files for minutes).
+XDIST := -n auto --maxprocesses 2 --dist load
+
 test: setup-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 clean:
 	rm -rf runs/demo

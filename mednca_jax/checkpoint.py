@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -169,9 +170,19 @@ def remove_unfinished(folder: Path) -> list[Path]:
     """Delete orbax's temporary step folders in ``folder`` (what a failed or killed save left:
     never a valid checkpoint, and in the way of saving that step again); return them.
     Only safe while no save into ``folder`` is running (the trainer holds the run's lock)."""
-    gone = [p for p in folder.glob("*.orbax-checkpoint-tmp*") if p.is_dir()] if folder.is_dir() else []
-    for p in gone:
-        shutil.rmtree(p, ignore_errors=True)
+    def left() -> list[Path]:
+        return [p for p in folder.glob("*.orbax-checkpoint-tmp*") if p.is_dir()] if folder.is_dir() else []
+
+    gone = left()
+    # A writer thread of a failed save can still be adding files while rmtree runs (seen on a
+    # loaded machine): the folder then survives one pass, so try again for up to a second.
+    for _ in range(20):
+        now = left()
+        if not now:
+            break
+        for p in now:
+            shutil.rmtree(p, ignore_errors=True)
+        time.sleep(0.05)
     return gone
 
 

@@ -175,6 +175,17 @@ def test_default_preset_and_explicit_keys_override_it():
     assert not from_dict({}).augment.enabled  # existing configs: no augmentation
 
 
+def test_strong_preset_fires_every_transform_twice_as_often_as_default():
+    default, strong = (from_dict({"augment": {"preset": name}}).augment for name in ("default", "strong"))
+    probs = [f.name for f in dataclasses.fields(default) if f.name.startswith("p_")]
+    fired = [p for p in probs if getattr(strong, p) > 0]
+    assert len(fired) >= 10 and set(AUGMENT_PRESETS["strong"]) == set(fired)
+    for p in probs:
+        assert getattr(strong, p) == pytest.approx(2 * getattr(default, p)), p
+    # ranges are shared: the presets differ in how often a transform fires, not how strongly
+    assert (strong.rotate_deg, strong.noise_std, strong.scale_range) == (default.rotate_deg, default.noise_std, default.scale_range)
+
+
 @pytest.mark.parametrize(
     "raw, key",
     [
@@ -202,7 +213,7 @@ def test_config_errors_name_the_key(raw, key):
 RECIPE = TINY_RUN_TOML.replace('name = "tiny"', 'name = "tiny_recipe"') + """clip_grad_norm = 1.0
 ema_decay = 0.9
 [augment]
-preset = "default"
+preset = "strong"  # the most transforms per step
 """
 
 
