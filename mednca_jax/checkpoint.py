@@ -173,16 +173,16 @@ def remove_unfinished(folder: Path) -> list[Path]:
     def left() -> list[Path]:
         return [p for p in folder.glob("*.orbax-checkpoint-tmp*") if p.is_dir()] if folder.is_dir() else []
 
-    gone = left()
+    gone = now = left()
     # A writer thread of a failed save can still be adding files while rmtree runs (seen on a
     # loaded machine): the folder then survives one pass, so try again for up to a second.
     for _ in range(20):
-        now = left()
         if not now:
             break
         for p in now:
             shutil.rmtree(p, ignore_errors=True)
         time.sleep(0.05)
+        now = left()
     return gone
 
 
