@@ -3,7 +3,7 @@
 
 import sys
 
-from mednca_jax.cli_train import main
+from mednca_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

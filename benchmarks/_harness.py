@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from mednca_jax.launch import free_port, start_job_process, without_option  # noqa: E402
+from mednca_jax.train.launch import free_port, start_job_process, without_option  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -156,7 +156,7 @@ class Worker:
 
     def __init__(self, script: str, name: str, args: list[str], job: tuple[int, int, int] | None = None):
         """``job = (n, i, port)``: process ``i`` of an ``n``-process JAX job (see
-        :func:`mednca_jax.launch.start_job_process`)."""
+        :func:`mednca_jax.train.launch.start_job_process`)."""
         self.name = name
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -254,7 +254,7 @@ def join_job() -> None:
     """In a worker of a :class:`WorkerGroup`: keep native stdout writes off the protocol (Gloo
     prints there) and join the JAX job; call before JAX starts."""
     protocol_out()
-    from mednca_jax.training import initialize_distributed_from_env
+    from mednca_jax.train.faults import initialize_distributed_from_env
 
     initialize_distributed_from_env()
 

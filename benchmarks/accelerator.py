@@ -93,7 +93,7 @@ def _batch(n: int):
 def _params(cfg):
     import jax
 
-    from mednca_jax.levels import init_params
+    from mednca_jax.nca.levels import init_params
 
     params = init_params(cfg.model, jax.random.PRNGKey(0))
     for i, name in enumerate(params):  # a fresh NCA is the identity: give fc1 weights
@@ -106,8 +106,8 @@ def train_step_row(cfg, repeats: int) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from mednca_jax.launch import backend_for
-    from mednca_jax.training import init_train_state, make_optimizer, make_train_step
+    from mednca_jax.train.launch import backend_for
+    from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step
 
     tx = make_optimizer(cfg.train)
     step = make_train_step(cfg, tx, backend=backend_for(cfg.model))
@@ -127,8 +127,8 @@ def inference_row(cfg, batch: int, repeats: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from mednca_jax.launch import backend_for
-    from mednca_jax.levels import forward
+    from mednca_jax.train.launch import backend_for
+    from mednca_jax.nca.levels import forward
 
     backend = backend_for(cfg.model)
     params = _params(cfg)
@@ -145,8 +145,8 @@ def memory_row(cfg) -> dict[str, float | None]:
     import jax
     import jax.numpy as jnp
 
-    from mednca_jax.launch import backend_for
-    from mednca_jax.training import init_train_state, make_optimizer, make_train_step
+    from mednca_jax.train.launch import backend_for
+    from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step
 
     tx = make_optimizer(cfg.train)
     step = make_train_step(cfg, tx, backend=backend_for(cfg.model))

@@ -4,7 +4,7 @@ against the same step without augmentation.
     PYTHONPATH=. python benchmarks/augment_cost.py [--config configs/hippocampus.toml] [--rounds 5]
     PYTHONPATH=. python benchmarks/augment_cost.py --quick   # smoke test: tiny, bound not enforced
 
-Both steps (``mednca_jax.training.make_train_step``) are compiled in one process and timed in
+Both steps (``mednca_jax.train.step.make_train_step``) are compiled in one process and timed in
 adjacent pairs (one call each, the order alternating), so the two calls of a pair see the
 same machine load; the bound applies to the median of the pairs' ratios, which drifting load
 from other jobs moves far less than a ratio of medians. The table gives the step times, the
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from mednca_jax.augment import augment_batch, augment_keys
     from mednca_jax.config import AugmentConfig, load_config
     from mednca_jax.networks import init_network_params
-    from mednca_jax.training import init_train_state, make_optimizer, make_train_step, put_batch
+    from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step, put_batch
 
     base = load_config(args.config)
     if args.batch:

@@ -107,13 +107,13 @@ def build_folders(base: Path, runtimes: list[str], baseline: Optional[str]) -> t
 
     cfg = resolve_config("hippocampus_official")
     if OFFICIAL_NPZ.is_file():
-        from mednca_jax.weights import load_torch_weights
+        from mednca_jax.nca.weights import load_torch_weights
 
         params, origin = load_torch_weights([OFFICIAL_NPZ], cfg.model), "official weights"
     else:
         import jax
 
-        from mednca_jax.levels import init_params
+        from mednca_jax.nca.levels import init_params
 
         params, origin = init_params(jax.random.PRNGKey(0), cfg.model), "random weights (no ../shared)"
     folders: dict[str, Path] = {}

@@ -80,8 +80,8 @@ def _runner(runtime: str, export_dir: Path, size: int, threads: int | None) -> C
     import jax
 
     sys.path.insert(0, str(REPO))
-    from mednca_jax.checkpoint import load_params
-    from mednca_jax.levels import forward
+    from mednca_jax.train.checkpoint import load_params
+    from mednca_jax.nca.levels import forward
 
     params, cfg = load_params(export_dir / "run")
     params = jax.device_put(params)
@@ -116,13 +116,13 @@ def export_all(out: Path) -> str:
     import jax
     import numpy as np
 
-    from mednca_jax.checkpoint import save_params
+    from mednca_jax.train.checkpoint import save_params
     from mednca_jax.export import export_numpy, export_torch, resolve_config
-    from mednca_jax.levels import init_params
+    from mednca_jax.nca.levels import init_params
 
     cfg = resolve_config("hippocampus_official")
     if OFFICIAL_NPZ.is_file():
-        from mednca_jax.weights import load_torch_weights
+        from mednca_jax.nca.weights import load_torch_weights
 
         params, source = load_torch_weights([OFFICIAL_NPZ], cfg.model), "official"
     else:

@@ -54,7 +54,7 @@ def random_params(args: argparse.Namespace):
     import jax
     import numpy as np
 
-    from mednca_jax.model import init_level_params
+    from mednca_jax.nca.rollout import init_level_params
 
     out = {}
     for i, k in enumerate(jax.random.split(jax.random.PRNGKey(0), 2)):
@@ -70,8 +70,8 @@ def jax_worker(args: argparse.Namespace, backend: str = "auto") -> None:
     import jax.numpy as jnp
 
     from mednca_jax.config import ModelConfig
-    from mednca_jax.launch import backend_for
-    from mednca_jax.levels import forward
+    from mednca_jax.train.launch import backend_for
+    from mednca_jax.nca.levels import forward
 
     cfg = ModelConfig(
         channels=args.channels, hidden=args.hidden, steps=(args.steps, args.steps), scales=(4, 1), fire_rate=args.fire_rate,

@@ -76,7 +76,7 @@ def step_worker(args: argparse.Namespace) -> None:
     import jax
 
     from mednca_jax.networks import init_network_params
-    from mednca_jax.training import init_train_state, make_optimizer, make_train_step, put_batch
+    from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step, put_batch
 
     steps = int(args.worker.split("=")[1])
     cfg = make_config(args, steps, args.remat)
@@ -111,7 +111,7 @@ def grad_worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     from mednca_jax.networks import init_network_params
-    from mednca_jax.training import loss_fn
+    from mednca_jax.train.step import loss_fn
 
     def grads(remat: str):
         cfg = make_config(args, args.grad_steps, remat)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
-from mednca_jax.launch import usable_cores  # noqa: E402  (the harness put the repo on sys.path)
+from mednca_jax.train.launch import usable_cores  # noqa: E402  (the harness put the repo on sys.path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,9 +68,9 @@ def jax_worker(args: argparse.Namespace, data_parallel: bool = False, backend: s
     import jax
 
     from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
-    from mednca_jax.launch import backend_for
+    from mednca_jax.train.launch import backend_for
     from mednca_jax.networks import init_network_params
-    from mednca_jax.training import (
+    from mednca_jax.train.step import (
         init_train_state, local_part, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated,
     )
 

@@ -8,13 +8,13 @@ Three lines from a config to a segmentation::
     probs = mn.segment(params, cfg, slices, jax.random.PRNGKey(0))            # (B, H, W, n_out)
 """
 
-from .checkpoint import load_params as load_checkpoint
-from .config import Config, ConfigError, load_config
-from .levels import InputError, forward, forward_train, init_params, segment
-from .losses import dice_bce_loss, dice_hard, dice_soft
-from .model import nca_step, rollout
-from .training import init_train_state, make_optimizer, make_train_step
-from .weights import WeightsError, load_torch_weights
+from mednca_jax.train.checkpoint import load_params as load_checkpoint
+from mednca_jax.config import Config, ConfigError, load_config
+from mednca_jax.nca.levels import InputError, forward, forward_train, init_params, segment
+from mednca_jax.losses import dice_bce_loss, dice_hard, dice_soft
+from mednca_jax.nca.rollout import nca_step, rollout
+from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step
+from mednca_jax.nca.weights import WeightsError, load_torch_weights
 
 __all__ = [
     "Config", "ConfigError", "InputError", "WeightsError", "dice_bce_loss", "dice_hard", "dice_soft",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import MedNCAError
+from mednca_jax.errors import MedNCAError
 
 DOWNSCALE_METHODS = ("bilinear", "area", "antialias")
 REMAT_MODES = ("none", "step", "nested")
@@ -123,7 +123,7 @@ class AugmentConfig:
     Ranges: ``(lo, hi)`` pairs are drawn uniformly (the scale log-uniformly); single numbers are
     the largest magnitude, drawn uniformly in ``[0, max]`` (or ``[-max, max]`` for signed ones).
     The ranges of the default preset reach severity 1 of the test-time perturbations
-    (:mod:`mednca_jax.perturbations`).
+    (:mod:`mednca_jax.evaluate.perturbations`).
     """
 
     preset: str = "none"
@@ -307,7 +307,7 @@ def validate(cfg: Config) -> Config:
     _check(m.backend in BACKENDS, "model.backend", f"must be one of {BACKENDS}, got {m.backend!r}")
     _check(m.precision in PRECISIONS, "model.precision", f"must be one of {PRECISIONS}, got {m.precision!r}")
     if m.kind == "nca":
-        from .rule import PERCEPTIONS  # local: the registry lives with the rule (and may grow at run time)
+        from mednca_jax.nca.rule import PERCEPTIONS  # local: the registry lives with the rule (and may grow at run time)
 
         _check(m.perception in PERCEPTIONS, "model.perception", f"must be one of {sorted(PERCEPTIONS)}, got {m.perception!r}")
     _check(m.patch_size >= 0, "model.patch_size", f"must be >= 0, got {m.patch_size}")

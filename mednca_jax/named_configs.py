@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
+from mednca_jax.config import ConfigError
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 # A checkout where the link was not created (e.g. git with core.symlinks=false) still has

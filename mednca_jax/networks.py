@@ -11,14 +11,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import levels
-from .config import Config
-from .model import REFERENCE, Backend
+from mednca_jax.nca import levels
+from mednca_jax.config import Config
+from mednca_jax.nca.rollout import REFERENCE, Backend
 
 
 def init_network_params(cfg: Config, key: jax.Array) -> Any:
     if cfg.model.kind == "unet":
-        from .unet import init_unet_params
+        from mednca_jax.baselines.unet import init_unet_params
 
         return init_unet_params(cfg.model, tuple(cfg.data.image_size), key)
     return levels.init_params(cfg.model, key)
@@ -44,7 +44,7 @@ def forward_train(
     ``key``: one key or per-sample keys ``(B,)`` (see :func:`levels.forward_train`; the UNet
     has no randomness)."""
     if cfg.model.kind == "unet":
-        from .unet import unet_forward
+        from mednca_jax.baselines.unet import unet_forward
 
         return unet_forward(params, cfg.model, images), labels
     return levels.forward_train(params, cfg.model, images, labels, key, backend=backend)
@@ -55,7 +55,7 @@ def forward(
 ) -> jax.Array:
     """Inference logits ``(B, H, W, n_out)`` on whole images (the UNet ignores key/fire_rate)."""
     if cfg.model.kind == "unet":
-        from .unet import unet_forward
+        from mednca_jax.baselines.unet import unet_forward
 
         return unet_forward(params, cfg.model, images)
     return levels.forward(params, cfg.model, images, key, fire_rate, backend=backend)

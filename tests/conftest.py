@@ -51,7 +51,7 @@ def random_level_params(key, channels: int, hidden: int, scale: float = 0.3):
     """Level params with a non-zero fc1 (a fresh NCA is the identity, which tests nothing)."""
     import jax
 
-    from mednca_jax.model import init_level_params
+    from mednca_jax.nca.rollout import init_level_params
 
     p = init_level_params(key, channels, hidden)
     k = jax.random.fold_in(key, 1)
@@ -62,7 +62,7 @@ def random_level_params(key, channels: int, hidden: int, scale: float = 0.3):
 def random_params(model_cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
     import jax
 
-    from mednca_jax.levels import level_names
+    from mednca_jax.nca.levels import level_names
 
     keys = jax.random.split(jax.random.PRNGKey(seed), model_cfg.n_levels)
     return {n: random_level_params(k, model_cfg.channels, model_cfg.hidden, scale) for n, k in zip(level_names(model_cfg), keys)}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mednca_jax.augment import AUGMENT_KEY_TAG, augment_batch, augment_keys, augment_keys_of, augment_sample, spatial
-from mednca_jax.rule import sample_keys
+from mednca_jax.nca.rule import sample_keys
 from conftest import TINY_RUN_TOML
 from mednca_jax.augment import intensity, kspace
 from mednca_jax.config import AUGMENT_PRESETS, AugmentConfig, ConfigError, from_dict
@@ -224,10 +224,10 @@ preset = "strong"  # the most transforms per step
 def test_resume_with_augmentation_and_ema_is_exact(tmp_path, monkeypatch):
     """The EMA is checkpointed and restored, and the augmentation keys follow the step keys:
     a run stopped at step 4 and resumed ends where an uninterrupted one does."""
-    from mednca_jax import checkpoint as ckpt
+    from mednca_jax.train import checkpoint as ckpt
     from mednca_jax.config import loads
     from mednca_jax.data import make_synthetic_task
-    from mednca_jax.trainer import train
+    from mednca_jax.train.loop import train
 
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "synth"

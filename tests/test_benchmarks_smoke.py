@@ -41,8 +41,8 @@ def test_torch_reference_has_our_parameter_count():
     from torch_reference import TorchMedNCA
 
     from mednca_jax.config import ModelConfig
-    from mednca_jax.levels import init_params
-    from mednca_jax.model import count_params
+    from mednca_jax.nca.levels import init_params
+    from mednca_jax.nca.rollout import count_params
 
     cfg = ModelConfig(channels=16, hidden=128, steps=(64, 64), scales=(4, 1))
     ours = count_params(init_params(cfg, jax.random.PRNGKey(0)))
@@ -91,7 +91,7 @@ def test_torch_reference_matches_jax_at_fire_0(layout):
     from torch_reference import TorchMedNCA
 
     from mednca_jax.config import ModelConfig
-    from mednca_jax.levels import forward
+    from mednca_jax.nca.levels import forward
 
     args = inference.parse_args(["--channels", "4", "--hidden", "8", "--steps", "3"])
     params = jax.device_get(inference.random_params(args))

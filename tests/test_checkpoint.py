@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from mednca_jax import checkpoint as ckpt
-from mednca_jax.levels import init_params
+from mednca_jax.train import checkpoint as ckpt
+from mednca_jax.nca.levels import init_params
 
 
 def test_params_round_trip(tmp_path, tiny_cfg):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mednca_jax import cpu_fast
+from mednca_jax.nca import cpu_fast
 
 
 def test_piece_count_follows_the_backend_and_the_row_count():

@@ -14,7 +14,7 @@ same fire masks.
 | inference in groups of samples         | test_grouped_inference_equals_whole_batch          |
 | NumPy runtime, PyTorch runtime         | test_export.py::test_runtimes_equal_reference_on_given_masks |
 
-The reference is :func:`mednca_jax.model.reference_rollout`: :func:`mednca_jax.rule.step`
+The reference is :func:`mednca_jax.nca.rollout.reference_rollout`: :func:`mednca_jax.nca.rule.step`
 under ``jax.lax.scan``, differentiated by JAX.
 """
 
@@ -30,10 +30,12 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from mednca_jax import cpu_fast, levels
+from mednca_jax.nca import cpu_fast
+
+from mednca_jax.nca import levels
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
-from mednca_jax.model import CPU_GROUP_CELLS, REFERENCE, Backend, init_level_params, rollout
-from mednca_jax.rule import Rule, fire_masks, sample_keys
+from mednca_jax.nca.rollout import CPU_GROUP_CELLS, REFERENCE, Backend, init_level_params, rollout
+from mednca_jax.nca.rule import Rule, fire_masks, sample_keys
 
 C, HID = 6, 16
 PERCEPTIONS = ["learned", "sobel"]
@@ -197,9 +199,9 @@ def test_data_parallel_step_equals_one_device():
     code = """
 import jax, jax.numpy as jnp, numpy as np
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
-from mednca_jax import levels
-from mednca_jax.model import REFERENCE, Backend
-from mednca_jax.training import init_train_state, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated
+from mednca_jax.nca import levels
+from mednca_jax.nca.rollout import REFERENCE, Backend
+from mednca_jax.train.step import init_train_state, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated
 assert jax.device_count() == 4
 for backend in (REFERENCE, Backend("cpu_fast", 1)):
     cfg = validate(Config(model=ModelConfig(channels=6, hidden=16, steps=(3, 3), scales=(2, 1), patch_size=8),
@@ -258,7 +260,7 @@ def test_batch_groups():
 
 # --------------------------------------------------------------------------- backend choice
 def test_auto_backend_takes_cpu_fast_on_a_cpu_and_reference_elsewhere():
-    from mednca_jax.model import resolve_backend
+    from mednca_jax.nca.rollout import resolve_backend
 
     assert resolve_backend("auto", Rule("learned"), "cpu", 2) == Backend("cpu_fast", 2, CPU_GROUP_CELLS)
     assert resolve_backend("auto", Rule("sobel"), "cpu", 1) == Backend("cpu_fast", 1, CPU_GROUP_CELLS)
@@ -277,7 +279,7 @@ def test_auto_backend_takes_cpu_fast_on_a_cpu_and_reference_elsewhere():
 def test_ten_training_steps_agree_between_backends(perception):
     # The same batches and keys through make_train_step on each backend: the losses of the
     # first 10 optimiser steps agree to 1e-4 relative (the params drift apart by rounding only).
-    from mednca_jax.training import init_train_state, make_optimizer, make_train_step
+    from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step
 
     cfg = _cfg(perception)
     rng = np.random.default_rng(0)

@@ -27,7 +27,7 @@ from mednca_jax.export import (
     ExportError, export_numpy, export_torch, load_runtime_module, params_to_npz_arrays, resolve_config,
 )
 from mednca_jax.export.__main__ import main as export_main
-from mednca_jax.levels import forward
+from mednca_jax.nca.levels import forward
 
 torch = pytest.importorskip("torch")
 
@@ -121,7 +121,7 @@ reachable = [n for n in ('jax', 'flax', 'torch') if importlib.util.find_spec(n) 
 def official(tmp_path_factory):
     """Official weights (.npz) exported to both runtimes: (cfg, params, numpy dir, torch dir)."""
     require(REF / "mednca_hippocampus_official.npz", REF / "model0.pth", REF / "model1.pth")
-    from mednca_jax.weights import load_torch_weights
+    from mednca_jax.nca.weights import load_torch_weights
 
     cfg = resolve_config("hippocampus_official")
     params = load_torch_weights([REF / "mednca_hippocampus_official.npz"], cfg.model)
@@ -197,7 +197,7 @@ def numpy_official_job(request, tmp_path_factory, numpy_only_path):
     if not wanted or not all(p.exists() for p in files):
         yield None
         return
-    from mednca_jax.weights import load_torch_weights
+    from mednca_jax.nca.weights import load_torch_weights
 
     cfg = resolve_config("hippocampus_official")
     base = tmp_path_factory.mktemp("np_official")
@@ -325,7 +325,7 @@ def test_three_levels_two_channels_match_jax(tmp_path):
 @pytest.mark.parametrize("method", ["bilinear", "area", "antialias"])
 @pytest.mark.parametrize("factor", [2, 3, 4])
 def test_downscale_matches_jax(small, method, factor):
-    from mednca_jax.levels import downscale
+    from mednca_jax.nca.levels import downscale
 
     rt_np, rt_pt = small[5], small[6]
     x = np.random.default_rng(factor).random((2, 12 * factor, 6 * factor, 3), dtype=np.float32)
@@ -366,7 +366,7 @@ def test_same_seed_is_deterministic(small):
 
 
 def test_runs_give_variance_and_nqm(small, tmp_path, capsys):
-    from mednca_jax.quality import nqm
+    from mednca_jax.evaluate.quality import nqm
 
     _, _, base, m_np, m_pt, rt_np, _ = small
     x = np.random.default_rng(0).random((32, 32), dtype=np.float32)
@@ -418,7 +418,7 @@ def test_official_pth_round_trip_is_exact(tmp_path):
             assert back[k].dtype == orig[k].dtype and back[k].shape == orig[k].shape
             assert back[k].contiguous().numpy().tobytes() == orig[k].contiguous().numpy().tobytes(), k
     cfg = resolve_config("hippocampus_official")
-    from mednca_jax.weights import load_torch_weights
+    from mednca_jax.nca.weights import load_torch_weights
 
     want = params_to_npz_arrays(load_torch_weights(pths, cfg.model), cfg)
     with np.load(tmp_path / "np" / "weights.npz") as z:
@@ -730,8 +730,8 @@ def test_runtimes_equal_reference_on_given_masks(tmp_path, perception):
     masks given to all three, for both perceptions (the exports carry the rule's filters)."""
     import torch
 
-    from mednca_jax.levels import init_params
-    from mednca_jax.model import REFERENCE as REFERENCE_BACKEND
+    from mednca_jax.nca.levels import init_params
+    from mednca_jax.nca.rollout import REFERENCE as REFERENCE_BACKEND
 
     cfg = small_cfg(perception=perception)
     params = init_params(cfg.model, jax.random.PRNGKey(0))

@@ -22,11 +22,13 @@ import pytest
 import evaluate as evaluate_cli
 import train as train_cli
 from conftest import REPO
-from mednca_jax import checkpoint as ckpt
-from mednca_jax import trainer
+from mednca_jax.train import checkpoint as ckpt
+from mednca_jax.train import faults
+from mednca_jax.train import loop as trainer
 from mednca_jax.config import ConfigError, load_config
 from mednca_jax.data import make_split, write_split
-from mednca_jax.trainer import RunError, train
+from mednca_jax.train.faults import RunError
+from mednca_jax.train.loop import train
 from test_trainer import _params, task  # noqa: F401 - the tiny synthetic task fixture
 
 # Run as `python -c CHILD train.py-args`: train.py, made to stop at FAULT_STEP (in the commit
@@ -37,7 +39,7 @@ CHILD = r"""
 import os, sys, time
 mode, at, marker = os.environ["FAULT_MODE"], int(os.environ["FAULT_STEP"]), os.environ["FAULT_MARKER"]
 wait = float(os.environ.get("FAULT_SLEEP", "600"))
-import mednca_jax.trainer as trainer
+import mednca_jax.train.loop as trainer
 if mode == "save":
     from orbax.checkpoint._src.path import async_path
     real_rename = async_path.rename
@@ -142,11 +144,11 @@ def test_kill9_during_training_then_resume_and_a_second_trainer_is_refused(task,
         assert "in use by another trainer" in err and f"process {child.pid}" in err and "Traceback" not in err
     finally:
         kill9(child)
-    assert (run / trainer.LOCK_FILE).is_file()  # left behind by kill -9: a stale lock
+    assert (run / faults.LOCK_FILE).is_file()  # left behind by kill -9: a stale lock
     out = train(load_config(cfg_path), run, data, resume=True, progress=False)
     assert out["step"] == 6
     assert "taking over the stale lock" in capsys.readouterr().out
-    assert not (run / trainer.LOCK_FILE).exists()
+    assert not (run / faults.LOCK_FILE).exists()
     assert_same_params(run, reference)
 
 
@@ -255,11 +257,11 @@ def test_exploded_finite_loss_rolls_back_too(task, tmp_path, monkeypatch, capsys
 
 
 def test_divergence_criterion():
-    assert trainer.divergence(float("nan"), 100.0) == "non-finite loss"
-    assert trainer.divergence(float("inf"), 0.0) == "non-finite loss"
-    assert trainer.divergence(1e29, 100.0) == "loss 1e+29 above train.max_loss 100"
-    assert trainer.divergence(1e29, 0.0) == ""  # 0: only non-finite losses count
-    assert trainer.divergence(2.5, 100.0) == ""
+    assert faults.divergence(float("nan"), 100.0) == "non-finite loss"
+    assert faults.divergence(float("inf"), 0.0) == "non-finite loss"
+    assert faults.divergence(1e29, 100.0) == "loss 1e+29 above train.max_loss 100"
+    assert faults.divergence(1e29, 0.0) == ""  # 0: only non-finite losses count
+    assert faults.divergence(2.5, 100.0) == ""
 
 
 @pytest.mark.slow
@@ -276,11 +278,11 @@ def test_divergence_stops_after_max_rollbacks_with_an_intact_best(task, tmp_path
     assert saved_steps_all_finite(run) == {ckpt.LATEST_DIR: [3], ckpt.BEST_DIR: [3]}
     params, _ = ckpt.load_params(run)  # best
     assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
-    assert not (run / trainer.LOCK_FILE).exists()
+    assert not (run / faults.LOCK_FILE).exists()
 
 
 def test_non_finite_params_are_never_saved(tmp_path, tiny_cfg):
-    from mednca_jax.levels import init_params
+    from mednca_jax.nca.levels import init_params
 
     params = jax.device_get(init_params(tiny_cfg.model, jax.random.PRNGKey(0)))
     bad = jax.tree_util.tree_map(lambda x: np.full_like(x, np.inf), params)

@@ -14,8 +14,8 @@ import pytest
 
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
 from mednca_jax.export import export_numpy, export_torch, load_runtime_module, npz_arrays_to_params
-from mednca_jax.launch import backend_for
-from mednca_jax.levels import forward, segment
+from mednca_jax.train.launch import backend_for
+from mednca_jax.nca.levels import forward, segment
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 # float32 over 12 steps with logits up to |3.4|: the implementations agree to ~1e-6; 1e-4

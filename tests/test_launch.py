@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mednca_jax.launch import core_blocks, run_local_job
+from mednca_jax.train.launch import core_blocks, run_local_job
 
 
 def test_core_blocks_split_the_cores_evenly_and_completely():

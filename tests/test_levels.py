@@ -9,8 +9,8 @@ import pytest
 from conftest import random_params
 
 from mednca_jax.config import ModelConfig
-from mednca_jax.rule import sample_keys
-from mednca_jax.levels import (
+from mednca_jax.nca.rule import sample_keys
+from mednca_jax.nca.levels import (
     InputError,
     downscale,
     forward,
@@ -130,7 +130,7 @@ def test_segment_accepts_2d_3d_4d_and_rejects_bad_input(tiny_cfg):
 
 
 def test_trajectory_ends_in_the_forward_state(tiny_cfg):
-    from mednca_jax.levels import forward_trajectory
+    from mednca_jax.nca.levels import forward_trajectory
 
     m = tiny_cfg.model
     p = random_params(m)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import random_level_params
 
-from mednca_jax.model import NCARule, count_params, init_level_params, nca_step, rollout
-from mednca_jax.rule import Rule, conv3x3, fire_mask, perceive, perception_filters, sample_keys, sobel_bank, step, update
+from mednca_jax.nca.rollout import NCARule, count_params, init_level_params, nca_step, rollout
+from mednca_jax.nca.rule import Rule, conv3x3, fire_mask, perceive, perception_filters, sample_keys, sobel_bank, step, update
 
 C, HID = 6, 16
 

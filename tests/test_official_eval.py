@@ -6,9 +6,9 @@ import pytest
 from conftest import REFERENCE, require
 
 import evaluate as evaluate_cli
-from mednca_jax import checkpoint as ckpt
+from mednca_jax.train import checkpoint as ckpt
 from mednca_jax.config import load_config
-from mednca_jax.weights import load_torch_weights
+from mednca_jax.nca.weights import load_torch_weights
 
 
 @pytest.fixture(scope="module")

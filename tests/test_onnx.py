@@ -109,7 +109,7 @@ def official(tmp_path_factory):
     pths = [str(REFERENCE / "model0.pth"), str(REFERENCE / "model1.pth")]
     assert export_main(["from-torch", "--config", "hippocampus_official", "--weights", *pths, "--out", str(base / "run")]) == 0
     assert export_main(["to-onnx", "--checkpoint", str(base / "run"), "--out", str(base / "onnx"), "--verify"]) == 0
-    from mednca_jax.checkpoint import load_params
+    from mednca_jax.train.checkpoint import load_params
 
     params, cfg = load_params(base / "run")
     return cfg, params, base / "onnx" / "mednca.onnx"

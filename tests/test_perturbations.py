@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mednca_jax import perturbations as P
+from mednca_jax.evaluate import perturbations as P
 
 
 def _phantom(h: int = 32, w: int = 32, cy: float = 14.0, cx: float = 17.0, r: float = 7.0) -> tuple[np.ndarray, np.ndarray]:

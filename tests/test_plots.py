@@ -101,7 +101,7 @@ def test_markdown_table():
 def test_training_curves_png(tmp_path):
     from PIL import Image
 
-    from mednca_jax.plots import plot_training_curves
+    from mednca_jax.evaluate.plots import plot_training_curves
 
     logs = {"nca": [{"minutes": 1.0, "val_dice": 0.5}, {"minutes": 2.0, "loss": 0.3}, {"minutes": 3.0, "val_dice": 0.7}]}
     path = plot_training_curves(logs, tmp_path / "curve.png", title="t")

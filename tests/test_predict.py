@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REFERENCE, random_params, require
 
-from mednca_jax import checkpoint as ckpt
+from mednca_jax.train import checkpoint as ckpt
 from mednca_jax.cli import main as cli_main
 from mednca_jax.data import write_volume
 from mednca_jax.data.msd import VolumeMeta

@@ -1,11 +1,11 @@
-"""The elementwise Threefry in ``mednca_jax.prng`` draws JAX's own numbers."""
+"""The elementwise Threefry in ``mednca_jax.nca.prng`` draws JAX's own numbers."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mednca_jax import prng
+from mednca_jax.nca import prng
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mednca_jax.quality import choose_nqm_threshold, failure_detection_summary, nqm, spearman, std_map
+from mednca_jax.evaluate.quality import choose_nqm_threshold, failure_detection_summary, nqm, spearman, std_map
 
 
 def test_identical_runs_give_zero():
@@ -99,7 +99,7 @@ def test_evaluate_cases_reports_dice_of_mean_and_mean_of_single_run_dice():
 
     from mednca_jax.config import Config
     from mednca_jax.data import SliceSet
-    from mednca_jax.evaluation import evaluate_cases
+    from mednca_jax.evaluate.evaluation import evaluate_cases
 
     labels = np.zeros((4, 4, 4, 1), np.float32)
     labels[:, :2, :2] = 1.0

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from mednca_jax.errors import UsageError
-from mednca_jax.evaluation import EvalOptions
-from mednca_jax.perturbations_torchio import TORCHIO_LEVELS, TORCHIO_PROTOCOL, apply_torchio, torchio_transform
+from mednca_jax.evaluate.evaluation import EvalOptions
+from mednca_jax.evaluate.perturbations_torchio import TORCHIO_LEVELS, TORCHIO_PROTOCOL, apply_torchio, torchio_transform
 
 tio = pytest.importorskip("torchio", reason="the torchio extra is not installed (pip install 'mednca-jax[torchio]')")
 

@@ -10,10 +10,11 @@ import pytest
 
 import evaluate as evaluate_cli
 import train as train_cli
-from mednca_jax import checkpoint as ckpt
+from mednca_jax.train import checkpoint as ckpt
 from mednca_jax.config import dumps
 from mednca_jax.data import make_synthetic_task
-from mednca_jax.trainer import RunError, train
+from mednca_jax.train.faults import RunError
+from mednca_jax.train.loop import train
 from conftest import TINY_RUN_TOML as TINY
 
 
@@ -96,8 +97,8 @@ def test_cli_train_then_evaluate(task, tmp_path, monkeypatch, capsys):
     assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(out), "--runs", "2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["summary"]) >= {"dice", "dice_soft", "dice_native", "dice_run_mean", "nqm"}
-    from mednca_jax.model import count_params
-    from mednca_jax.checkpoint import load_params
+    from mednca_jax.nca.rollout import count_params
+    from mednca_jax.train.checkpoint import load_params
 
     params, _ = load_params(run)
     assert metrics["model"]["params"] == count_params(params) and metrics["model"]["ms_per_slice"] > 0
@@ -129,7 +130,7 @@ def test_unlabelled_folder_gives_predictions_only(task, tmp_path, monkeypatch):
     data, cfg_path = task
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
     from mednca_jax.config import load_config
-    from mednca_jax.levels import init_params
+    from mednca_jax.nca.levels import init_params
 
     cfg = load_config(cfg_path)
     ckpt.save_params(tmp_path / "run", init_params(cfg.model, jax.random.PRNGKey(0)), cfg)
@@ -227,7 +228,7 @@ def test_two_processes_train_like_one_process_with_two_devices(task, tmp_path):
 
 AGREE_SCRIPT = """
 import jax
-from mednca_jax.training import agree, initialize_distributed_from_env, process0_value
+from mednca_jax.train.faults import agree, initialize_distributed_from_env, process0_value
 assert initialize_distributed_from_env()
 me = jax.process_index()
 print("agreed", process0_value(100.0 + 7.5 * me), agree((me == 1,), 0.0)[0][0], agree((me == 0, False), 3.0 + me))
@@ -245,7 +246,7 @@ def test_processes_agree_on_process0_clock_and_flags(tmp_path):
     import sys
 
     from conftest import REPO
-    from mednca_jax.launch import free_port, start_job_process
+    from mednca_jax.train.launch import free_port, start_job_process
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 usable cores for 2 pinned processes")

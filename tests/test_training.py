@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mednca_jax.networks import init_network_params
-from mednca_jax.training import (
+from mednca_jax.train.step import (
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
@@ -82,7 +82,7 @@ SHARDED = textwrap.dedent(
     import jax, numpy as np
     from mednca_jax.config import AugmentConfig, Config, ModelConfig, DataConfig, TrainConfig, validate
     from mednca_jax.networks import init_network_params
-    from mednca_jax.training import *
+    from mednca_jax.train.step import *
     cfg = validate(Config(model=ModelConfig(channels=6, hidden=16, steps=(3, 3), scales=(2, 1), patch_size=8),
                           data=DataConfig(image_size=(16, 16)), train=TrainConfig(batch_size=BATCH, EXTRA_TRAIN), augment=AUGMENT))
     tx = make_optimizer(cfg.train)
@@ -136,7 +136,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 # ------------------------------------------------------------------ clipping, EMA, budget schedules, augmentation hook
 from mednca_jax.augment import augment_batch, augment_keys  # noqa: E402
 from mednca_jax.config import AugmentConfig  # noqa: E402
-from mednca_jax.training import budget_learning_rate, ema_update, eval_params, with_budget_used  # noqa: E402
+from mednca_jax.train.step import budget_learning_rate, ema_update, eval_params, with_budget_used  # noqa: E402
 
 
 def _mu(opt_state):

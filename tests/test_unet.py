@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from mednca_jax.config import ModelConfig
-from mednca_jax.unet import count_params, expected_param_count, init_unet_params, unet_forward
+from mednca_jax.baselines.unet import count_params, expected_param_count, init_unet_params, unet_forward
 
 
 def _cfg(width: int = 4, depth: int = 2, n_in: int = 1, n_out: int = 1) -> ModelConfig:

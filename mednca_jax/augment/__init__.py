@@ -28,10 +28,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from .. import prng
-from ..rule import fold_keys, sample_keys
-from ..config import AugmentConfig
-from . import intensity, kspace, spatial
+from mednca_jax.nca import prng
+from mednca_jax.nca.rule import fold_keys, sample_keys
+from mednca_jax.config import AugmentConfig
+from mednca_jax.augment import intensity, kspace, spatial
 
 Batch = dict[str, jax.Array]  # {"image": (B, H, W, c), "label": (B, H, W, n_out)}
 
@@ -59,7 +59,7 @@ SLOTS = 8
 
 
 class _Draws:
-    """All random numbers of one sample from one call of :func:`mednca_jax.prng.uniform`.
+    """All random numbers of one sample from one call of :func:`mednca_jax.nca.prng.uniform`.
 
     Why one call: every ``jax.random`` call (and every ``fold_in``) is a Threefry hash that
     XLA:CPU compiles as a loop of its own; with a dozen transforms drawing two to five numbers
@@ -187,7 +187,7 @@ def augment_keys_of(keys: jax.Array) -> jax.Array:
 
 def augment_keys(step_key: jax.Array, n: int) -> jax.Array:
     """The augmentation keys of a train step's ``n`` rows: those of the model's per-sample
-    keys :func:`mednca_jax.rule.sample_keys` (``fold_in(step_key, row)``)."""
+    keys :func:`mednca_jax.nca.rule.sample_keys` (``fold_in(step_key, row)``)."""
     return augment_keys_of(sample_keys(step_key, n))
 
 

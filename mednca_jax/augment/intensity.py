@@ -4,7 +4,7 @@ Gamma, brightness and contrast are dm-pix's; the bias field, the two noise model
 (dm-pix's is a slow convolution on CPU, see :func:`blur`) are written here. Each function is deterministic given its parameters; the
 random draws live in :mod:`mednca_jax.augment` (the pipeline). The physical meaning of each
 parameter matches the test-time perturbation of the same name in
-:mod:`mednca_jax.perturbations`, so the augmentation ranges can be read against its severities.
+:mod:`mednca_jax.evaluate.perturbations`, so the augmentation ranges can be read against its severities.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..perturbations import BIAS_ORDER
+from mednca_jax.evaluate.perturbations import BIAS_ORDER
 
 # Monomials y^i x^j with 1 <= i + j <= BIAS_ORDER (no constant: it would only rescale).
 BIAS_TERMS: tuple[tuple[int, int], ...] = tuple(

@@ -2,7 +2,7 @@
 spike, motion. Each maps one image ``(H, W, c)`` to one image; the FFT runs over ``(H, W)``.
 
 Parameters have the meaning of the perturbation of the same name in
-:mod:`mednca_jax.perturbations` (its docstring gives the physics); that module is NumPy with
+:mod:`mednca_jax.evaluate.perturbations` (its docstring gives the physics); that module is NumPy with
 per-image Python loops, so it cannot run inside the jitted step, and these are the traced
 counterparts: an index or axis that it picks in Python is an array here, selected with
 ``jnp.where`` so that shapes stay static.
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .spatial import affine_coords, affine_matrix, sample
+from mednca_jax.augment.spatial import affine_coords, affine_matrix, sample
 
 
 def _fft2(x: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..perturbations import _linear_weights
+from mednca_jax.evaluate.perturbations import _linear_weights
 
 
 def affine_matrix(

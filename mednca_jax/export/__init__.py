@@ -5,13 +5,13 @@ Folders written here::
     to-numpy DIR2: mednca_numpy.py (copy of runtime_numpy.py), weights.npz, config.json
     to-torch DIR2: mednca_torch.py (copy of runtime_torch.py), model0.pth, model1.pth, ..., config.json
     to-onnx DIR2: mednca.onnx (the whole inference, steps as ONNX Loops), config.json
-    from-torch DIR: a run folder (config.toml + orbax checkpoint) via mednca_jax.checkpoint
+    from-torch DIR: a run folder (config.toml + orbax checkpoint) via mednca_jax.train.checkpoint
 
 ``weights.npz`` holds our (channels-last) layout, one generic perception per level:
 ``level{i}.perception.kernel (3, 3, C, F)``, ``level{i}.perception.bias (F,)``,
 ``level{i}.fc0.kernel (C + F, hidden)``, ``fc0.bias``, ``fc1.kernel`` (format 2; format 1
 had ``p0.*``/``p1.*``, which the runtimes still read);
-``model{i}.pth`` the original Med-NCA layout (mednca_jax.weights converts, exactly).
+``model{i}.pth`` the original Med-NCA layout (mednca_jax.nca.weights converts, exactly).
 ``config.json`` is the full training config (``Config.to_dict()``) plus a format tag; the
 runtimes read its ``model`` and ``data`` sections.
 
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..config import Config, ConfigError, load_config
+from mednca_jax.config import Config, ConfigError, load_config
 
 HERE = Path(__file__).resolve().parent
 NUMPY_RUNTIME_SOURCE = HERE / "runtime_numpy.py"
@@ -60,7 +60,7 @@ class ExportError(ValueError):
 def resolve_config(config: str | Path, overrides: Sequence[str] = ()) -> Config:
     """A TOML config from a path, or by name from the shipped configs
     (``hippocampus_official`` -> ``configs/hippocampus_official.toml``)."""
-    from ..named_configs import resolve_config_path
+    from mednca_jax.named_configs import resolve_config_path
 
     try:
         return load_config(resolve_config_path(config), overrides)
@@ -82,9 +82,9 @@ def export_config(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------- params <-> files
 def perception_filters(perception: str, level_params: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """The level's perception as one 3x3 conv, ``kernel (3, 3, C, F)``, ``bias (F,)``: the
-    rule's own filters (:func:`mednca_jax.rule.perception_filters`), so the runtimes run
+    rule's own filters (:func:`mednca_jax.nca.rule.perception_filters`), so the runtimes run
     whatever rule was trained."""
-    from ..rule import perception_filters as rule_filters
+    from mednca_jax.nca.rule import perception_filters as rule_filters
 
     k, b = rule_filters(perception, level_params, channels, 2)
     return np.asarray(k, np.float32), np.asarray(b, np.float32)
@@ -130,8 +130,8 @@ def npz_arrays_to_params(arrays: dict[str, np.ndarray], cfg: Config) -> dict[str
 
 
 def load_checkpoint(checkpoint: str | Path, which: str = "best") -> tuple[Any, Config]:
-    """Params and config of a run folder (``mednca_jax.checkpoint``), checked exportable."""
-    from ..checkpoint import CheckpointError, load_params
+    """Params and config of a run folder (``mednca_jax.train.checkpoint``), checked exportable."""
+    from mednca_jax.train.checkpoint import CheckpointError, load_params
 
     path = Path(checkpoint)
     if not path.is_dir():
@@ -155,7 +155,7 @@ def _prepare_out(out_dir: str | Path) -> Path:
 
 def export_numpy(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     """Write the NumPy runtime folder; returns the files written."""
-    from ..levels import check_params
+    from mednca_jax.nca.levels import check_params
 
     _check_exportable(cfg, "config")
     try:
@@ -183,14 +183,14 @@ def _generic_torch_level(level: Any, cfg: Config) -> dict[str, np.ndarray]:
 
 def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     """Write the PyTorch runtime folder (original-layout ``model{i}.pth``); returns the files."""
-    from ..weights import params_to_torch_state_dicts
+    from mednca_jax.nca.weights import params_to_torch_state_dicts
 
     _check_exportable(cfg, "config")
     try:
         import torch
     except ImportError:
         raise ExportError("to-torch needs PyTorch: pip install 'mednca-jax[torch]'") from None
-    from ..levels import check_params
+    from mednca_jax.nca.levels import check_params
 
     try:
         check_params(params, cfg.model)
@@ -215,7 +215,7 @@ def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
 def export_onnx(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     """Write ``mednca.onnx`` (the whole inference, steps as ONNX Loops; see ``onnx_export``) and
     ``config.json``; returns the files."""
-    from ..levels import check_params
+    from mednca_jax.nca.levels import check_params
 
     _check_exportable(cfg, "config")
     try:
@@ -230,7 +230,7 @@ def export_onnx(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
         check_params(params, m)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    from .onnx_export import write_onnx
+    from mednca_jax.export.onnx_export import write_onnx
 
     out = _prepare_out(out_dir)
     return write_onnx(params_to_npz_arrays(params, cfg), m, export_config(cfg), out)
@@ -256,7 +256,7 @@ def verify_onnx(out_dir: str | Path, params: Any, cfg: Config, seed: int = 0) ->
     on one random image of the config's size."""
     import jax
 
-    from ..levels import forward
+    from mednca_jax.nca.levels import forward
 
     h, w = cfg.data.image_size
     n_in = cfg.model.n_in
@@ -268,8 +268,8 @@ def verify_onnx(out_dir: str | Path, params: Any, cfg: Config, seed: int = 0) ->
 
 def import_torch(cfg: Config, weight_paths: Sequence[str | Path], out_dir: str | Path, force: bool = False) -> Path:
     """Original weights (one ``.pth`` per level, or one ``.npz``) -> a run folder."""
-    from ..checkpoint import save_params
-    from ..weights import WeightsError, load_torch_weights
+    from mednca_jax.train.checkpoint import save_params
+    from mednca_jax.nca.weights import WeightsError, load_torch_weights
 
     _check_exportable(cfg, "config")
     out = Path(out_dir)
@@ -303,7 +303,7 @@ def verify_numpy(out_dir: str | Path, params: Any, cfg: Config, seed: int = 0) -
     one random image of the config's size."""
     import jax
 
-    from ..levels import forward
+    from mednca_jax.nca.levels import forward
 
     rt = load_runtime_module(Path(out_dir) / NUMPY_RUNTIME_NAME, "mednca_numpy_verify")
     h, w = cfg.data.image_size

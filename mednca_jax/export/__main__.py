@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import (
+from mednca_jax.export import (
     ExportError, export_numpy, export_onnx, export_torch, import_torch, load_checkpoint, resolve_config, verify_numpy,
     verify_onnx,
 )

@@ -501,7 +501,7 @@ def nqm_from_runs(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """``probs (N, ...)`` sigmoid outputs of N >= 2 runs -> (mean, variance, NQM = Σ std / Σ mean).
 
     Variance and std are the unbiased ones (ddof 1), as ``torch.std`` in the original M3D-NCA
-    code and ``mednca_jax.quality.nqm``.
+    code and ``mednca_jax.evaluate.quality.nqm``.
     """
     probs = np.asarray(probs, np.float64)  # identical runs then give exactly zero variance
     mean = probs.mean(axis=0)

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .config import Config, ConfigError, dumps, load_config
-from .errors import MedNCAError
+from mednca_jax.config import Config, ConfigError, dumps, load_config
+from mednca_jax.errors import MedNCAError
 
 CONFIG_FILE = "config.toml"
 LATEST_DIR = "checkpoints"
@@ -265,7 +265,7 @@ def load_params(run_dir: str | Path, cfg: Config | None = None, which: str = "be
 
     With ``cfg`` given, its model must match the saved one (else :class:`CheckpointError`).
     """
-    from .networks import check_network_params  # local: networks imports the models
+    from mednca_jax.networks import check_network_params  # local: networks imports the models
 
     saved = load_run_config(run_dir)
     if cfg is not None:

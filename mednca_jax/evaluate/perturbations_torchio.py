@@ -13,7 +13,7 @@ single number (a range from its lower bound to the number: ``num_ghosts`` drawn 
 ``±0.1·s``, noise std in ``[0, 0.1·s]``, blur std in ``[0, 0.5·s]`` pixels per axis). Each
 slice of the model grid (values in ``[0, 1]``) is one 2D torchio image of unit spacing, so
 torchio keeps every transform in-plane; the result is clipped back to ``[0, 1]``, the range
-the models were trained on, as in :func:`mednca_jax.perturbations.apply_perturbation`.
+the models were trained on, as in :func:`mednca_jax.evaluate.perturbations.apply_perturbation`.
 
 torchio is an optional extra (``pip install 'mednca-jax[torchio]'``); nothing here imports it
 before a transform is asked for.
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UsageError
+from mednca_jax.errors import UsageError
 
 TORCHIO_LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
 

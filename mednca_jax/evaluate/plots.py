@@ -122,7 +122,7 @@ def plot_nqm_vs_dice(
     ``threshold``: NQM threshold drawn as a vertical line (cases right of it are flagged);
     ``dice_threshold``: failure Dice drawn as a horizontal line.
     """
-    from .quality import spearman
+    from mednca_jax.evaluate.quality import spearman
 
     q, d = np.asarray(nqm, float), np.asarray(dice, float)
     if q.shape != d.shape:
@@ -234,7 +234,7 @@ def plot_perturbation_examples(
     image: Any, path: str | Path, severity: float = 1.0, seed: int = 0, names: Sequence[str] | None = None
 ) -> Path:
     """One ``(H, W)`` slice under every registered perturbation at ``severity`` (a gallery)."""
-    from .perturbations import PERTURBATIONS, apply_perturbation
+    from mednca_jax.evaluate.perturbations import PERTURBATIONS, apply_perturbation
 
     img = _plane(image, "image")
     names = list(names or PERTURBATIONS)

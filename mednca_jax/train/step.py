@@ -11,8 +11,7 @@ one (up to float rounding).
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +19,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import networks
-from .augment import augment_batch, augment_keys_of
-from .config import Config, TrainConfig
-from .losses import dice_bce_from_sums, dice_bce_loss, dice_bce_sums, has_foreground
-from .model import REFERENCE, Backend
-from .rule import sample_keys
+from mednca_jax import networks
+from mednca_jax.augment import augment_batch, augment_keys_of
+from mednca_jax.config import Config, TrainConfig
+from mednca_jax.losses import dice_bce_from_sums, dice_bce_loss, dice_bce_sums, has_foreground
+from mednca_jax.nca.rollout import REFERENCE, Backend
+from mednca_jax.nca.rule import sample_keys
 
 Batch = dict[str, jax.Array]  # {"image": (B, H, W, n_in), "label": (B, H, W, n_out)}
 
@@ -269,7 +268,7 @@ def make_train_step(
     resolved from ``model.backend`` for this machine when not given.
     """
     if backend is None:
-        from .launch import backend_for
+        from mednca_jax.train.launch import backend_for
 
         backend = backend_for(cfg.model)
     if mesh is None:
@@ -320,69 +319,6 @@ def local_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if n == 1:
         return batch
     return {k: np.array_split(v, n)[pid] for k, v in batch.items()}
-
-
-def initialize_distributed_from_env() -> bool:
-    """``jax.distributed.initialize`` from the usual variables, when a multi-host run is asked
-    for: ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES``,
-    ``JAX_PROCESS_ID``. Returns whether it initialised."""
-    import os
-
-    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not addr:
-        return False
-    try:
-        n, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
-    except (KeyError, ValueError):
-        raise ValueError("JAX_COORDINATOR_ADDRESS is set: also set JAX_NUM_PROCESSES and JAX_PROCESS_ID (integers)") from None
-    jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
-    return True
-
-
-def is_primary() -> bool:
-    """Whether this is process 0, the one that writes logs and run files in a multi-host run."""
-    return jax.process_index() == 0
-
-
-def primary_first(fn: Callable[[], Any], name: str) -> Any:
-    """Run ``fn`` on process 0, then on the others: what process 0 writes (a split, a synthetic
-    data set, a slice cache) is there when they read it. With one process: just ``fn()``."""
-    if jax.process_count() == 1:
-        return fn()
-    from jax.experimental import multihost_utils
-
-    out = fn() if is_primary() else None
-    multihost_utils.sync_global_devices(f"mednca_jax:{name}")
-    return out if is_primary() else fn()
-
-
-def agree(flags: Sequence[bool], value: float) -> tuple[tuple[bool, ...], float]:
-    """Each flag OR-ed over processes, and process 0's ``value`` (float32), in one collective:
-    what the train loop asks after every step. The flags make all processes stop at the same
-    step (a time limit or a Ctrl-C seen by one must stop all, or the others would wait in a
-    collective); the value is the clock of the budget schedule."""
-    if jax.process_count() == 1:
-        return tuple(bool(f) for f in flags), float(value)
-    from jax.experimental import multihost_utils
-
-    row = np.array([*map(float, flags), value], np.float32)
-    seen = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, row.size)  # (processes, flags + 1)
-    return tuple(bool(v) for v in seen[:, :-1].any(axis=0)), float(seen[0, -1])
-
-
-def process0_value(value: float) -> float:
-    """Process 0's ``value`` on every process (one small collective; the value itself alone).
-
-    For what each process measures on its own but all must agree on: the elapsed time that
-    sets a budget schedule's learning rate (each process has its own clock: without this the
-    replicated params drift apart by the differing learning rates) and a validation Dice
-    that decides whether every process writes the best checkpoint.
-    """
-    if jax.process_count() == 1:
-        return float(value)
-    from jax.experimental import multihost_utils
-
-    return float(multihost_utils.broadcast_one_to_all(np.float32(value)))
 
 
 def put_replicated(tree: Any, mesh: Mesh | None) -> Any:

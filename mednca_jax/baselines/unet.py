@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .model import count_params  # noqa: F401  (re-exported: one parameter counter for every model)
-from .config import ModelConfig
+from mednca_jax.nca.rollout import count_params  # noqa: F401  (re-exported: one parameter counter for every model)
+from mednca_jax.config import ModelConfig
 
 Params = dict[str, Any]
 

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Config, ModelConfig
-from .errors import MedNCAError
-from .model import REFERENCE, Backend, Params, init_level_params, rollout
-from .rule import Rule, fold_keys, reset_inputs, sample_keys
+from mednca_jax.config import Config, ModelConfig
+from mednca_jax.errors import MedNCAError
+from mednca_jax.nca.rollout import REFERENCE, Backend, Params, init_level_params, rollout
+from mednca_jax.nca.rule import Rule, fold_keys, reset_inputs, sample_keys
 
 
 class InputError(MedNCAError, ValueError):
@@ -184,8 +184,8 @@ def forward(
 
     ``key``: one key or per-sample keys ``(B,)``. ``fire_rate`` defaults to the config's (the
     original also fires stochastically at inference); pass 0.0 for a deterministic result.
-    ``backend``: see :mod:`mednca_jax.model` (resolve one with
-    :func:`mednca_jax.launch.backend_for`). ``masks``: one ``(steps_i, B, h_i, w_i)`` bool
+    ``backend``: see :mod:`mednca_jax.nca.rollout` (resolve one with
+    :func:`mednca_jax.train.launch.backend_for`). ``masks``: one ``(steps_i, B, h_i, w_i)`` bool
     array per level instead of drawing from ``key``. With ``return_states`` also returns the
     final state of every level, coarse to fine.
     """
@@ -327,7 +327,7 @@ def segment(
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     check_fire_rate(fire_rate)
     if backend is None:
-        from .launch import backend_for
+        from mednca_jax.train.launch import backend_for
 
         backend = backend_for(model_cfg)
     # The fire rate is static: with a known rate only the fired cells are computed.

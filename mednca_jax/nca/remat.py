@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from .config import REMAT_MODES
+from mednca_jax.config import REMAT_MODES
 
 Run = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 

@@ -3,7 +3,7 @@ and how well the NCA quality metric (NQM) flags failed cases.
 
 Used by ``evaluate.py --robustness`` and ``evaluate.py --runs N``; works for any model kind.
 Results have the shape ``{perturbation: {severity_or_size: {"mean": dice, "std": dice}}}``,
-the format :mod:`mednca_jax.plots` draws.
+the format :mod:`mednca_jax.evaluate.plots` draws.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from .config import Config
-from .data import SliceSet
-from .inference import PredictFn, make_predict_fn, predict_slices
-from .losses import dice_hard
-from .perturbations import PERTURBATIONS, SCALE_SIZES, apply_perturbation, check_severities, rescale
-from .perturbations_torchio import TORCHIO_LEVELS, apply_torchio, check_torchio_names
-from .quality import choose_nqm_threshold, failure_detection_summary, spearman
+from mednca_jax.config import Config
+from mednca_jax.data import SliceSet
+from mednca_jax.evaluate.inference import PredictFn, make_predict_fn, predict_slices
+from mednca_jax.losses import dice_hard
+from mednca_jax.evaluate.perturbations import PERTURBATIONS, SCALE_SIZES, apply_perturbation, check_severities, rescale
+from mednca_jax.evaluate.perturbations_torchio import TORCHIO_LEVELS, apply_torchio, check_torchio_names
+from mednca_jax.evaluate.quality import choose_nqm_threshold, failure_detection_summary, spearman
 
 SCALE = "scale"
 

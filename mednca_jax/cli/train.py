@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.cpu_processes != 1 and "JAX_COORDINATOR_ADDRESS" not in os.environ:
-        from mednca_jax.launch import run_local_job, usable_cores, without_option
+        from mednca_jax.train.launch import run_local_job, usable_cores, without_option
 
         child = without_option(argv, "--cpu-processes") + ["--set", "train.data_parallel=true"]
         try:
@@ -59,15 +59,15 @@ def _main(argv: list[str]) -> int:
             # beside an installed copy): its parent folder goes first on their PYTHONPATH.
             root = str(Path(__file__).resolve().parents[1])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-            return run_local_job([sys.executable, "-m", "mednca_jax.cli_train", *child],
+            return run_local_job([sys.executable, "-m", "mednca_jax.cli.train", *child],
                                  args.cpu_processes or len(usable_cores()), env=env)
         except ValueError as e:  # more processes than cores, raised before anything starts
             print(f"error: --cpu-processes: {e}", file=sys.stderr)
             return 2
-    from mednca_jax.checkpoint import CONFIG_FILE
+    from mednca_jax.train.checkpoint import CONFIG_FILE
     from mednca_jax.config import ConfigError, load_config
     from mednca_jax.errors import MedNCAError
-    from mednca_jax.trainer import train
+    from mednca_jax.train.loop import train
 
     try:
         if args.config is None:
@@ -75,7 +75,7 @@ def _main(argv: list[str]) -> int:
                 raise ConfigError("--config is required (or --resume with --workdir of an existing run)")
             args.config = args.workdir / CONFIG_FILE
         cfg = load_config(args.config, args.overrides)
-        from mednca_jax.training import initialize_distributed_from_env
+        from mednca_jax.train.faults import initialize_distributed_from_env
 
         initialize_distributed_from_env()  # multi-host: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
         workdir = args.workdir or Path("runs") / cfg.name
@@ -83,7 +83,7 @@ def _main(argv: list[str]) -> int:
     except MedNCAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from mednca_jax.training import is_primary
+    from mednca_jax.train.faults import is_primary
 
     if is_primary():  # every process of a data-parallel job ends with the same result
         print(

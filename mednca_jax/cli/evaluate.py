@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from mednca_jax.errors import MedNCAError
-    from mednca_jax.evaluation import EvalOptions, evaluate_checkpoint, format_table
+    from mednca_jax.evaluate.evaluation import EvalOptions, evaluate_checkpoint, format_table
 
     out = args.out or args.checkpoint / f"eval-{args.split or 'all'}"
     runs = args.runs if args.runs is not None else (QUALITY_RUNS if args.quality else 1)

@@ -1,17 +1,17 @@
 """One NCA level: its parameters, the backends that run its rule, and the rollout.
 
-The rule itself is :mod:`mednca_jax.rule`. A rollout iterates :func:`rule.step` with
+The rule itself is :mod:`mednca_jax.nca.rule`. A rollout iterates :func:`rule.step` with
 ``jax.lax.scan``; the fire masks come from explicit per-sample keys, so the same keys give
 the same masks, and the same states, on every backend:
 
 - ``reference``: the rule as written, differentiated by JAX itself, with honest remat modes
-  (:mod:`mednca_jax.remat`); any spatial rank, float32 or bfloat16 matmul inputs. Runs
+  (:mod:`mednca_jax.nca.remat`); any spatial rank, float32 or bfloat16 matmul inputs. Runs
   anywhere (CPU, GPU, TPU) and is what a researcher edits.
-- ``cpu_fast``: :mod:`mednca_jax.cpu_fast`, derived from the rule's perception filters
+- ``cpu_fast``: :mod:`mednca_jax.nca.cpu_fast`, derived from the rule's perception filters
   (fired cells only, a hand-written VJP); 2D, float32. 3-6x faster on XLA:CPU.
 
 ``model.backend = "auto"`` takes ``cpu_fast`` on a CPU for rules it supports, else
-``reference``. The choice is made at the entry point (:func:`mednca_jax.launch.backend_for`)
+``reference``. The choice is made at the entry point (:func:`mednca_jax.train.launch.backend_for`)
 and passed in as a static :class:`Backend`; nothing here reads the machine.
 """
 
@@ -24,10 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import cpu_fast
-from .config import BACKENDS
-from .remat import blocked_scan, check_remat
-from .rule import (  # noqa: F401  (re-exported: the rule's pieces are part of this module's API)
+from mednca_jax.nca import cpu_fast
+from mednca_jax.config import BACKENDS
+from mednca_jax.nca.remat import blocked_scan, check_remat
+from mednca_jax.nca.rule import (  # noqa: F401  (re-exported: the rule's pieces are part of this module's API)
     Params, Rule, fire_mask, fire_masks, init_rule_params, perceive, reset_inputs, sample_keys, step, step_keys, update,
 )
 
@@ -74,7 +74,7 @@ class Backend:
     is into how many independent pieces ``cpu_fast`` splits a step (one per usable core, at
     most 2; XLA:CPU runs them side by side); ``group_cells``: inference runs a large batch in
     groups of about this many cells, one group after the other (0: the whole batch at once;
-    see :func:`mednca_jax.levels.forward`)."""
+    see :func:`mednca_jax.nca.levels.forward`)."""
 
     name: str = "reference"
     pieces: int = 1
@@ -166,7 +166,7 @@ def rollout(
         fire_rate: a cell updates where ``u > fire_rate``; static values let ``cpu_fast``
             compute only the fired cells.
         rule, backend: which rule, and which implementation runs it (:class:`Backend`).
-        remat: ``none`` | ``step`` | ``nested`` (:mod:`mednca_jax.remat`); values and
+        remat: ``none`` | ``step`` | ``nested`` (:mod:`mednca_jax.nca.remat`); values and
             gradients do not depend on it.
         trajectory: also return every state after each step, ``(steps, B, *S, C)``.
         masks: ``(steps, B, *S)`` bool, used instead of drawing from ``key``.

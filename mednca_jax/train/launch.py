@@ -3,7 +3,7 @@
 XLA:CPU keeps a second core only partly busy within one process (the NCA's per-step matmuls
 are small), while processes of one core each run side by side at full speed. So on a CPU
 machine a job of one process per core, joined by ``jax.distributed`` and split by
-``jax.shard_map`` (see :func:`mednca_jax.training.make_train_step`), trains faster than one
+``jax.shard_map`` (see :func:`mednca_jax.train.step.make_train_step`), trains faster than one
 process. This module only starts the processes with the usual ``JAX_COORDINATOR_ADDRESS`` /
 ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables and waits for them; JAX does the rest.
 """
@@ -18,8 +18,8 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
-    from .model import Backend
+    from mednca_jax.config import ModelConfig
+    from mednca_jax.nca.rollout import Backend
 
 
 def usable_cores() -> list[int]:
@@ -35,8 +35,8 @@ def backend_for(model_cfg: "ModelConfig") -> "Backend":
     (train, evaluate, segment) and passed on as a static argument."""
     import jax
 
-    from .levels import rule_of
-    from .model import resolve_backend
+    from mednca_jax.nca.levels import rule_of
+    from mednca_jax.nca.rollout import resolve_backend
 
     return resolve_backend(model_cfg.backend, rule_of(model_cfg), jax.default_backend(), len(usable_cores()))
 

@@ -1,4 +1,4 @@
-"""The fast CPU backend: the rule of :mod:`mednca_jax.rule` on fired cells only, custom VJP.
+"""The fast CPU backend: the rule of :mod:`mednca_jax.nca.rule` on fired cells only, custom VJP.
 
 Derived from the rule, not a second definition of it: the perception enters only as its
 linear filters ``K (3, 3, C, F)`` and ``b (F,)`` (:func:`rule.perception_filters`), so any
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .remat import blocked_scan
-from .rule import Params, Rule, perception_filters
+from mednca_jax.nca.remat import blocked_scan
+from mednca_jax.nca.rule import Params, Rule, perception_filters
 
 # Why this exists (measured on a 2-core CPU, C=16, hidden 128, 48x16x16 cells, fwd+bwd): autodiff
 # of the reference formulation spends most of its time outside the matmuls (concatenations
@@ -185,7 +185,7 @@ MIN_ROWS_PER_CHAIN = 512  # smaller pieces gained nothing (batch-1 level 0: 160 
 def cell_chains(n_rows: int, pieces: int) -> int:
     """Into how many independent pieces one step splits the work on ``n_rows`` fired cells,
     given the backend's ``pieces`` (a machine fact decided at the entry point, see
-    :func:`mednca_jax.launch.backend_for`).
+    :func:`mednca_jax.train.launch.backend_for`).
 
     XLA:CPU runs independent ops concurrently, one per core, but runs a matmul of a few
     thousand rows on one core. Two pieces (gather, perception, MLP, and their backward) run
@@ -421,7 +421,7 @@ def rollout(
     remat: str = "none",
     trajectory: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """The reference rollout (:func:`mednca_jax.model.reference_rollout`) on the fast path.
+    """The reference rollout (:func:`mednca_jax.nca.rollout.reference_rollout`) on the fast path.
 
     ``x (B, H, W, C)``, ``image (B, H, W, n_in)`` (already in ``x``'s input channels),
     ``masks (S, B, H, W)`` bool; ``fire_rate`` only sizes the compaction (a traced rate runs

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import Config
+from mednca_jax.config import Config
 
 LABEL_SUFFIX = ".nii.gz"
 VARIANCE_SUFFIX = "_variance.nii.gz"
@@ -54,9 +54,9 @@ def load_model(checkpoint: str | Path, which: str = "best") -> tuple[Any, Config
     Raises:
         PredictError: the folder is missing or is neither kind.
     """
-    from .checkpoint import CONFIG_FILE, CheckpointError, load_params
-    from .config import ConfigError, from_dict
-    from .export import CONFIG_JSON, WEIGHTS_NPZ, npz_arrays_to_params
+    from mednca_jax.train.checkpoint import CONFIG_FILE, CheckpointError, load_params
+    from mednca_jax.config import ConfigError, from_dict
+    from mednca_jax.export import CONFIG_JSON, WEIGHTS_NPZ, npz_arrays_to_params
 
     path = Path(checkpoint)
     if not path.is_dir():
@@ -75,7 +75,7 @@ def load_model(checkpoint: str | Path, which: str = "best") -> tuple[Any, Config
     except (OSError, ValueError, KeyError, ConfigError) as e:
         raise PredictError(f"--checkpoint {path} looks like a to-numpy export but cannot be read "
                            f"({type(e).__name__}: {e}); export it again") from None
-    from .networks import check_network_params
+    from mednca_jax.networks import check_network_params
 
     try:
         check_network_params(params, cfg)
@@ -86,7 +86,7 @@ def load_model(checkpoint: str | Path, which: str = "best") -> tuple[Any, Config
 
 # --------------------------------------------------------------------------- inputs, outputs
 def _is_nifti(path: Path) -> bool:
-    from .data.msd import NIFTI_SUFFIXES
+    from mednca_jax.data.msd import NIFTI_SUFFIXES
 
     return path.name.endswith(NIFTI_SUFFIXES)
 
@@ -103,7 +103,7 @@ def plan_scans(input_path: str | Path, output_path: str | Path) -> tuple[list[Sc
         PredictError: missing input, a file that is not NIfTI, a folder without NIfTI files,
             an output that does not fit the input.
     """
-    from .data.msd import _nifti_files, case_name
+    from mednca_jax.data.msd import _nifti_files, case_name
 
     src, dst = Path(input_path), Path(output_path)
     if not src.exists():
@@ -132,7 +132,7 @@ def plan_scans(input_path: str | Path, output_path: str | Path) -> tuple[list[Sc
 def load_scan(scan: Scan, cfg: Config):
     """The scan as training reads an image (``data.load_case``), as a :class:`PredictError`
     naming the file when it is unreadable, not 3D/4D, NaN/inf or constant."""
-    from .data import Case, DataError, load_case
+    from mednca_jax.data import Case, DataError, load_case
 
     try:
         return load_case(Case(scan.name, scan.image), cfg.data)
@@ -166,9 +166,9 @@ def predict_volume(
     """
     import jax
 
-    from .data import preprocess_volume, resample_to_native
-    from .evaluation import make_predict_fn, predict_slices, probabilities_to_labels
-    from .quality import nqm, variance_volume
+    from mednca_jax.data import preprocess_volume, resample_to_native
+    from mednca_jax.evaluate.evaluation import make_predict_fn, predict_slices, probabilities_to_labels
+    from mednca_jax.evaluate.quality import nqm, variance_volume
 
     predict = predict or make_predict_fn(cfg)
     images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
@@ -185,7 +185,7 @@ def predict_volume(
 
 def _write_atomic(path: Path, volume: np.ndarray, meta: Any, dtype: Any) -> None:
     """``data.write_volume`` under a temporary name in the same folder, then renamed."""
-    from .data import write_volume
+    from mednca_jax.data import write_volume
 
     tmp = path.with_name(f".{path.name}.partial{os.getpid()}{LABEL_SUFFIX}")
     try:
@@ -216,8 +216,8 @@ def predict_scans(
     """
     import jax
 
-    from .evaluation import make_predict_fn
-    from .levels import InputError, check_fire_rate
+    from mednca_jax.evaluate.evaluation import make_predict_fn
+    from mednca_jax.nca.levels import InputError, check_fire_rate
 
     if runs < 1:
         raise PredictError(f"--runs must be >= 1, got {runs}")
@@ -252,7 +252,7 @@ def predict_scans(
         report["scans"][scan.name] = entry
         log(f"{scan.name}: {tuple(meta.shape)} -> {scan.label_out}" + (f" (NQM {score:.4f})" if score is not None else ""))
     if runs >= 2:
-        from .checkpoint import write_text_atomic
+        from mednca_jax.train.checkpoint import write_text_atomic
 
         write_text_atomic(quality_json, json.dumps(report, indent=2) + "\n")
         log(f"NQM per scan (higher: the runs disagree more, a likely failure): {quality_json}")

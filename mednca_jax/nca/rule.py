@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import prng
+from mednca_jax.nca import prng
 
 Params = dict[str, Any]
 

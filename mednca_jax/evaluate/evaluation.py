@@ -21,17 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from .config import Config
-from .data import Case, SliceSet, load_case, resample_to_native, write_volume
-from .data.preprocess import encode_labels
-from .errors import UsageError
-from .losses import dice_hard, dice_soft
-from .inference import PredictFn, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
-from .model import count_params
-from .quality import nqm, variance_volume
-from .perturbations import PERTURBATIONS
-from .perturbations_torchio import TORCHIO_PROTOCOL, import_torchio
-from .robustness import SCALE, robustness_suite, torchio_suite
+from mednca_jax.config import Config
+from mednca_jax.data import Case, SliceSet, load_case, resample_to_native, write_volume
+from mednca_jax.data.preprocess import encode_labels
+from mednca_jax.errors import UsageError
+from mednca_jax.losses import dice_hard, dice_soft
+from mednca_jax.evaluate.inference import PredictFn, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
+from mednca_jax.nca.rollout import count_params
+from mednca_jax.evaluate.quality import nqm, variance_volume
+from mednca_jax.evaluate.perturbations import PERTURBATIONS
+from mednca_jax.evaluate.perturbations_torchio import TORCHIO_PROTOCOL, import_torchio
+from mednca_jax.evaluate.robustness import SCALE, robustness_suite, torchio_suite
 
 def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float | None, batch_size: int,
                 repeats: int = 5) -> dict[str, Any]:
@@ -142,8 +142,8 @@ def evaluate_cases(
 
 def _case_panel(path: Path, images: np.ndarray, probs: np.ndarray, labels: np.ndarray, runs: np.ndarray, name: str, r: dict) -> None:
     """PNG of the slice with the most foreground: input, mean prediction, label, std over runs."""
-    from .plots import case_panel
-    from .quality import std_map
+    from mednca_jax.evaluate.plots import case_panel
+    from mednca_jax.evaluate.quality import std_map
 
     i = int(np.argmax(labels.reshape(labels.shape[0], -1).sum(axis=1)))
     title = f"{name}: Dice {r.get('dice', float('nan')):.3f}, NQM {r.get('nqm', float('nan')):.3f}"
@@ -180,7 +180,7 @@ def select_cases(
 ) -> list[Case]:
     """The cases of ``data_dir`` to evaluate: all, those listed in ``cases_file``, and/or one
     part of the run's own ``split.json``."""
-    from .data import DataError, list_cases, read_split
+    from mednca_jax.data import DataError, list_cases, read_split
 
     cases = list_cases(data_dir)
     names = [c.name for c in cases]
@@ -227,8 +227,8 @@ class EvalOptions:
 
     def check(self) -> "EvalOptions":
         """Raise :class:`~.errors.UsageError` naming the option that is out of range."""
-        from .levels import InputError, check_fire_rate
-        from .perturbations import check_severities
+        from mednca_jax.nca.levels import InputError, check_fire_rate
+        from mednca_jax.evaluate.perturbations import check_severities
 
         if self.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {self.runs}")
@@ -287,8 +287,8 @@ def evaluate_checkpoint(
     Raises:
         UsageError: an option out of range. DataError, CheckpointError: unusable inputs.
     """
-    from .checkpoint import load_params
-    from .data import DataError, load_slices
+    from mednca_jax.train.checkpoint import load_params
+    from mednca_jax.data import DataError, load_slices
 
     opts = dataclasses.replace(options or EvalOptions(), **overrides).check()
     params, cfg = load_params(checkpoint, which=opts.which)
@@ -325,7 +325,7 @@ def evaluate_checkpoint(
         if cfg.model.kind == "nca":
             _rollout_gif(params, cfg, test_slices, key, opts.fire_rate, out / "rollout.gif")
     if opts.robustness:
-        from .plots import markdown_table, plot_robustness
+        from mednca_jax.evaluate.plots import markdown_table, plot_robustness
 
         label = f"{cfg.model.kind}:{cfg.name}"
         common = dict(fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size, predict=predict)
@@ -357,9 +357,9 @@ def _quality(params: Any, cfg: Config, checkpoint: Path, data_dir: Path, metrics
              predict: PredictFn, out: Path, opts: EvalOptions) -> dict[str, Any]:
     """NQM-Dice statistics of the evaluated cases (threshold from the validation cases when
     evaluating the test split), and ``nqm_vs_dice.png`` when there are >= 2 cases."""
-    from .data import load_slices, read_split
-    from .plots import plot_nqm_vs_dice
-    from .robustness import quality_summary
+    from mednca_jax.data import load_slices, read_split
+    from mednca_jax.evaluate.plots import plot_nqm_vs_dice
+    from mednca_jax.evaluate.robustness import quality_summary
 
     test = {n: r for n, r in metrics["cases"].items() if "nqm" in r and "dice" in r}
     nqm_val = dice_val = None
@@ -382,8 +382,8 @@ def _quality(params: Any, cfg: Config, checkpoint: Path, data_dir: Path, metrics
 
 def _rollout_gif(params, cfg: Config, slices: SliceSet, key, fire_rate, path: Path) -> None:
     """GIF of the rollout of the slice with the most foreground of the first case."""
-    from .levels import forward_trajectory
-    from .plots import rollout_gif
+    from mednca_jax.nca.levels import forward_trajectory
+    from mednca_jax.evaluate.plots import rollout_gif
 
     rows = slices.case_slices(0)
     i = rows[int(np.argmax(slices.labels[rows].reshape(len(rows), -1).sum(axis=1)))]

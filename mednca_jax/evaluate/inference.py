@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import networks
-from .config import Config
-from .model import Backend
+from mednca_jax import networks
+from mednca_jax.config import Config
+from mednca_jax.nca.rollout import Backend
 
 PredictFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -26,7 +26,7 @@ def make_predict_fn(cfg: Config, backend: Backend | None = None) -> PredictFn:
     computed (one compile per rate). ``backend``: resolved from ``model.backend`` for this
     machine when not given."""
     if backend is None:
-        from .launch import backend_for
+        from mednca_jax.train.launch import backend_for
 
         backend = backend_for(cfg.model)
 

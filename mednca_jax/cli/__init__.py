@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 # name -> (module holding ``main(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mednca_jax.cli_train", "train Med-NCA (or the UNet baseline) on an MSD task folder or the synthetic demo task"),
-    "evaluate": ("mednca_jax.cli_evaluate", "score a checkpoint per patient (Dice, NQM, robustness) and write predictions"),
-    "predict": ("mednca_jax.predict", "segment new, unlabelled NIfTI scans in their native voxel grid"),
+    "train": ("mednca_jax.cli.train", "train Med-NCA (or the UNet baseline) on an MSD task folder or the synthetic demo task"),
+    "evaluate": ("mednca_jax.cli.evaluate", "score a checkpoint per patient (Dice, NQM, robustness) and write predictions"),
+    "predict": ("mednca_jax.evaluate.predict", "segment new, unlabelled NIfTI scans in their native voxel grid"),
     "export": ("mednca_jax.export.__main__", "import the original PyTorch weights or export to the NumPy / PyTorch runtimes"),
 }
 
@@ -43,8 +43,8 @@ def resolve_config_option(argv: Sequence[str]) -> list[str]:
     """Replace the value of ``--config NAME`` (or ``--config=NAME``) by the path of the shipped
     config of that name when NAME is not an existing file. Anything else is left as it is,
     so the command's own parser reports a bad value."""
-    from .named_configs import resolve_config_path
-    from .config import ConfigError
+    from mednca_jax.named_configs import resolve_config_path
+    from mednca_jax.config import ConfigError
 
     def resolve(value: str) -> str:
         try:

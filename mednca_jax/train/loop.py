@@ -11,48 +11,41 @@ A library of small functions (:func:`check_run_folder`, :func:`run_lock`, :func:
 and a thin loop, :func:`train`.
 
 Faults: a non-finite loss rolls back to the last good checkpoint at half the learning rate
-(``train.max_rollbacks`` times); non-finite params are never saved; a lock file keeps a
-second trainer out of a run folder in use; a start-up failure leaves no half-made run folder.
+(``train.max_rollbacks`` times, :func:`roll_back`); non-finite params are never saved; the
+lock, the clean-up of a failed start, the disk-full error and the processes' agreement are
+:mod:`mednca_jax.train.faults`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
-import os
-import shutil
-import signal
-import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint as ckpt
-from .config import Config
-from .errors import MedNCAError
-from .data import BatchIterator, Case, DataError, list_cases, load_slices, make_synthetic_task, read_split, split_from_config, write_split
-from .evaluation import evaluate_cases, make_predict_fn, predict_slices
-from .networks import init_network_params
-from .training import (
-    TrainState, agree, eval_params, init_train_state, is_primary, local_part, make_mesh, make_optimizer,
-    make_train_step, primary_first, process0_value, put_batch, put_replicated, with_budget_used,
+from mednca_jax.train import checkpoint as ckpt
+from mednca_jax.config import Config
+from mednca_jax.errors import MedNCAError
+from mednca_jax.data import BatchIterator, Case, DataError, list_cases, load_slices, make_synthetic_task, read_split, split_from_config, write_split
+from mednca_jax.evaluate.evaluation import evaluate_cases, make_predict_fn, predict_slices
+from mednca_jax.networks import init_network_params
+from mednca_jax.train.faults import (
+    RunError, agree, disk_full_error, divergence, interrupt_flag, is_primary, primary_first, process0_value, run_lock,
+    set_aside_newer_steps, undo_on_failure, unless_failed,
+)
+from mednca_jax.train.step import (
+    TrainState, eval_params, init_train_state, local_part, make_mesh, make_optimizer, make_train_step, put_batch,
+    put_replicated, with_budget_used,
 )
 
 SPLIT_FILE = "split.json"
 LOG_FILE = "log.jsonl"
-LOCK_FILE = "train.lock"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-class RunError(MedNCAError, RuntimeError):
-    """The run folder cannot be used as asked (e.g. it holds another run and no --resume)."""
 
 
 @dataclass
@@ -121,29 +114,6 @@ def check_split_matches(saved: Any, data_cfg: Any, path: Path) -> None:
         )
 
 
-@contextmanager
-def interrupt_flag() -> Iterator[dict[str, bool]]:
-    """Turn the first Ctrl-C / SIGTERM into a flag the loop checks, so it can save first."""
-    flag = {"stop": False}
-    previous = {}
-
-    def handler(signum, frame):
-        if flag["stop"]:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        flag["stop"] = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield flag
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-
-
 def _image_grid(images: np.ndarray, probs: np.ndarray, labels: np.ndarray, n: int = 4) -> np.ndarray:
     """Rows input / prediction / label for ``n`` slices -> ``(3, 3H, nW)`` CHW image in [0, 1]."""
     idx = np.linspace(0, images.shape[0] - 1, min(n, images.shape[0])).astype(int)
@@ -161,7 +131,7 @@ def _pick_val_images(val: Any, n: int = 4) -> np.ndarray:
 def _write_curve(cfg: Config, workdir: Path) -> None:
     """``curve.png``: validation Dice against minutes (skipped, with a note, without matplotlib)."""
     try:
-        from .plots import plot_training_curves
+        from mednca_jax.evaluate.plots import plot_training_curves
 
         records = [json.loads(l) for l in (workdir / LOG_FILE).read_text().splitlines() if l.strip()]
         if any("val_dice" in r for r in records):
@@ -184,85 +154,6 @@ def check_run_folder(cfg: Config, workdir: Path, resume: bool) -> None:
         ckpt.check_same_model(saved, cfg, workdir)
         if saved.data != cfg.data:
             raise RunError(f"--resume: the [data] section differs from the run's {workdir / ckpt.CONFIG_FILE}; resume with the same config")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-@contextmanager
-def run_lock(workdir: Path, enabled: bool = True) -> Iterator[None]:
-    """Hold ``workdir/train.lock`` (``"PID HOST"``) for the body; refuse a folder in use.
-
-    Taken with ``O_CREAT | O_EXCL``, so of two trainers started together exactly one gets
-    it. A lock whose process is gone (same host, dead PID) is stale: taken over with a note.
-
-    Raises:
-        RunError: another live process holds the lock.
-    """
-    if not enabled:
-        yield
-        return
-    path = workdir / LOCK_FILE
-    host = socket.gethostname()
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                pid_text, _, lock_host = path.read_text().strip().partition(" ")
-                pid = int(pid_text)
-            except (OSError, ValueError):  # being written right now, or gone again
-                pid, lock_host = -1, host
-            if attempt == 0 and pid != os.getpid() and lock_host == host and pid > 0 and not _pid_alive(pid):
-                print(f"note: taking over the stale lock {path} of process {pid}, which no longer runs")
-                path.unlink(missing_ok=True)
-                continue
-            raise RunError(
-                f"{workdir} is in use by another trainer (process {pid_text if pid < 0 else pid} on {lock_host}, lock file {path}); "
-                "wait for it to finish or choose another --workdir (delete the lock file only if no such process runs)"
-            ) from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {host}\n")
-    except BaseException:  # e.g. a full disk: no empty lock file left behind
-        path.unlink(missing_ok=True)
-        raise
-    try:
-        yield
-    finally:
-        try:
-            if path.read_text().split()[0] == str(os.getpid()):
-                path.unlink()
-        except (OSError, IndexError):
-            pass
-
-
-@contextmanager
-def undo_on_failure(workdir: Path, created: bool, enabled: bool = True) -> Iterator[None]:
-    """Remove what a failed start-up wrote: the whole folder if this call ``created`` it, else
-    the run files that were not there before (so a bad ``--data`` leaves nothing behind that
-    would make the next run fail)."""
-    before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else set()
-    try:
-        yield
-    except BaseException:
-        if enabled:
-            if created:
-                shutil.rmtree(workdir, ignore_errors=True)
-            else:
-                for name in (ckpt.CONFIG_FILE, SPLIT_FILE, "synthetic_data"):
-                    p = workdir / name
-                    if name not in before and p.exists():
-                        shutil.rmtree(p) if p.is_dir() else p.unlink()
-        raise
 
 
 def setup_run(cfg: Config, workdir: Path, data_dir: str | Path | None, cache_dir: str | Path | None) -> tuple[Path, RunData]:
@@ -338,19 +229,6 @@ def restore_progress(workdir: Path, cfg: Config, tx: Any, batches: BatchIterator
         int(meta.get("rollbacks", 0)),
     )
     return progress, step
-
-
-def set_aside_newer_steps(workdir: Path, step: int) -> None:
-    """Move checkpoint steps newer than the restored ``step`` (damaged ones: restore skipped
-    them) to ``workdir/damaged/``, so the resumed run can write those steps again."""
-    folder = workdir / ckpt.LATEST_DIR
-    for p in folder.iterdir() if folder.is_dir() else ():
-        if p.name.isdigit() and int(p.name) > step:
-            target = workdir / "damaged" / f"{ckpt.LATEST_DIR}-{p.name}"
-            target.parent.mkdir(exist_ok=True)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.move(str(p), target)
-            print(f"note: moved the damaged checkpoint {p} to {target}")
 
 
 # --------------------------------------------------------------------------- the loop's parts
@@ -453,16 +331,6 @@ def save(run: Run, step: int, val_dice: float | None = None) -> None:
         ckpt.save_checkpoint(run.best_mngr, step, jax.device_get(eval_params(p.state)), dict(meta, val_dice=val_dice))
 
 
-def divergence(loss: float, max_loss: float) -> str:
-    """Why ``loss`` counts as diverged (``""``: it does not): non-finite, or above ``max_loss``
-    (``train.max_loss``; 0 = no bound)."""
-    if not np.isfinite(loss):
-        return "non-finite loss"
-    if max_loss and loss > max_loss:
-        return f"loss {loss:.3g} above train.max_loss {max_loss:g}"
-    return ""
-
-
 def roll_back(run: Run, step: int, why: str = "non-finite loss") -> int:
     """After a divergence at ``step`` (``why``: see :func:`divergence`): restart from the last
     good checkpoint (or step 0) with the learning rate halved once more. Returns the step
@@ -496,21 +364,11 @@ def roll_back(run: Run, step: int, why: str = "non-finite loss") -> int:
     return back_to
 
 
-def _unless_failed(fn: Any, after_failure: bool) -> None:
-    """``fn()``; after a failure (already being raised) its own errors are dropped, so they
-    do not hide the first one."""
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 - see the docstring
-        if not after_failure:
-            raise
-
-
 def close_managers(run: Run, after_failure: bool) -> None:
     """Close the checkpoint managers. After a failed save (e.g. a full disk) their writer
     threads fail too: that error is not raised again, and what they left is removed."""
     for mngr in (run.latest, run.best_mngr):
-        _unless_failed(mngr.close, after_failure)
+        unless_failed(mngr.close, after_failure)
     if after_failure and run.primary:
         for sub in (ckpt.LATEST_DIR, ckpt.BEST_DIR):
             ckpt.remove_unfinished(run.workdir / sub)
@@ -551,16 +409,14 @@ def train(
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         with run_lock(workdir, primary):
-            with undo_on_failure(workdir, created and not resume, primary):
+            with undo_on_failure(workdir, created and not resume, (ckpt.CONFIG_FILE, SPLIT_FILE, "synthetic_data"), primary):
                 _, data = setup_run(cfg, workdir, data_dir, cache_dir)
             return _train_loop(cfg, workdir, data, resume, progress, stop_after, primary)
     except OSError as e:
-        if e.errno not in DISK_FULL:
+        full = disk_full_error(e, workdir)
+        if full is None:
             raise
-        raise RunError(
-            f"the disk of {workdir} is full ({e.strerror}{': ' + str(e.filename) if e.filename else ''}); the checkpoints "
-            "written so far are kept: free some space and continue with --resume"
-        ) from None
+        raise full from None
 
 
 def open_run(cfg: Config, workdir: Path, data: RunData, resume: bool, primary: bool) -> Run:
@@ -604,7 +460,7 @@ def finish(run: Run, step: int, reason: str) -> None:
                 save(run, step)
     finally:
         run.batches.close()
-        _unless_failed(lambda: tb(run, "close"), failed)  # on a full disk TensorBoard's flush fails too
+        unless_failed(lambda: tb(run, "close"), failed)  # on a full disk TensorBoard's flush fails too
         close_managers(run, after_failure=failed)
         if run.primary:
             _write_curve(run.cfg, run.workdir)
@@ -664,7 +520,7 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
             reason = "failed"  # diverged for good, or a checkpoint could not be written: no save on the way out
             raise
         except OSError as e:
-            if e.errno in DISK_FULL:
+            if disk_full_error(e, workdir) is not None:
                 reason = "failed"  # saving again on the way out would fail too
             raise
         finally:

@@ -1,0 +1,1 @@
+"""Baselines trained through the same pipeline as Med-NCA (the UNet)."""
