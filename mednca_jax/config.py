@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from mednca_jax.errors import MedNCAError
 
-DOWNSCALE_METHODS = ("bilinear", "area", "antialias")
+DOWNSCALE_METHODS = ("bilinear", "area", "antialias", "max")
 REMAT_MODES = ("none", "step", "nested")
 BACKENDS = ("auto", "reference", "cpu_fast")
 PRECISIONS = ("float32", "bfloat16")
@@ -58,7 +58,11 @@ class ModelConfig:
     downscale: str = "bilinear"
     patch_size: int = 16  # training crop at full resolution; 0 trains on whole images
     remat: str = "none"  # gradient checkpointing of the rollout: none | step | nested
-    perception: str = "learned"  # the rule's perception: learned (the original) | sobel (see rule.py)
+    perception: str = "learned"  # a registered perception: learned (the original) | sobel | depthwise | a plug-in's
+    kernel_size: tuple[int, ...] = (3,)  # the perception's odd window: one for every level, or one per level
+    update: str = "mlp"  # a registered update: mlp (the original) | a plug-in's
+    norm: str = "none"  # normalisation inside the update: none (Med-NCA) | batch (M3D-NCA, see nca/updates.py)
+    plugins: tuple[str, ...] = ()  # modules that register perceptions / updates: "file.py" or "package.module"
     backend: str = "auto"  # auto | reference | cpu_fast: which implementation runs the rule
     precision: str = "float32"  # matmul inputs: float32 | bfloat16 (float32 accumulation; reference only)
     unet_width: int = 32  # base width of the UNet baseline (kind = "unet")
@@ -68,12 +72,16 @@ class ModelConfig:
     def n_levels(self) -> int:
         return len(self.steps)
 
+    def kernel_of(self, level: int) -> int:
+        """The perception's kernel size at ``level``."""
+        return self.kernel_size[level if len(self.kernel_size) > 1 else 0]
+
 
 @dataclass(frozen=True)
 class DataConfig:
     """How an MSD task becomes 2D slices (docs/design.md, "Preprocessing")."""
 
-    image_size: tuple[int, int] = (64, 64)
+    image_size: tuple[int, ...] = (64, 64)  # the model grid, one entry per spatial axis
     slice_axis: int = 2
     channel: int = 0  # modality channel of 4D images
     labels: str = "foreground"  # foreground: every label > 0 is 1; multiclass: one channel per class
@@ -247,6 +255,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return value
     if isinstance(default, tuple):
+        if not default:  # a list that may be empty: of strings (model.plugins)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"config key '{key}': expected a list of strings, got {value!r}")
+            return tuple(_coerce(f"{key}[{i}]", v, "") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) == 0:
             raise ConfigError(f"config key '{key}': expected a non-empty list, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, default[0]) for i, v in enumerate(value))
@@ -306,25 +318,24 @@ def validate(cfg: Config) -> Config:
     _check(m.remat in REMAT_MODES, "model.remat", f"must be one of {REMAT_MODES}, got {m.remat!r}")
     _check(m.backend in BACKENDS, "model.backend", f"must be one of {BACKENDS}, got {m.backend!r}")
     _check(m.precision in PRECISIONS, "model.precision", f"must be one of {PRECISIONS}, got {m.precision!r}")
+    _check(
+        len(m.kernel_size) in (1, len(m.steps)) and all(k >= 1 and k % 2 for k in m.kernel_size),
+        "model.kernel_size",
+        f"must be one odd size >= 1 for every level or one per level ({len(m.steps)}), got {list(m.kernel_size)}",
+    )
     if m.kind == "nca":
-        from mednca_jax.nca.rule import PERCEPTIONS  # local: the registry lives with the rule (and may grow at run time)
-
-        _check(m.perception in PERCEPTIONS, "model.perception", f"must be one of {sorted(PERCEPTIONS)}, got {m.perception!r}")
+        _validate_rule(m)
     _check(m.patch_size >= 0, "model.patch_size", f"must be >= 0, got {m.patch_size}")
     _check(m.unet_width >= 1 and m.unet_depth >= 1, "model.unet_width", "UNet width and depth must be >= 1")
 
-    _check(len(d.image_size) == 2 and all(s > 0 for s in d.image_size), "data.image_size", f"must be [H, W] > 0, got {list(d.image_size)}")
-    H, W = d.image_size
+    _check(len(d.image_size) >= 1 and all(s > 0 for s in d.image_size), "data.image_size", f"must be one size > 0 per spatial axis, got {list(d.image_size)}")
+    size = "x".join(map(str, d.image_size))
     coarsest = m.scales[0]
-    _check(
-        H % coarsest == 0 and W % coarsest == 0,
-        "data.image_size",
-        f"{H}x{W} is not divisible by the coarsest level scale {coarsest}",
-    )
-    _check(m.patch_size <= min(H, W), "model.patch_size", f"{m.patch_size} is larger than the image {H}x{W}")
+    _check(all(s % coarsest == 0 for s in d.image_size), "data.image_size", f"{size} is not divisible by the coarsest level scale {coarsest}")
+    _check(m.patch_size <= min(d.image_size), "model.patch_size", f"{m.patch_size} is larger than the image {size}")
     if m.kind == "unet":
         f = 2**m.unet_depth
-        _check(H % f == 0 and W % f == 0, "data.image_size", f"{H}x{W} is not divisible by 2**unet_depth = {f}")
+        _check(all(s % f == 0 for s in d.image_size), "data.image_size", f"{size} is not divisible by 2**unet_depth = {f}")
     _check(d.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {d.slice_axis}")
     _check(d.channel >= 0, "data.channel", f"must be >= 0, got {d.channel}")
     _check(d.labels in LABEL_MODES, "data.labels", f"must be one of {LABEL_MODES}, got {d.labels!r}")
@@ -361,6 +372,26 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_rule(m: ModelConfig) -> None:
+    """The rule's names against the registries (after ``model.plugins`` were imported, see
+    :func:`from_dict`), and each level's :class:`~mednca_jax.nca.rule.Rule` as a whole."""
+    # Local: the registries live with the rule and grow when plug-ins are imported.
+    from mednca_jax.nca.perceptions import PERCEPTIONS
+    from mednca_jax.nca.rule import Rule, check_rule
+    from mednca_jax.nca.updates import UPDATES
+
+    hint = " (a plug-in in model.plugins registers more)"
+    _check(m.perception in PERCEPTIONS, "model.perception", f"must be one of {sorted(PERCEPTIONS)}{hint}, got {m.perception!r}")
+    _check(m.update in UPDATES, "model.update", f"must be one of {sorted(UPDATES)}{hint}, got {m.update!r}")
+    for level in range(m.n_levels):
+        rule = Rule(m.perception, m.kernel_of(level), m.update, m.norm, m.channels, m.hidden, m.n_in)
+        try:
+            check_rule(rule)
+        except ValueError as e:
+            key = "model.norm" if "norm" in str(e) else "model.kernel_size" if "kernel" in str(e) else "model.perception"
+            raise ConfigError(f"config key '{key}': level {level}: {e}") from None
+
+
 def _validate_augment(a: AugmentConfig) -> None:
     _check(a.preset in AUGMENT_PRESETS, "augment.preset", f"must be one of {tuple(AUGMENT_PRESETS)}, got {a.preset!r}")
     for f in dataclasses.fields(a):
@@ -384,8 +415,13 @@ def _validate_augment(a: AugmentConfig) -> None:
     _check(a.contrast_range[0] > 0, "augment.contrast_range", f"must be > 0, got {list(a.contrast_range)}")
 
 
-def from_dict(raw: Mapping[str, Any]) -> Config:
-    """Build and validate a config from a nested mapping (as parsed from TOML)."""
+def from_dict(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> Config:
+    """Build and validate a config from a nested mapping (as parsed from TOML).
+
+    ``model.plugins`` are imported first (so that their perceptions and updates are known to
+    the validation); plug-in files named by a relative path are looked up in the working
+    directory, then in ``base_dir`` (the folder of the config file), and recorded with their
+    absolute path."""
     allowed = {"name", *_SECTIONS}
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -394,6 +430,10 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     if not isinstance(name, str):
         raise ConfigError(f"config key 'name': expected a string, got {name!r}")
     sections = {k: _section(cls, raw.get(k, {}), k) for k, cls in _SECTIONS.items()}
+    if sections["model"].plugins:  # registered before the names are checked (see mednca_jax.plugins)
+        from mednca_jax.plugins import load_plugins
+
+        sections["model"] = dataclasses.replace(sections["model"], plugins=load_plugins(sections["model"].plugins, base_dir))
     return validate(Config(name=name, **sections))
 
 
@@ -439,7 +479,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     try:
-        return from_dict(apply_overrides(raw, overrides))
+        return from_dict(apply_overrides(raw, overrides), path.parent)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -466,9 +506,5 @@ def dumps(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def loads(text: str) -> Config:
-    return from_dict(tomllib.loads(text))
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(dumps(cfg))
+def loads(text: str, base_dir: str | Path | None = None) -> Config:
+    return from_dict(tomllib.loads(text), base_dir)

@@ -13,7 +13,7 @@ import numpy as np
 
 from mednca_jax.nca import levels
 from mednca_jax.config import Config
-from mednca_jax.nca.rollout import REFERENCE, Backend
+from mednca_jax.nca.backends import Backend
 
 
 def init_network_params(cfg: Config, key: jax.Array) -> Any:
@@ -21,13 +21,13 @@ def init_network_params(cfg: Config, key: jax.Array) -> Any:
         from mednca_jax.baselines.unet import init_unet_params
 
         return init_unet_params(cfg.model, tuple(cfg.data.image_size), key)
-    return levels.init_params(cfg.model, key)
+    return levels.init_params(cfg.model, key, len(cfg.data.image_size))
 
 
 def check_network_params(params: Any, cfg: Config) -> None:
     """Raise ``ValueError`` naming the first key/shape of ``params`` that does not fit ``cfg``."""
     if cfg.model.kind == "nca":
-        levels.check_params(params, cfg.model)
+        levels.check_params(params, cfg.model, ndim=len(cfg.data.image_size))
         return
     expected = init_network_params(cfg, jax.random.PRNGKey(0))  # the UNet init is host-side NumPy: no eval_shape
     exp = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
@@ -38,21 +38,19 @@ def check_network_params(params: Any, cfg: Config) -> None:
 
 
 def forward_train(
-    params: Any, cfg: Config, images: jax.Array, labels: jax.Array, key: jax.Array, backend: Backend = REFERENCE
+    params: Any, cfg: Config, images: jax.Array, labels: jax.Array, keys: jax.Array, backend: Backend
 ) -> tuple[jax.Array, jax.Array]:
-    """``(logits, labels)`` the loss is computed on: NCA random crops, UNet whole images.
-    ``key``: one key or per-sample keys ``(B,)`` (see :func:`levels.forward_train`; the UNet
-    has no randomness)."""
+    """``(logits, labels)`` the loss is computed on: NCA random crops at ``model.fire_rate``
+    with ``model.remat``, UNet whole images. ``keys``: per-sample keys ``(B,)`` (see
+    :func:`levels.forward_train`; the UNet has no randomness)."""
     if cfg.model.kind == "unet":
         from mednca_jax.baselines.unet import unet_forward
 
         return unet_forward(params, cfg.model, images), labels
-    return levels.forward_train(params, cfg.model, images, labels, key, backend=backend)
+    return levels.forward_train(params, cfg.model, images, labels, keys, cfg.model.fire_rate, backend=backend, remat=cfg.model.remat)
 
 
-def forward(
-    params: Any, cfg: Config, images: jax.Array, key: jax.Array, fire_rate: Any = None, backend: Backend = REFERENCE
-) -> jax.Array:
+def forward(params: Any, cfg: Config, images: jax.Array, key: jax.Array, fire_rate: Any, backend: Backend) -> jax.Array:
     """Inference logits ``(B, H, W, n_out)`` on whole images (the UNet ignores key/fire_rate)."""
     if cfg.model.kind == "unet":
         from mednca_jax.baselines.unet import unet_forward

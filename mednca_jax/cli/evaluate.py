@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from mednca_jax.errors import MedNCAError
     from mednca_jax.evaluate.evaluation import EvalOptions, evaluate_checkpoint, format_table
+    from mednca_jax.machine import Machine
 
     out = args.out or args.checkpoint / f"eval-{args.split or 'all'}"
     runs = args.runs if args.runs is not None else (QUALITY_RUNS if args.quality else 1)
@@ -72,7 +73,7 @@ def _main(args: argparse.Namespace) -> int:
         compare_with=args.compare_with, progress=not args.no_progress, protocols=tuple(args.protocol),
     )
     try:
-        metrics = evaluate_checkpoint(args.checkpoint, args.data, out, opts)
+        metrics = evaluate_checkpoint(args.checkpoint, args.data, out, opts, machine=Machine.here())
     except MedNCAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -57,7 +57,7 @@ def _main(argv: list[str]) -> int:
         try:
             # The children import the same mednca_jax as this process (a checkout may sit
             # beside an installed copy): its parent folder goes first on their PYTHONPATH.
-            root = str(Path(__file__).resolve().parents[1])
+            root = str(Path(__file__).resolve().parents[2])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
             return run_local_job([sys.executable, "-m", "mednca_jax.cli.train", *child],
                                  args.cpu_processes or len(usable_cores()), env=env)
@@ -79,7 +79,10 @@ def _main(argv: list[str]) -> int:
 
         initialize_distributed_from_env()  # multi-host: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
         workdir = args.workdir or Path("runs") / cfg.name
-        result = train(cfg, workdir, args.data, resume=args.resume, cache_dir=args.cache_dir, progress=not args.no_progress)
+        from mednca_jax.machine import backend_for
+
+        result = train(cfg, workdir, args.data, backend=backend_for(cfg), resume=args.resume, cache_dir=args.cache_dir,
+                       progress=not args.no_progress)
     except MedNCAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from mednca_jax.data import Case, SliceSet, load_case, resample_to_native, write
 from mednca_jax.data.preprocess import encode_labels
 from mednca_jax.errors import UsageError
 from mednca_jax.losses import dice_hard, dice_soft
+from mednca_jax.machine import Machine, backend_for
 from mednca_jax.evaluate.inference import PredictFn, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
 from mednca_jax.nca.rollout import count_params
 from mednca_jax.evaluate.quality import nqm, variance_volume
@@ -86,7 +87,7 @@ def evaluate_cases(
     batch_size: int = 32,
     out_dir: str | Path | None = None,
     native: bool = True,
-    predict: PredictFn | None = None,
+    predict: PredictFn,
     progress: Callable[[Any], Any] = lambda it: it,
     panels: bool = True,
 ) -> dict[str, Any]:
@@ -101,7 +102,6 @@ def evaluate_cases(
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     fire_rate = cfg.model.fire_rate if fire_rate is None else fire_rate
-    predict = predict or make_predict_fn(cfg)
     by_name = {c.name: c for c in cases}
     run_probs = np.stack(
         [predict_slices(predict, params, slices.images, jax.random.fold_in(key, r), fire_rate, batch_size) for r in progress(range(runs))]
@@ -272,7 +272,8 @@ def protocol_names(protocol: str, requested: Sequence[str] | None) -> list[str] 
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, data_dir: Path | None, out: Path, options: EvalOptions | None = None, **overrides: Any
+    checkpoint: Path, data_dir: Path | None, out: Path, options: EvalOptions | None = None, *, machine: Machine,
+    **overrides: Any
 ) -> dict[str, Any]:
     """Everything ``evaluate.py`` does; returns the metrics dict also written to ``out``.
 
@@ -282,7 +283,8 @@ def evaluate_checkpoint(
     validation patients when ``split`` is given and the run has some; "not available" with
     fewer than 2 labelled cases), an NQM-Dice plot, case panels and a GIF of one rollout.
     With ``robustness``: ``robustness.json``/``.md``/``.png`` for our suite and
-    ``robustness_torchio.*`` for the torchio protocol (``protocols``).
+    ``robustness_torchio.*`` for the torchio protocol (``protocols``). ``machine``: where
+    it runs (:meth:`mednca_jax.machine.Machine.here`, at the entry point), for the backend.
 
     Raises:
         UsageError: an option out of range. DataError, CheckpointError: unusable inputs.
@@ -303,7 +305,7 @@ def evaluate_checkpoint(
     if opts.quality and len(labelled) < 2:
         raise DataError(f"--quality needs >= 2 labelled cases for its statistics; {data_dir} has {len(labelled)} among those chosen")
     key = jax.random.PRNGKey(opts.seed)
-    predict = make_predict_fn(cfg)
+    predict = make_predict_fn(cfg, backend_for(cfg, machine))
 
     def bar(desc: str) -> Callable[[Any], Any]:
         return lambda it: tqdm(it, desc=desc, disable=not opts.progress, leave=False, dynamic_ncols=True)

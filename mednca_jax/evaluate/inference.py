@@ -14,21 +14,17 @@ import numpy as np
 
 from mednca_jax import networks
 from mednca_jax.config import Config
-from mednca_jax.nca.rollout import Backend
+from mednca_jax.nca.backends import Backend
 
 PredictFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def make_predict_fn(cfg: Config, backend: Backend | None = None) -> PredictFn:
-    """Jitted ``(params, images (B,H,W,n_in), key, fire_rate) -> probabilities (B,H,W,n_out)``.
+def make_predict_fn(cfg: Config, backend: Backend) -> PredictFn:
+    """Jitted ``(params, images (B, *S, n_in), key, fire_rate) -> probabilities (B, *S, n_out)``.
 
     The fire rate is static (a Python float): with a known rate only the fired cells are
-    computed (one compile per rate). ``backend``: resolved from ``model.backend`` for this
-    machine when not given."""
-    if backend is None:
-        from mednca_jax.train.launch import backend_for
-
-        backend = backend_for(cfg.model)
+    computed (one compile per rate). ``backend``: the resolved backend
+    (:func:`mednca_jax.machine.backend_for`, at the entry point)."""
 
     def predict(params, images, key, fire_rate):
         return jax.nn.sigmoid(networks.forward(params, cfg, images, key, fire_rate, backend))

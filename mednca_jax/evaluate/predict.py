@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mednca_jax.config import Config
+from mednca_jax.machine import Machine, backend_for
 
 LABEL_SUFFIX = ".nii.gz"
 VARIANCE_SUFFIX = "_variance.nii.gz"
@@ -150,15 +151,15 @@ def predict_volume(
     fire_rate: float,
     runs: int = 1,
     batch_size: int = 32,
-    predict: Any = None,
+    predict: Any,
 ) -> tuple[np.ndarray, np.ndarray | None, float | None]:
     """Segment one volume in its own grid.
 
     Args:
         image: ``(X, Y, Z)`` float32, as read by ``data.load_case``.
         key: PRNG key of the fire masks; run ``r`` uses ``fold_in(key, r)``, as ``evaluate``.
-        predict: a function from ``evaluation.make_predict_fn(cfg)`` (made when None; pass one
-            to reuse its compiled shapes across scans).
+        predict: a function from ``inference.make_predict_fn(cfg, backend)`` (one for all
+            scans: it keeps its compiled shapes).
 
     Returns:
         ``labels (X, Y, Z) uint8`` (0 background, else class 1..n_out), and with ``runs >= 2``
@@ -167,10 +168,9 @@ def predict_volume(
     import jax
 
     from mednca_jax.data import preprocess_volume, resample_to_native
-    from mednca_jax.evaluate.evaluation import make_predict_fn, predict_slices, probabilities_to_labels
+    from mednca_jax.evaluate.evaluation import predict_slices, probabilities_to_labels
     from mednca_jax.evaluate.quality import nqm, variance_volume
 
-    predict = predict or make_predict_fn(cfg)
     images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
     run_probs = np.stack([
         predict_slices(predict, params, images, jax.random.fold_in(key, r), fire_rate, batch_size) for r in range(runs)
@@ -206,9 +206,11 @@ def predict_scans(
     which: str = "best",
     batch_size: int = 32,
     log: Any = print,
+    machine: Machine,
 ) -> dict[str, Any]:
     """Everything ``mednca predict`` does; returns ``{"scans": {name: {...}}, ...}`` (also
-    written to the quality JSON when ``runs >= 2``).
+    written to the quality JSON when ``runs >= 2``). ``machine``: where it runs
+    (:meth:`mednca_jax.machine.Machine.here`, at the entry point), for the backend.
 
     Raises:
         PredictError: any problem with the arguments, the checkpoint or an input scan,
@@ -235,7 +237,7 @@ def predict_scans(
     scans, quality_json = plan_scans(input_path, output_path)
     for scan in scans:  # all inputs first: a bad file stops the command before any output
         load_scan(scan, cfg)
-    predict = make_predict_fn(cfg)
+    predict = make_predict_fn(cfg, backend_for(cfg, machine))
     key = jax.random.PRNGKey(seed)
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "runs": runs, "fire_rate": fr, "seed": seed, "scans": {}}
     for scan in scans:
@@ -294,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         predict_scans(args.checkpoint, args.input, args.output, runs=args.runs, fire_rate=args.fire_rate,
-                      seed=args.seed, which=args.which, batch_size=args.batch_size)
+                      seed=args.seed, which=args.which, batch_size=args.batch_size, machine=Machine.here())
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import numpy as np
 
 from mednca_jax.config import Config
 from mednca_jax.data import SliceSet
-from mednca_jax.evaluate.inference import PredictFn, make_predict_fn, predict_slices
+from mednca_jax.evaluate.inference import PredictFn, predict_slices
 from mednca_jax.losses import dice_hard
 from mednca_jax.evaluate.perturbations import PERTURBATIONS, SCALE_SIZES, apply_perturbation, check_severities, rescale
 from mednca_jax.evaluate.perturbations_torchio import TORCHIO_LEVELS, apply_torchio, check_torchio_names
@@ -44,14 +44,13 @@ def _stats(d: np.ndarray) -> dict[str, float]:
 
 def _runner(
     params: Any, cfg: Config, slices: SliceSet, key: jax.Array, fire_rate: float | None, batch_size: int,
-    predict: PredictFn | None = None,
+    predict: PredictFn,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, float]]:
     """``run(images (N, H, W)) -> probs`` for the model, and its clean per-case Dice stats.
-    ``predict``: a jitted :func:`make_predict_fn` of ``cfg`` to reuse (one compile per caller)."""
+    ``predict``: a jitted :func:`~.inference.make_predict_fn` of ``cfg`` (one compile per caller)."""
     if slices.labels is None:
         raise ValueError("the robustness suite needs labelled cases")
     fire_rate = cfg.model.fire_rate if fire_rate is None else fire_rate
-    predict = predict or make_predict_fn(cfg)
     run = lambda imgs: predict_slices(predict, params, imgs[..., None].astype(np.float32), key, fire_rate, batch_size)  # noqa: E731
     return run, _stats(per_case_dice(run(slices.images[..., 0]), slices.labels, slices))
 
@@ -69,7 +68,7 @@ def robustness_suite(
     seed: int = 0,
     batch_size: int = 32,
     progress: Callable[[Any], Any] = lambda it: it,
-    predict: PredictFn | None = None,
+    predict: PredictFn,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per-case Dice (mean, std over cases) for each perturbation and severity.
 
@@ -110,7 +109,7 @@ def torchio_suite(
     seed: int = 0,
     batch_size: int = 32,
     progress: Callable[[Any], Any] = lambda it: it,
-    predict: PredictFn | None = None,
+    predict: PredictFn,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per-case Dice under the torchio protocol (:mod:`.perturbations_torchio`), levels 1…5.
 

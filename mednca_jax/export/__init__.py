@@ -80,13 +80,14 @@ def export_config(cfg: Config) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- params <-> files
-def perception_filters(perception: str, level_params: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The level's perception as one 3x3 conv, ``kernel (3, 3, C, F)``, ``bias (F,)``: the
-    rule's own filters (:func:`mednca_jax.nca.rule.perception_filters`), so the runtimes run
+def perception_filters(cfg: Config, level: int, level_params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The level's perception as one conv, ``kernel (k,)*nd + (C, F)``, ``bias (F,)``: the
+    rule's own filters (:func:`mednca_jax.nca.perceptions.filters_of`), so the runtimes run
     whatever rule was trained."""
-    from mednca_jax.nca.rule import perception_filters as rule_filters
+    from mednca_jax.nca.levels import level_rule
+    from mednca_jax.nca.perceptions import filters_of
 
-    k, b = rule_filters(perception, level_params, channels, 2)
+    k, b = filters_of(level_rule(cfg.model, level, len(cfg.data.image_size)), level_params)
     return np.asarray(k, np.float32), np.asarray(b, np.float32)
 
 
@@ -95,10 +96,9 @@ def params_to_npz_arrays(params: Any, cfg: Config) -> dict[str, np.ndarray]:
     ``level{i}.perception.kernel (3, 3, C, F)``, ``.perception.bias (F,)``, ``.fc0.kernel
     (C + F, hidden)``, ``.fc0.bias (hidden,)``, ``.fc1.kernel (hidden, C)``."""
     out = {}
-    perception = cfg.model.perception
     for i in range(cfg.model.n_levels):
         level = params[f"level{i}"]
-        k, b = perception_filters(perception, level, cfg.model.channels)
+        k, b = perception_filters(cfg, i, level)
         out[f"level{i}.perception.kernel"] = np.ascontiguousarray(k)
         out[f"level{i}.perception.bias"] = np.ascontiguousarray(b)
         for key in ("fc0.kernel", "fc0.bias", "fc1.kernel"):
@@ -170,10 +170,10 @@ def export_numpy(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     return files
 
 
-def _generic_torch_level(level: Any, cfg: Config) -> dict[str, np.ndarray]:
+def _generic_torch_level(level: Any, cfg: Config, i: int) -> dict[str, np.ndarray]:
     """A level in the PyTorch runtime's own layout (any linear perception): ``perception.weight
     (F, C, 3, 3)`` in the original's transposed spatial order, as its p0/p1 weights."""
-    k, b = perception_filters(cfg.model.perception, level, cfg.model.channels)
+    k, b = perception_filters(cfg, i, level)
     return {
         "perception.weight": k.transpose(3, 2, 1, 0), "perception.bias": b,
         "fc0.weight": np.asarray(level["fc0"]["kernel"], np.float32).T, "fc0.bias": np.asarray(level["fc0"]["bias"], np.float32),
@@ -201,7 +201,7 @@ def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     if cfg.model.perception == "learned":  # the original's layout, loadable by its code
         state_dicts = [{k: sd[k] for k in ORIGINAL_KEY_ORDER} for sd in params_to_torch_state_dicts(params, cfg.model)]
     else:
-        state_dicts = [_generic_torch_level(params[f"level{i}"], cfg) for i in range(cfg.model.n_levels)]
+        state_dicts = [_generic_torch_level(params[f"level{i}"], cfg, i) for i in range(cfg.model.n_levels)]
     for i, sd in enumerate(state_dicts):
         path = out / f"model{i}.pth"
         torch.save({k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in sd.items()}, path)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mednca_jax.nca.remat import blocked_scan
-from mednca_jax.nca.rule import Params, Rule, perception_filters
+from mednca_jax.nca.perceptions import filters_of, get_perception
+from mednca_jax.nca.rule import Params, Rule
 
 # Why this exists (measured on a 2-core CPU, C=16, hidden 128, 48x16x16 cells, fwd+bwd): autodiff
 # of the reference formulation spends most of its time outside the matmuls (concatenations
@@ -127,7 +128,7 @@ def _prepare(rule: Rule, params: Params, n_in: int) -> Params:
     The original overwrites these outputs each step, so they get no gradient there either.
     """
     c = params["fc1"]["kernel"].shape[1]
-    kernel, kbias = perception_filters(rule.perception, params, c, 2)
+    kernel, kbias = filters_of(rule, params)
     kmat = kernel.reshape(9 * c, -1)  # rows ordered (dh, dw, c_in): the neighbourhood columns' order
     w0 = params["fc0"]["kernel"]
     w0 = jnp.concatenate([w0[c:], w0[:c], params["fc0"]["bias"][None]], axis=0)  # rows [conv | x | bias]
@@ -401,12 +402,30 @@ def _scan_steps(
     return jax.lax.scan(body, x, xs)
 
 
-def check_supported(rule: Rule, ndim: int) -> None:
-    """Raise ``ValueError`` unless this backend can run ``rule`` on states of spatial rank ``ndim``."""
-    if ndim != 2:
-        raise ValueError(f"backend 'cpu_fast' runs 2D states only, got spatial rank {ndim}; use model.backend='reference'")
+def unsupported(rule: Rule) -> str | None:
+    """Why this backend cannot run ``rule`` (``None``: it runs it exactly). Derived from the
+    description: a linear perception (its filters are all it reads), the ``mlp`` update with
+    norm ``none``, float32."""
+    if not get_perception(rule.perception).linear:
+        return f"runs linear perceptions only, and perception {rule.perception!r} is not linear"
+    if rule.update != "mlp":
+        return f"runs the 'mlp' update only, not update {rule.update!r}"
+    if rule.norm != "none":
+        return f"runs the 'mlp' update without normalisation only, not norm {rule.norm!r}"
     if rule.precision != "float32":
-        raise ValueError(f"backend 'cpu_fast' computes in float32 only, got model.precision={rule.precision!r}; use model.backend='reference'")
+        return f"computes in float32 only, not model.precision={rule.precision!r}"
+    if rule.ndim != 2:
+        return f"runs 2D states only, not spatial rank {rule.ndim}"
+    if rule.kernel_size != 3:
+        return f"runs 3x3 perceptions only, not kernel_size {rule.kernel_size}"
+    return None
+
+
+def check_supported(rule: Rule) -> None:
+    """Raise ``ValueError`` naming what this backend lacks for ``rule`` (:func:`unsupported`)."""
+    why = unsupported(rule)
+    if why:
+        raise ValueError(f"backend 'cpu_fast' {why}; use model.backend='reference' or 'auto'")
 
 
 def rollout(
@@ -429,7 +448,7 @@ def rollout(
     step's custom VJP recomputes its activations from the state); ``"nested"`` also
     checkpoints blocks of ~sqrt(steps) steps. Returns ``(state, trajectory (S, B, H, W, C) or None)``.
     """
-    check_supported(rule, x.ndim - 2)
+    check_supported(rule)
     steps = masks.shape[0]
     grid = x.shape[:3]
     w = _prepare(rule, params, image.shape[-1])

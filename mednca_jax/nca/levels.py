@@ -1,16 +1,18 @@
-"""Multi-level Med-NCA: coarse levels spread global context, the finest level refines.
+"""Multi-level NCA: coarse levels spread global context, the finest level refines.
 
-For levels ``i = 0 .. L-1`` (coarse to fine) with downscale factors ``scales[i]``
-(the original: ``[4, 1]``):
+For levels ``i = 0 .. L-1`` (coarse to fine) with downscale factors ``scales[i]`` (Med-NCA:
+``[4, 1]``; M3D-NCA: ``[2, 1]``), in any spatial rank:
 
     level 0   seed = [image / scales[0] | zeros]            run NCA_0 for steps[0]
     level i   x = nearest-upsample(x, scales[i-1] / scales[i]); x[..., :n_in] = image / scales[i]
               run NCA_i for steps[i]
     logits = x[..., n_in : n_in + n_out]
 
-Training (:func:`forward_train`) runs the finest level only on one random ``P x P`` crop per
-sample (``model.patch_size``), which keeps memory small; inference (:func:`forward`) runs it
-on the whole image.
+Training (:func:`forward_train`) runs the finest level only on one random ``P x P (x P)`` crop
+per sample (``model.patch_size``), which keeps memory small; inference (:func:`forward`)
+runs it on the whole image. Every function takes per-sample keys or one key, the resolved
+fire rate and the resolved backend from its caller: nothing here reads the config's defaults
+or the machine (:func:`segment` is the one entry that does, for a user's call).
 """
 
 from __future__ import annotations
@@ -23,104 +25,118 @@ import numpy as np
 
 from mednca_jax.config import Config, ModelConfig
 from mednca_jax.errors import MedNCAError
-from mednca_jax.nca.rollout import REFERENCE, Backend, Params, init_level_params, rollout
-from mednca_jax.nca.rule import Rule, fold_keys, reset_inputs, sample_keys
+from mednca_jax.nca.backends import REFERENCE, Backend
+from mednca_jax.nca.rollout import rollout
+from mednca_jax.nca.rule import Params, Rule, fold_keys, init_level, reset_inputs, sample_keys
 
 
 class InputError(MedNCAError, ValueError):
     """Images handed to the model have the wrong shape or hold non-finite values."""
 
 
-# --------------------------------------------------------------------------- params
+# --------------------------------------------------------------------------- rules and params
 def level_names(model_cfg: ModelConfig) -> list[str]:
     return [f"level{i}" for i in range(model_cfg.n_levels)]
 
 
-def rule_of(model_cfg: ModelConfig) -> Rule:
-    """The static rule of a config (``model.perception``, ``model.precision``)."""
-    return Rule(model_cfg.perception, model_cfg.precision)
+def level_rule(model_cfg: ModelConfig, level: int, ndim: int = 2) -> Rule:
+    """The :class:`Rule` of ``level`` for states of spatial rank ``ndim``."""
+    m = model_cfg
+    return Rule(m.perception, m.kernel_of(level), m.update, m.norm, m.channels, m.hidden, m.n_in, ndim, m.precision)
 
 
-def init_params(model_cfg: ModelConfig, key: jax.Array) -> Params:
+def level_rules(model_cfg: ModelConfig, ndim: int = 2) -> tuple[Rule, ...]:
+    """One :class:`Rule` per level, coarse to fine."""
+    return tuple(level_rule(model_cfg, i, ndim) for i in range(model_cfg.n_levels))
+
+
+def init_params(model_cfg: ModelConfig, key: jax.Array, ndim: int = 2) -> Params:
     """Fresh params ``{"level0": ..., "level1": ...}`` with the original initialisation."""
     keys = jax.random.split(key, model_cfg.n_levels)
-    return {
-        name: init_level_params(k, model_cfg.channels, model_cfg.hidden, model_cfg.perception)
-        for name, k in zip(level_names(model_cfg), keys)
-    }
+    return {name: init_level(k, rule) for name, k, rule in zip(level_names(model_cfg), keys, level_rules(model_cfg, ndim))}
 
 
-def check_params(params: Params, model_cfg: ModelConfig, source: str = "params") -> None:
+def check_params(params: Params, model_cfg: ModelConfig, source: str = "params", ndim: int = 2) -> None:
     """Raise ``ValueError`` naming the first key or shape that does not fit ``model_cfg``."""
-    expected = jax.eval_shape(lambda: init_params(model_cfg, jax.random.PRNGKey(0)))
+    expected = jax.eval_shape(lambda: init_params(model_cfg, jax.random.PRNGKey(0), ndim))
     exp_flat = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(expected)}
     got_flat = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
     missing = sorted(set(exp_flat) - set(got_flat))
     extra = sorted(set(got_flat) - set(exp_flat))
+    m = model_cfg
+    what = f"channels={m.channels}, hidden={m.hidden}, perception={m.perception!r}, update={m.update!r}, norm={m.norm!r}"
     if missing or extra:
         raise ValueError(
-            f"{source} does not fit the config (channels={model_cfg.channels}, hidden={model_cfg.hidden}, "
-            f"perception={model_cfg.perception!r}, {model_cfg.n_levels} levels): missing {missing or 'nothing'}, unexpected {extra or 'nothing'}"
+            f"{source} does not fit the config ({what}, {m.n_levels} levels): missing {missing or 'nothing'}, unexpected {extra or 'nothing'}"
         )
     for k, shape in exp_flat.items():
         if tuple(got_flat[k]) != tuple(shape):
-            raise ValueError(
-                f"{source}{k} has shape {tuple(got_flat[k])} but the config (channels={model_cfg.channels}, "
-                f"hidden={model_cfg.hidden}) expects {tuple(shape)}"
-            )
+            raise ValueError(f"{source}{k} has shape {tuple(got_flat[k])} but the config ({what}) expects {tuple(shape)}")
 
 
 # --------------------------------------------------------------------------- resampling
-def downscale(images: jax.Array, factor: int, method: str = "bilinear") -> jax.Array:
-    """Downscale ``(B, H, W, c)`` by an integer factor.
+def _blocks(images: jax.Array, factor: int) -> jax.Array:
+    """``(B, *S, c) -> (B, s0/f, f, s1/f, f, ..., c)``."""
+    spatial = images.shape[1:-1]
+    shape = [images.shape[0]]
+    for s in spatial:
+        shape += [s // factor, factor]
+    return images.reshape(shape + [images.shape[-1]])
 
-    ``bilinear`` is the original's (torchio linear resize): half-pixel centres and no
-    anti-aliasing, so for factor 4 each output pixel is the mean of the centre 2x2 pixels
-    of its 4x4 block. ``area`` averages whole blocks; ``antialias`` is a filtered
-    (triangle-kernel) resize.
+
+def downscale(images: jax.Array, factor: int, method: str = "bilinear") -> jax.Array:
+    """Downscale ``(B, *S, c)`` by an integer factor along every spatial axis.
+
+    ``bilinear`` is the original Med-NCA's (torchio linear resize): half-pixel centres and no
+    anti-aliasing, so for an even factor each output pixel is the mean of the centre 2x2
+    (2x2x2) pixels of its block. ``area`` averages whole blocks; ``max`` takes their maximum
+    (M3D-NCA's ``MaxPool``); ``antialias`` is a filtered (triangle-kernel) resize.
     """
     if factor == 1:
         return images
-    b, h, w, c = images.shape
+    ndim = images.ndim - 2
+    block_axes = tuple(2 + 2 * a for a in range(ndim))
     if method == "area":
-        return images.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+        return _blocks(images, factor).mean(axis=block_axes)
+    if method == "max":
+        return _blocks(images, factor).max(axis=block_axes)
     if method not in ("bilinear", "antialias"):
-        raise ValueError(f"unknown downscale method {method!r}; use bilinear, area or antialias")
+        raise ValueError(f"unknown downscale method {method!r}; use bilinear, area, max or antialias")
     if method == "bilinear" and factor % 2 == 0:
         # Sample points (i + 0.5) * f - 0.5 fall exactly between pixels f*i + f/2 - 1 and f*i + f/2.
         lo = factor // 2 - 1
-        blocks = images.reshape(b, h // factor, factor, w // factor, factor, c)
-        return blocks[:, :, lo : lo + 2, :, lo : lo + 2, :].mean(axis=(2, 4))
-    return jax.image.resize(
-        images, (b, h // factor, w // factor, c), method="linear", antialias=(method == "antialias")
-    )
+        blocks = _blocks(images, factor)
+        centre = (slice(None),) + sum(((slice(None), slice(lo, lo + 2)) for _ in range(ndim)), ())
+        return blocks[centre].mean(axis=block_axes)
+    out = (images.shape[0],) + tuple(s // factor for s in images.shape[1:-1]) + (images.shape[-1],)
+    return jax.image.resize(images, out, method="linear", antialias=(method == "antialias"))
 
 
 def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
-    """Nearest-neighbour upsampling ``(B, h, w, C) -> (B, h*f, w*f, C)``."""
-    if factor == 1:
-        return x
-    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+    """Nearest-neighbour upsampling ``(B, *s, C) -> (B, *(s * f), C)``."""
+    for axis in range(1, x.ndim - 1) if factor > 1 else ():
+        x = jnp.repeat(x, factor, axis=axis)
+    return x
 
 
 def seed_state(image: jax.Array, channels: int) -> jax.Array:
-    """Initial state ``(B, H, W, C)``: the image in the input channels, zeros elsewhere."""
-    b, h, w, n_in = image.shape
-    return jnp.concatenate([image, jnp.zeros((b, h, w, channels - n_in), image.dtype)], axis=-1)
+    """Initial state ``(B, *S, C)``: the image in the input channels, zeros elsewhere."""
+    return jnp.concatenate([image, jnp.zeros(image.shape[:-1] + (channels - image.shape[-1],), image.dtype)], axis=-1)
 
 
 # --------------------------------------------------------------------------- input checks
-def check_images(images: Any, model_cfg: ModelConfig) -> None:
-    """Raise :class:`InputError` unless ``images`` is a finite ``(B, H, W, n_in)`` array whose
-    size divides by the coarsest scale. Runs on concrete arrays only (outside jit)."""
+def check_images(images: Any, model_cfg: ModelConfig, ndim: int = 2) -> None:
+    """Raise :class:`InputError` unless ``images`` is a finite ``(B, *S, n_in)`` array of
+    ``ndim`` spatial axes whose size divides by the coarsest scale. Concrete arrays only."""
     shape = np.shape(images)
-    if len(shape) != 4:
-        raise InputError(f"images must have shape (B, H, W, n_in={model_cfg.n_in}), got rank {len(shape)} shape {shape}")
+    axes = ", ".join("HWD"[i] if ndim <= 3 else f"S{i}" for i in range(ndim))
+    if len(shape) != ndim + 2:
+        raise InputError(f"images must have shape (B, {axes}, n_in={model_cfg.n_in}), got rank {len(shape)} shape {shape}")
     if shape[-1] != model_cfg.n_in:
         raise InputError(f"images have {shape[-1]} channels, the config expects n_in={model_cfg.n_in}: shape {shape}")
     s = model_cfg.scales[0]
-    if shape[1] % s or shape[2] % s:
-        raise InputError(f"image size {shape[1]}x{shape[2]} is not divisible by the level scale factor {s}")
+    if any(n % s for n in shape[1:-1]):
+        raise InputError(f"image size {'x'.join(map(str, shape[1:-1]))} is not divisible by the level scale factor {s}")
     if not isinstance(images, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(jnp.asarray(images)))):
         raise InputError("images contain NaN or inf values; clean or re-preprocess the input")
 
@@ -130,12 +146,12 @@ def check_fire_rate(fire_rate: float) -> None:
         raise InputError(f"fire_rate must be in [0, 1), got {fire_rate}")
 
 
-# --------------------------------------------------------------------------- forward passes
+# --------------------------------------------------------------------------- one level
 def level_input(x: jax.Array | None, images: jax.Array, model_cfg: ModelConfig, i: int) -> tuple[jax.Array, jax.Array]:
     """Start state and image of level ``i``: the seed for level 0, else the previous level's
     state ``x`` upsampled (nearest) with the image of this level written back.
 
-    Returns ``(state (B, h, w, C), image (B, h, w, n_in))`` at this level's resolution.
+    Returns ``(state (B, *s, C), image (B, *s, n_in))`` at this level's resolution.
     """
     scales = model_cfg.scales
     img = downscale(images, scales[i], model_cfg.downscale)
@@ -144,9 +160,16 @@ def level_input(x: jax.Array | None, images: jax.Array, model_cfg: ModelConfig, 
     return reset_inputs(upsample_nearest(x, scales[i - 1] // scales[i]), img), img
 
 
-def _level_keys(keys: jax.Array, i: int) -> jax.Array:
-    # Level i of sample b draws from fold_in(keys[b], i); the crop from fold_in(keys[b], L).
-    return fold_keys(keys, i)
+def run_level(
+    params: Params, model_cfg: ModelConfig, i: int, x: jax.Array, image: jax.Array, keys: jax.Array, fire_rate: float | jax.Array,
+    backend: Backend, remat: str = "none", masks: jax.Array | None = None, trajectory: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Level ``i``'s rollout from state ``x (B, *s, C)``: its rule, steps and parameters, its
+    masks drawn from ``fold_in(keys[b], i)`` for sample ``b`` (or given as ``masks``)."""
+    return rollout(
+        params[f"level{i}"], x, image, fold_keys(keys, i), model_cfg.steps[i], fire_rate,
+        rule=level_rule(model_cfg, i, x.ndim - 2), backend=backend, remat=remat, masks=masks, trajectory=trajectory,
+    )
 
 
 def _coarse_levels(
@@ -154,44 +177,43 @@ def _coarse_levels(
     masks: Any = None,
 ) -> tuple[jax.Array, list[jax.Array]]:
     """Run levels ``0 .. L-2`` on whole images; return the start state of the finest level
-    ``(B, H, W, C)`` and the per-level final states."""
-    names = level_names(model_cfg)
+    ``(B, *S, C)`` and the per-level final states."""
     x = None
     states = []
     for i in range(model_cfg.n_levels - 1):
         x, img = level_input(x, images, model_cfg, i)
-        x, _ = rollout(
-            params[names[i]], x, img, _level_keys(keys, i), model_cfg.steps[i], fire_rate,
-            rule=rule_of(model_cfg), backend=backend, remat=remat, masks=None if masks is None else masks[i],
-        )
+        x, _ = run_level(params, model_cfg, i, x, img, keys, fire_rate, backend, remat, None if masks is None else masks[i])
         states.append(x)
     return level_input(x, images, model_cfg, model_cfg.n_levels - 1)[0], states
 
 
+def _logits(x: jax.Array, model_cfg: ModelConfig) -> jax.Array:
+    return x[..., model_cfg.n_in : model_cfg.n_in + model_cfg.n_out]
+
+
+# --------------------------------------------------------------------------- forward passes
 def forward(
     params: Params,
     model_cfg: ModelConfig,
     images: jax.Array,
     key: jax.Array,
-    fire_rate: float | jax.Array | None = None,
+    fire_rate: float | jax.Array,
     *,
     backend: Backend = REFERENCE,
     remat: str = "none",
     return_states: bool = False,
     masks: Any = None,
 ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
-    """Inference on whole images: ``(B, H, W, n_in) -> logits (B, H, W, n_out)``.
+    """Inference on whole images: ``(B, *S, n_in) -> logits (B, *S, n_out)``.
 
-    ``key``: one key or per-sample keys ``(B,)``. ``fire_rate`` defaults to the config's (the
-    original also fires stochastically at inference); pass 0.0 for a deterministic result.
-    ``backend``: see :mod:`mednca_jax.nca.rollout` (resolve one with
-    :func:`mednca_jax.train.launch.backend_for`). ``masks``: one ``(steps_i, B, h_i, w_i)`` bool
-    array per level instead of drawing from ``key``. With ``return_states`` also returns the
-    final state of every level, coarse to fine.
+    ``key``: one key or per-sample keys ``(B,)``. ``fire_rate``: the original also fires
+    stochastically at inference (``model.fire_rate``); 0.0 is deterministic. ``backend``: see
+    :mod:`mednca_jax.nca.backends` (resolve one with :func:`mednca_jax.machine.backend_for`).
+    ``masks``: one ``(steps_i, B, *s_i)`` bool array per level instead of drawing from
+    ``key``. With ``return_states`` also returns the final state of every level, coarse to fine.
     """
-    fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     keys = sample_keys(key, images.shape[0])
-    groups = batch_groups(images.shape[0], images.shape[1] * images.shape[2], backend.group_cells)
+    groups = batch_groups(images.shape[0], int(np.prod(images.shape[1:-1])), backend.group_cells)
     if groups > 1 and masks is None:
         # One group of samples after the other, each with its own samples' keys: the same
         # result as the whole batch at once, with a working set that fits the caches.
@@ -222,57 +244,51 @@ def _forward(
     """:func:`forward` of one group, with per-sample ``keys (B,)``."""
     x, states = _coarse_levels(params, model_cfg, images, keys, fire_rate, backend, remat, masks)
     last = model_cfg.n_levels - 1
-    x, _ = rollout(
-        params[level_names(model_cfg)[last]], x, images, _level_keys(keys, last), model_cfg.steps[last], fire_rate,
-        rule=rule_of(model_cfg), backend=backend, remat=remat, masks=None if masks is None else masks[last],
-    )
-    logits = x[..., model_cfg.n_in : model_cfg.n_in + model_cfg.n_out]
-    return (logits, states + [x]) if return_states else logits
+    x, _ = run_level(params, model_cfg, last, x, images, keys, fire_rate, backend, remat, None if masks is None else masks[last])
+    return (_logits(x, model_cfg), states + [x]) if return_states else _logits(x, model_cfg)
 
 
 def forward_trajectory(
-    params: Params, model_cfg: ModelConfig, images: jax.Array, key: jax.Array, fire_rate: float | None = None,
+    params: Params, model_cfg: ModelConfig, images: jax.Array, key: jax.Array, fire_rate: float,
     *, backend: Backend = REFERENCE,
 ) -> jax.Array:
     """Every state of an inference rollout, all levels, at full resolution (for GIFs).
 
-    images ``(B, H, W, n_in)`` -> ``(sum(steps), B, H, W, C)``; coarse levels are shown
+    images ``(B, *S, n_in)`` -> ``(sum(steps), B, *S, C)``; coarse levels are shown
     nearest-upsampled. Uses the same keys as :func:`forward`, so its last state is the one
     :func:`forward` returns.
     """
-    fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     keys = sample_keys(key, images.shape[0])
-    names, scales = level_names(model_cfg), model_cfg.scales
     x, frames = None, []
     for i in range(model_cfg.n_levels):
         x, img = level_input(x, images, model_cfg, i)
-        x, traj = rollout(
-            params[names[i]], x, img, _level_keys(keys, i), model_cfg.steps[i], fire_rate,
-            rule=rule_of(model_cfg), backend=backend, trajectory=True,
-        )
-        frames.append(jnp.repeat(jnp.repeat(traj, scales[i], axis=2), scales[i], axis=3))
+        x, traj = run_level(params, model_cfg, i, x, img, keys, fire_rate, backend, trajectory=True)
+        frames.append(jax.vmap(lambda t: upsample_nearest(t, model_cfg.scales[i]))(traj))
     return jnp.concatenate(frames, axis=0)
 
 
 def random_crops(keys: jax.Array, arrays: tuple[jax.Array, ...], size: int) -> tuple[jax.Array, ...]:
-    """One uniformly placed ``size x size`` crop per sample, the same window in every array.
+    """One uniformly placed ``size x size (x size)`` crop per sample, the same window in every
+    array.
 
     ``keys (B,)``: one key per sample (its window depends on nothing else, so a shard of the
-    batch crops exactly its own samples). Each array is ``(B, H, W, *)``; crops are taken
-    with ``vmap`` of ``lax.dynamic_slice``. Returns arrays ``(B, size, size, *)``.
+    batch crops exactly its own samples). Each array is ``(B, *S, *)`` with the spatial axes
+    of the first; crops are taken with ``vmap`` of ``lax.dynamic_slice``. Returns arrays
+    ``(B, size, ..., *)``.
     """
-    h, w = arrays[0].shape[1:3]
+    spatial = arrays[0].shape[1 : arrays[0].ndim - 1]
+    ndim = len(spatial)
 
     def corner(k):
-        ky, kx = jax.random.split(k)
-        return jax.random.randint(ky, (), 0, h - size + 1), jax.random.randint(kx, (), 0, w - size + 1)
+        ks = jax.random.split(k, ndim)
+        return tuple(jax.random.randint(ks[a], (), 0, spatial[a] - size + 1) for a in range(ndim))
 
-    ys, xs = jax.vmap(corner)(keys)
+    starts = jax.vmap(corner)(keys)
 
-    def crop_one(a, y, x):
-        return jax.lax.dynamic_slice(a, (y, x) + (0,) * (a.ndim - 2), (size, size) + a.shape[2:])
+    def crop_one(a, *start):
+        return jax.lax.dynamic_slice(a, tuple(start) + (0,) * (a.ndim - ndim), (size,) * ndim + a.shape[ndim:])
 
-    return tuple(jax.vmap(crop_one)(a, ys, xs) for a in arrays)
+    return tuple(jax.vmap(crop_one)(a, *starts) for a in arrays)
 
 
 def forward_train(
@@ -281,41 +297,38 @@ def forward_train(
     images: jax.Array,
     labels: jax.Array,
     key: jax.Array,
-    fire_rate: float | jax.Array | None = None,
+    fire_rate: float | jax.Array,
     *,
     backend: Backend = REFERENCE,
-    remat: str | None = None,
+    remat: str = "none",
 ) -> tuple[jax.Array, jax.Array]:
     """Training forward pass: ``(logits, labels)`` on the finest level's random crops.
 
-    images ``(B, H, W, n_in)``, labels ``(B, H, W, n_out)`` -> both ``(B, P, P, *)`` with
+    images ``(B, *S, n_in)``, labels ``(B, *S, n_out)`` -> both ``(B, P, ..., *)`` with
     ``P = model.patch_size`` (whole images when it is 0 or the image size). ``key``: one key
     or per-sample keys ``(B,)`` (a data-parallel shard passes its samples' keys).
     """
-    fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
-    remat = model_cfg.remat if remat is None else remat
     keys = sample_keys(key, images.shape[0])
     last = model_cfg.n_levels - 1
     x, _ = _coarse_levels(params, model_cfg, images, keys, fire_rate, backend, remat)
     p = model_cfg.patch_size
-    if 0 < p < min(images.shape[1], images.shape[2]):
-        x, images, labels = random_crops(_level_keys(keys, model_cfg.n_levels), (x, images, labels), p)
-    x, _ = rollout(
-        params[level_names(model_cfg)[last]], x, images, _level_keys(keys, last), model_cfg.steps[last], fire_rate,
-        rule=rule_of(model_cfg), backend=backend, remat=remat,
-    )
-    return x[..., model_cfg.n_in : model_cfg.n_in + model_cfg.n_out], labels
+    if 0 < p < min(images.shape[1:-1]):
+        # The crop's window of sample b is drawn from fold_in(keys[b], L).
+        x, images, labels = random_crops(fold_keys(keys, model_cfg.n_levels), (x, images, labels), p)
+    x, _ = run_level(params, model_cfg, last, x, images, keys, fire_rate, backend, remat)
+    return _logits(x, model_cfg), labels
 
 
 def segment(
     params: Params, cfg: Config | ModelConfig, images: Any, key: jax.Array, fire_rate: float | None = None,
-    backend: Backend | None = None,
+    backend: Backend = REFERENCE,
 ) -> jax.Array:
-    """Foreground probabilities for preprocessed slices, checked first.
+    """Foreground probabilities for preprocessed 2D slices, checked first: a user's entry.
 
     images: ``(H, W)``, ``(B, H, W)`` or ``(B, H, W, n_in)`` -> sigmoid of the logits
-    ``(B, H, W, n_out)``. Compiled once per shape. ``backend``: resolved from
-    ``model.backend`` for this machine when not given.
+    ``(B, H, W, n_out)``. Compiled once per shape. ``fire_rate``: the config's when not given.
+    ``backend``: pass :func:`mednca_jax.machine.backend_for` of the config for the fast CPU
+    path (the default, ``reference``, runs anywhere).
     """
     model_cfg = cfg.model if isinstance(cfg, Config) else cfg
     images = np.asarray(images, np.float32)
@@ -326,10 +339,6 @@ def segment(
     check_images(images, model_cfg)
     fire_rate = model_cfg.fire_rate if fire_rate is None else fire_rate
     check_fire_rate(fire_rate)
-    if backend is None:
-        from mednca_jax.train.launch import backend_for
-
-        backend = backend_for(model_cfg)
     # The fire rate is static: with a known rate only the fired cells are computed.
     logits = _jit_forward(params, model_cfg, jnp.asarray(images), key, float(fire_rate), backend=backend)
     return jax.nn.sigmoid(logits)

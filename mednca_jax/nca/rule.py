@@ -1,162 +1,105 @@
-"""The NCA rule, once: perception, update, fire mask and one step, as pure functions.
+"""The NCA rule as data: :class:`Rule` describes one level's rule, and one step is a pure
+function of that description.
 
-This is the definition every backend is derived from and tested against
-(``tests/test_equivalence.py``). A state is ``x (B, *S, C)`` with ``S`` the spatial shape of
-any rank (``(H, W)`` for the 2D model); channels ``[0, n_in)`` hold the input image,
-``[n_in, n_in + n_out)`` the logits, the rest are hidden. One step (docs/design.md, "One
-NCA step"):
+A state is ``x (B, *S, C)`` with ``S`` the spatial shape of any rank (``(H, W)`` for Med-NCA,
+``(X, Y, Z)`` for M3D-NCA); channels ``[0, n_in)`` hold the input image, ``[n_in, n_in +
+n_out)`` the logits, the rest are hidden. One step (docs/design.md, "One NCA step"):
 
-    y = perceive(x)                          [x | conv3x3(x; K) + b]            (B, *S, C + F)
-    d = fc1(relu(fc0(y)))                    per-cell MLP                        (B, *S, C)
-    x = x + d * mask                         mask = u > fire_rate, u ~ U(0, 1]   (B, *S)
-    x[..., :n_in] = image
+    y = perceive(x)          [x | perception(x)]                           (B, *S, C + F)
+    d = update(y)            e.g. fc1(relu(norm(fc0(y)))), per cell        (B, *S, C)
+    x = x + d * mask         mask = u > fire_rate, u ~ U(0, 1] per cell    (B, *S)
+    x[..., :n_in] = image    input reset
 
-A *perception* says what ``K`` and ``b`` are. ``"learned"`` is the original's: two learned
-3x3 convs ``p0``, ``p1`` (``F = 2C``). ``"sobel"`` is the fixed filter bank of the
-growing-NCA literature: a Sobel gradient along each spatial axis and a Laplacian, per
-channel (``F = (rank + 1) C``). To add a rule, register a :class:`Perception`; a linear one
-(``filters`` given) runs on every backend, since the fast CPU path only needs ``K`` and ``b``.
+The perception and the update are looked up by name in their registries
+(:mod:`mednca_jax.nca.perceptions`, :mod:`mednca_jax.nca.updates`), where each entry carries
+its reference implementation. This module is the reference every backend and exported
+runtime is derived from and tested against (``tests/test_equivalence.py``): a backend reads
+the same :class:`Rule` and either runs it exactly or refuses it by name.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mednca_jax.nca import prng
+from mednca_jax.nca.perceptions import filters_of, get_perception
+from mednca_jax.nca.updates import get_update
 
 Params = dict[str, Any]
 
 
 class Rule(NamedTuple):
-    """The static choices of a rule: which perception, and the matmul input precision
-    (``"float32"``, or ``"bfloat16"`` inputs with float32 accumulation)."""
+    """Everything a backend or runtime needs to know about one level's rule (static).
+
+    - ``perception``: a registered perception; ``kernel_size``: its odd window (3 for the
+      original, 7 for M3D-NCA's coarse level).
+    - ``update``: a registered update; ``norm``: its normalisation (``none`` | ``batch``).
+    - ``channels`` ``C``, ``hidden`` (the update's width), ``n_in`` (input channels, reset
+      after every step), ``ndim`` (spatial rank).
+    - ``precision``: matmul inputs, ``float32`` or ``bfloat16`` with float32 accumulation.
+
+    The fire mask is one uniform number per cell and step, ``u > fire_rate`` (the rate is an
+    argument of the rollout, not of the rule).
+    """
 
     perception: str = "learned"
+    kernel_size: int = 3
+    update: str = "mlp"
+    norm: str = "none"
+    channels: int = 16
+    hidden: int = 128
+    n_in: int = 1
+    ndim: int = 2
     precision: str = "float32"
 
+    @property
+    def n_features(self) -> int:
+        """``F``, the number of perception features (the update reads ``C + F`` per cell)."""
+        return get_perception(self.perception).n_features(self)
 
-# --------------------------------------------------------------------------- initialisation
-def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
-    """PyTorch's default init for conv/linear layers: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
-def _conv_init(key: jax.Array, channels: int, ndim: int) -> Params:
-    kk, kb = jax.random.split(key)
-    fan_in = 3**ndim * channels
-    return {
-        "kernel": torch_uniform(kk, (3,) * ndim + (channels, channels), fan_in),
-        "bias": torch_uniform(kb, (channels,), fan_in),
-    }
+    def describe(self) -> dict[str, Any]:
+        """The description as plain data (what an exported runtime reads)."""
+        return {**self._asdict(), "features": self.n_features, "linear": get_perception(self.perception).linear}
 
 
-# --------------------------------------------------------------------------- perceptions
-class Perception(NamedTuple):
-    """One perception rule.
-
-    ``init(key, channels, ndim) -> params`` (its own parameters, may be empty);
-    ``filters(params, channels, ndim) -> (K (3,)*ndim + (C, F), b (F,))`` for a linear 3x3
-    perception; ``n_features(channels, ndim) -> F``.
-    """
-
-    init: Callable[[jax.Array, int, int], Params]
-    filters: Callable[[Params, int, int], tuple[jax.Array, jax.Array]]
-    n_features: Callable[[int, int], int]
-
-
-def _learned_init(key: jax.Array, channels: int, ndim: int) -> Params:
-    k0, k1 = jax.random.split(key)
-    return {"p0": _conv_init(k0, channels, ndim), "p1": _conv_init(k1, channels, ndim)}
+def check_rule(rule: Rule) -> None:
+    """Raise ``ValueError`` naming what does not fit: an unknown perception or update, an
+    even kernel, a norm the update does not take, or the perception's own objection."""
+    p, u = get_perception(rule.perception), get_update(rule.update)
+    if rule.kernel_size < 1 or rule.kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1, got {rule.kernel_size}")
+    if rule.norm not in u.norms:
+        raise ValueError(f"update {rule.update!r} takes norm {u.norms}, got {rule.norm!r}")
+    why = p.check(rule) if p.check is not None else None
+    if why:
+        raise ValueError(f"perception {rule.perception!r}: {why}")
 
 
-def _learned_filters(params: Params, channels: int, ndim: int) -> tuple[jax.Array, jax.Array]:
-    kernel = jnp.concatenate([params["p0"]["kernel"], params["p1"]["kernel"]], axis=-1)
-    return kernel, jnp.concatenate([params["p0"]["bias"], params["p1"]["bias"]])
+def init_level(key: jax.Array, rule: Rule) -> Params:
+    """Fresh parameters of one level, initialised as the original (PyTorch's defaults, ``fc1``
+    zero): ``{**perception params, **update params}``, e.g. for ``learned`` + ``mlp``:
+    ``p0``/``p1``: ``{"kernel": (k,)*nd + (C, C), "bias": (C,)}``, ``fc0``: ``{"kernel":
+    (C + F, hidden), "bias": (hidden,)}``, ``fc1``: ``{"kernel": (hidden, C)}``."""
+    check_rule(rule)
+    kp, ku = jax.random.split(key)
+    return {**get_perception(rule.perception).init(kp, rule), **get_update(rule.update).init(ku, rule)}
 
 
-def sobel_bank(ndim: int) -> np.ndarray:
-    """``(ndim + 1, 3, ..., 3)``: a Sobel derivative along each axis (central difference
-    ``[-1, 0, 1] / 2`` along it, smoothing ``[1, 2, 1] / 4`` along the others), then the
-    Laplacian (the sum over axes of ``[1, -2, 1]``). Cross-correlation taps, as the convs."""
-    diff, smooth, second = np.array([-1.0, 0.0, 1.0]) / 2, np.array([1.0, 2.0, 1.0]) / 4, np.array([1.0, -2.0, 1.0])
-    centre = np.array([0.0, 1.0, 0.0])
-
-    def outer(vectors):
-        out = np.ones(())
-        for v in vectors:
-            out = np.multiply.outer(out, v)
-        return out
-
-    grads = [outer([diff if a == b else smooth for b in range(ndim)]) for a in range(ndim)]
-    lap = sum(outer([second if a == b else centre for b in range(ndim)]) for a in range(ndim))
-    return np.stack(grads + [lap]).astype(np.float32)
-
-
-def _sobel_filters(params: Params, channels: int, ndim: int) -> tuple[jax.Array, jax.Array]:
-    # Depthwise: feature f * C + c is filter f applied to channel c.
-    bank = sobel_bank(ndim)  # (n_filters, 3, ..., 3)
-    eye = np.eye(channels, dtype=np.float32)
-    kernel = np.einsum("f...,cd->...cfd", bank, eye).reshape((3,) * ndim + (channels, bank.shape[0] * channels))
-    return jnp.asarray(kernel), jnp.zeros((kernel.shape[-1],), jnp.float32)
-
-
-PERCEPTIONS: dict[str, Perception] = {
-    "learned": Perception(_learned_init, _learned_filters, lambda c, nd: 2 * c),
-    "sobel": Perception(lambda key, c, nd: {}, _sobel_filters, lambda c, nd: (nd + 1) * c),
-}
-
-
-def get_perception(name: str) -> Perception:
-    if name not in PERCEPTIONS:
-        raise ValueError(f"unknown perception {name!r}; registered: {sorted(PERCEPTIONS)}")
-    return PERCEPTIONS[name]
-
-
-def perception_filters(perception: str, params: Params, channels: int, ndim: int = 2) -> tuple[jax.Array, jax.Array]:
-    """``(K (3,)*ndim + (C, F), b (F,))`` of a level's linear perception (after ``x`` itself)."""
-    return get_perception(perception).filters(params, channels, ndim)
-
-
-def init_rule_params(key: jax.Array, channels: int, hidden: int, perception: str = "learned", ndim: int = 2) -> Params:
-    """Fresh parameters of one level, initialised as the original.
-
-    ``{**perception params, "fc0": {"kernel": (C + F, hidden), "bias": (hidden,)},
-    "fc1": {"kernel": (hidden, C)}}``; fc1 starts at zero so that a fresh NCA is the identity.
-    """
-    rule = get_perception(perception)
-    kp, kk, kb = jax.random.split(key, 3)
-    n_y = channels + rule.n_features(channels, ndim)
-    return {
-        **rule.init(kp, channels, ndim),
-        "fc0": {"kernel": torch_uniform(kk, (n_y, hidden), n_y), "bias": torch_uniform(kb, (hidden,), n_y)},
-        "fc1": {"kernel": jnp.zeros((hidden, channels), jnp.float32)},
-    }
-
-
-# --------------------------------------------------------------------------- the rule
+# --------------------------------------------------------------------------- the step
 def _spatial(ndim: int) -> str:
     return "HWDTUV"[:ndim]
 
 
-def matmul(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
-    """``a @ b`` contracting the last axis of ``a`` with the first of ``b``; bfloat16 inputs
-    with float32 accumulation when asked, else full float32 (no TF32 on GPUs)."""
-    if precision == "bfloat16":
-        return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-
-
-def conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "float32") -> jax.Array:
-    """Reflect-padded 3x3 (3x3x3, ...) cross-correlation ``(B, *S, C) -> (B, *S, F)``;
-    ``kernel (3,)*ndim + (C, F)``. Reflect mirrors without repeating the border (torch's)."""
+def conv_reflect(x: jax.Array, kernel: jax.Array, precision: str = "float32") -> jax.Array:
+    """Reflect-padded ``k x k (x k ...)`` cross-correlation ``(B, *S, C) -> (B, *S, F)`` with
+    ``kernel (k,)*ndim + (C, F)``, ``k`` odd. Reflect mirrors without repeating the border
+    (torch's ``padding_mode="reflect"``)."""
     ndim = x.ndim - 2
-    xp = jnp.pad(x, [(0, 0)] + [(1, 1)] * ndim + [(0, 0)], mode="reflect")
+    r = kernel.shape[0] // 2
+    xp = jnp.pad(x, [(0, 0)] + [(r, r)] * ndim + [(0, 0)], mode="reflect")
     s = _spatial(ndim)
     dims = jax.lax.conv_dimension_numbers(xp.shape, kernel.shape, (f"N{s}C", f"{s}IO", f"N{s}C"))
     if precision == "bfloat16":
@@ -168,15 +111,20 @@ def conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "float32") -> jax.
 
 
 def perceive(rule: Rule, params: Params, x: jax.Array) -> jax.Array:
-    """``[x | conv3x3(x; K) + b]``: ``(B, *S, C) -> (B, *S, C + F)``."""
-    kernel, bias = perception_filters(rule.perception, params, x.shape[-1], x.ndim - 2)
-    return jnp.concatenate([x, conv3x3(x, kernel, rule.precision) + bias], axis=-1)
+    """``[x | perception(x)]``: ``(B, *S, C) -> (B, *S, C + F)``. A linear perception is one
+    reflect-padded conv with its filters; another one runs its own ``apply``."""
+    p = get_perception(rule.perception)
+    if p.apply is not None:
+        features = p.apply(params, x, rule)
+    else:
+        kernel, bias = filters_of(rule, params)
+        features = conv_reflect(x, kernel, rule.precision) + bias
+    return jnp.concatenate([x, features.astype(x.dtype)], axis=-1)
 
 
 def update(rule: Rule, params: Params, y: jax.Array) -> jax.Array:
-    """The residual ``d = fc1(relu(fc0(y)))``: ``(B, *S, C + F) -> (B, *S, C)``."""
-    hidden = jax.nn.relu(matmul(y, params["fc0"]["kernel"], rule.precision) + params["fc0"]["bias"])
-    return matmul(hidden, params["fc1"]["kernel"], rule.precision)
+    """The residual ``d (B, *S, C)`` of the rule's update from ``y (B, *S, C + F)``."""
+    return get_update(rule.update).apply(params, y, rule)
 
 
 def reset_inputs(x: jax.Array, image: jax.Array) -> jax.Array:

@@ -17,7 +17,7 @@ import numpy as np
 from mednca_jax.config import ModelConfig
 from mednca_jax.errors import MedNCAError
 from mednca_jax.nca.levels import check_params, level_names
-from mednca_jax.nca.rollout import Params
+from mednca_jax.nca.rule import Params
 
 TORCH_KEYS = ("p0.weight", "p0.bias", "p1.weight", "p1.bias", "fc0.weight", "fc0.bias", "fc1.weight")
 

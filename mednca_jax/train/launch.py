@@ -15,30 +15,9 @@ import signal
 import socket
 import subprocess
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:
-    from mednca_jax.config import ModelConfig
-    from mednca_jax.nca.rollout import Backend
-
-
-def usable_cores() -> list[int]:
-    """The cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
-
-
-def backend_for(model_cfg: "ModelConfig") -> "Backend":
-    """The backend for ``model.backend`` on this machine (its platform and usable cores):
-    the one place where machine facts enter the model, called at the entry points
-    (train, evaluate, segment) and passed on as a static argument."""
-    import jax
-
-    from mednca_jax.nca.levels import rule_of
-    from mednca_jax.nca.rollout import resolve_backend
-
-    return resolve_backend(model_cfg.backend, rule_of(model_cfg), jax.default_backend(), len(usable_cores()))
+from mednca_jax.machine import usable_cores
 
 
 def core_blocks(n: int, cores: Sequence[int] | None = None) -> list[list[int]]:

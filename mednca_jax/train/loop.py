@@ -34,6 +34,7 @@ from mednca_jax.config import Config
 from mednca_jax.errors import MedNCAError
 from mednca_jax.data import BatchIterator, Case, DataError, list_cases, load_slices, make_synthetic_task, read_split, split_from_config, write_split
 from mednca_jax.evaluate.evaluation import evaluate_cases, make_predict_fn, predict_slices
+from mednca_jax.nca.backends import Backend
 from mednca_jax.networks import init_network_params
 from mednca_jax.train.faults import (
     RunError, agree, disk_full_error, divergence, interrupt_flag, is_primary, primary_first, process0_value, run_lock,
@@ -194,11 +195,11 @@ def scaled_config(cfg: Config, rollbacks: int) -> Config:
     return cfg.replace(train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 0.5**rollbacks))
 
 
-def build_step(cfg: Config, rollbacks: int, mesh: Any) -> tuple[Any, Any]:
+def build_step(cfg: Config, rollbacks: int, mesh: Any, backend: Backend) -> tuple[Any, Any]:
     """``(tx, train_step)`` for ``cfg`` at the learning rate of ``rollbacks``."""
     run_cfg = scaled_config(cfg, rollbacks)
     tx = make_optimizer(run_cfg.train)
-    return tx, make_train_step(run_cfg, tx, mesh)
+    return tx, make_train_step(run_cfg, tx, mesh, backend=backend)
 
 
 def fresh_progress(cfg: Config, tx: Any) -> Progress:
@@ -249,6 +250,7 @@ class Run:
     eval_key: jax.Array
     writer: Any
     primary: bool
+    backend: Backend
     t0: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
@@ -348,7 +350,7 @@ def roll_back(run: Run, step: int, why: str = "non-finite loss") -> int:
             f"(train.lr {cfg.train.lr:g} -> {cfg.train.lr * p.lr_factor:g}); lower train.lr or check the data; {kept}"
         )
     rollbacks = p.rollbacks + 1
-    tx, run.train_step = build_step(cfg, rollbacks, run.mesh)
+    tx, run.train_step = build_step(cfg, rollbacks, run.mesh, run.backend)
     if run.latest.latest_step() is None:
         new, back_to = fresh_progress(cfg, tx), 0
         new.best = p.best
@@ -383,6 +385,7 @@ def train(
     workdir: str | Path,
     data_dir: str | Path | None = None,
     *,
+    backend: Backend,
     resume: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -394,6 +397,7 @@ def train(
 
     Args:
         data_dir: an MSD task folder; ``None`` generates the embedded synthetic task.
+        backend: the resolved backend of the model (:func:`mednca_jax.machine.backend_for`).
         resume: continue from the latest checkpoint in ``workdir`` (its config must match).
         stop_after: stop (with a checkpoint) after this many steps in this call; for tests
             of interruption and resumption.
@@ -411,7 +415,7 @@ def train(
         with run_lock(workdir, primary):
             with undo_on_failure(workdir, created and not resume, (ckpt.CONFIG_FILE, SPLIT_FILE, "synthetic_data"), primary):
                 _, data = setup_run(cfg, workdir, data_dir, cache_dir)
-            return _train_loop(cfg, workdir, data, resume, progress, stop_after, primary)
+            return _train_loop(cfg, workdir, data, resume, progress, stop_after, primary, backend)
     except OSError as e:
         full = disk_full_error(e, workdir)
         if full is None:
@@ -419,7 +423,7 @@ def train(
         raise full from None
 
 
-def open_run(cfg: Config, workdir: Path, data: RunData, resume: bool, primary: bool) -> Run:
+def open_run(cfg: Config, workdir: Path, data: RunData, resume: bool, primary: bool, backend: Backend) -> Run:
     """Restore (``resume``) or initialise the progress; open the managers and writers."""
     from tensorboardX import SummaryWriter
 
@@ -437,13 +441,13 @@ def open_run(cfg: Config, workdir: Path, data: RunData, resume: bool, primary: b
             set_aside_newer_steps(workdir, step)
     else:
         prog = fresh_progress(cfg, tx)
-    _, train_step = build_step(cfg, prog.rollbacks, mesh)
+    _, train_step = build_step(cfg, prog.rollbacks, mesh, backend)
     prog.state = put_replicated(prog.state, mesh)
     return Run(
         cfg, workdir, data, mesh, batches, prog, train_step,
         latest=ckpt.manager(workdir, ckpt.LATEST_DIR, tcfg.keep_checkpoints), best_mngr=ckpt.manager(workdir, ckpt.BEST_DIR, 1),
-        predict=make_predict_fn(cfg), eval_key=jax.random.fold_in(prog.base_key, 2**31 - 1),
-        writer=SummaryWriter(str(workdir / "tb")) if primary else None, primary=primary,
+        predict=make_predict_fn(cfg, backend), eval_key=jax.random.fold_in(prog.base_key, 2**31 - 1),
+        writer=SummaryWriter(str(workdir / "tb")) if primary else None, primary=primary, backend=backend,
     )
 
 
@@ -467,11 +471,11 @@ def finish(run: Run, step: int, reason: str) -> None:
 
 
 def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_progress: bool, stop_after: int | None,
-                primary: bool) -> dict[str, Any]:
+                primary: bool, backend: Backend) -> dict[str, Any]:
     from tqdm import tqdm
 
     tcfg = cfg.train
-    run = open_run(cfg, workdir, data, resume, primary)
+    run = open_run(cfg, workdir, data, resume, primary, backend)
     batches, mesh, prog = run.batches, run.mesh, run.progress
     step = int(prog.state.step)
     end = tcfg.num_steps if stop_after is None else min(tcfg.num_steps, step + stop_after)

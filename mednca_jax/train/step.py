@@ -23,7 +23,7 @@ from mednca_jax import networks
 from mednca_jax.augment import augment_batch, augment_keys_of
 from mednca_jax.config import Config, TrainConfig
 from mednca_jax.losses import dice_bce_from_sums, dice_bce_loss, dice_bce_sums, has_foreground
-from mednca_jax.nca.rollout import REFERENCE, Backend
+from mednca_jax.nca.backends import Backend
 from mednca_jax.nca.rule import sample_keys
 
 Batch = dict[str, jax.Array]  # {"image": (B, H, W, n_in), "label": (B, H, W, n_out)}
@@ -172,9 +172,10 @@ def with_budget_used(state: TrainState, tcfg: TrainConfig, elapsed_s: float) -> 
     return state._replace(budget_used=budget_fraction(tcfg, elapsed_s))
 
 
-def loss_fn(params: Any, cfg: Config, batch: Batch, key: jax.Array, backend: Backend = REFERENCE) -> tuple[jax.Array, jax.Array]:
-    """DiceBCE of one batch; also returns whether the (cropped) labels had any foreground."""
-    logits, labels = networks.forward_train(params, cfg, batch["image"], batch["label"], key, backend)
+def loss_fn(params: Any, cfg: Config, batch: Batch, keys: jax.Array, backend: Backend) -> tuple[jax.Array, jax.Array]:
+    """DiceBCE of one batch with per-sample ``keys (B,)``; also returns whether the (cropped)
+    labels had any foreground."""
+    logits, labels = networks.forward_train(params, cfg, batch["image"], batch["label"], keys, backend)
     return dice_bce_loss(logits, labels), has_foreground(labels)
 
 
@@ -259,18 +260,14 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
 
 
 def make_train_step(
-    cfg: Config, tx: optax.GradientTransformation, mesh: Mesh | None = None, backend: Backend | None = None
+    cfg: Config, tx: optax.GradientTransformation, mesh: Mesh | None = None, *, backend: Backend
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted ``train_step(state, batch, key) -> (state, metrics)`` for this config.
 
     With ``mesh``, the batch must be sharded with :func:`batch_sharding` (see
     :func:`put_batch`) and the state replicated; outputs keep those shardings. ``backend``:
-    resolved from ``model.backend`` for this machine when not given.
+    the resolved backend (:func:`mednca_jax.machine.backend_for`, at the entry point).
     """
-    if backend is None:
-        from mednca_jax.train.launch import backend_for
-
-        backend = backend_for(cfg.model)
     if mesh is None:
         def single(state, batch, key):
             keys = sample_keys(key, batch["image"].shape[0])

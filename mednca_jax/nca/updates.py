@@ -1,0 +1,105 @@
+"""The registry of updates: how a cell turns what it perceives into its state change.
+
+An update maps ``y = [x | features] (B, *S, C + F)`` to the residual ``d (B, *S, C)``. Each
+entry carries its reference implementation, its parameters' initialisation and which
+normalisations (``model.norm``) it takes.
+
+Built-in: ``mlp``, the original's per-cell MLP ``d = fc1(relu(norm(fc0(y))))`` with ``fc1``
+starting at zero (a fresh NCA is the identity). ``norm``:
+
+- ``none``: the original Med-NCA.
+- ``batch``: M3D-NCA's ``BatchNorm(track_running_stats=False)``: ``fc0``'s outputs are
+  normalised with the mean and (biased) variance of the current batch over batch and space,
+  then scaled and shifted by learned ``bn.scale`` / ``bn.bias`` (eps 1e-5). There are no
+  running statistics, at inference either, so a sample's output depends on the other samples
+  in its batch: batch-1 inference normalises over one volume's cells, and a data-parallel
+  step normalises each device's shard over that shard only (as the original's
+  ``DataParallel`` would). Results are therefore comparable only at the same batch layout.
+
+Register more with :func:`register_update` from a plug-in module (``model.plugins``, see
+docs/rule.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mednca_jax.nca.perceptions import torch_uniform
+
+if TYPE_CHECKING:
+    from mednca_jax.nca.rule import Rule
+
+Params = dict[str, Any]
+BN_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Update:
+    """One registered update: ``init(key, rule) -> params``, ``apply(params, y, rule) -> d``
+    (the reference), and the ``norms`` it accepts (``model.norm``)."""
+
+    init: Callable[[jax.Array, "Rule"], Params]
+    apply: Callable[[Params, jax.Array, "Rule"], jax.Array]
+    norms: tuple[str, ...] = ("none",)
+
+
+UPDATES: dict[str, Update] = {}
+
+
+def register_update(name: str, update: Update, *, replace: bool = False) -> Update:
+    """Add ``update`` to the registry under ``name`` (``model.update = name``); ``ValueError``
+    when the name is taken and ``replace`` is not set."""
+    if name in UPDATES and not replace and UPDATES[name] != update:
+        raise ValueError(f"an update named {name!r} is already registered; choose another name or pass replace=True")
+    UPDATES[name] = update
+    return update
+
+
+def get_update(name: str) -> Update:
+    if name not in UPDATES:
+        raise ValueError(f"unknown update {name!r}; registered: {sorted(UPDATES)} (a plug-in adds more: model.plugins)")
+    return UPDATES[name]
+
+
+def matmul(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
+    """``a @ b`` contracting the last axis of ``a`` with the first of ``b``; bfloat16 inputs
+    with float32 accumulation when asked, else full float32 (no TF32 on GPUs)."""
+    if precision == "bfloat16":
+        return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def batch_norm(h: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """``(h - mean) / sqrt(var + eps) * scale + bias`` with the mean and biased variance over
+    every axis but the last (batch and space), as ``BatchNorm`` in training mode."""
+    axes = tuple(range(h.ndim - 1))
+    mean = jnp.mean(h, axis=axes)
+    var = jnp.mean(jnp.square(h - mean), axis=axes)
+    return (h - mean) * jax.lax.rsqrt(var + BN_EPS) * scale + bias
+
+
+# --------------------------------------------------------------------------- mlp
+def _mlp_init(key: jax.Array, rule: "Rule") -> Params:
+    kk, kb = jax.random.split(key)
+    n_y = rule.channels + rule.n_features
+    params = {
+        "fc0": {"kernel": torch_uniform(kk, (n_y, rule.hidden), n_y), "bias": torch_uniform(kb, (rule.hidden,), n_y)},
+        "fc1": {"kernel": jnp.zeros((rule.hidden, rule.channels), jnp.float32)},
+    }
+    if rule.norm == "batch":
+        params["bn"] = {"scale": jnp.ones((rule.hidden,), jnp.float32), "bias": jnp.zeros((rule.hidden,), jnp.float32)}
+    return params
+
+
+def _mlp_apply(params: Params, y: jax.Array, rule: "Rule") -> jax.Array:
+    h = matmul(y, params["fc0"]["kernel"], rule.precision) + params["fc0"]["bias"]
+    if rule.norm == "batch":
+        h = batch_norm(h, params["bn"]["scale"], params["bn"]["bias"])
+    return matmul(jax.nn.relu(h), params["fc1"]["kernel"], rule.precision)
+
+
+register_update("mlp", Update(_mlp_init, _mlp_apply, norms=("none", "batch")))
