@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
+# The one place that knows where the shared reference data lives (next to the repository, never
+# in it); benchmarks take the path as --weights and fall back to random weights without it.
+OFFICIAL_NPZ = REPO.parent / "shared" / "reference" / "mednca_hippocampus_official.npz"
 sys.path.insert(0, str(REPO))
 from mednca_jax.train.launch import free_port, start_job_process, without_option  # noqa: E402
 

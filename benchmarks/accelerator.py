@@ -106,7 +106,7 @@ def train_step_row(cfg, repeats: int) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from mednca_jax.train.launch import backend_for
+    from mednca_jax.machine import backend_for
     from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step
 
     tx = make_optimizer(cfg.train)
@@ -127,7 +127,7 @@ def inference_row(cfg, batch: int, repeats: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from mednca_jax.train.launch import backend_for
+    from mednca_jax.machine import backend_for
     from mednca_jax.nca.levels import forward
 
     backend = backend_for(cfg.model)
@@ -145,7 +145,7 @@ def memory_row(cfg) -> dict[str, float | None]:
     import jax
     import jax.numpy as jnp
 
-    from mednca_jax.train.launch import backend_for
+    from mednca_jax.machine import backend_for
     from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step
 
     tx = make_optimizer(cfg.train)

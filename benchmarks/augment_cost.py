@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from mednca_jax.augment import augment_batch, augment_keys
     from mednca_jax.config import AugmentConfig, load_config
     from mednca_jax.networks import init_network_params
+    from mednca_jax.machine import backend_for
     from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step, put_batch
 
     base = load_config(args.config)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     steps, states, compile_s, times = {}, {}, {}, {}
     for name, cfg in cfgs.items():
         tx = make_optimizer(cfg.train)
-        steps[name] = make_train_step(cfg, tx)
+        steps[name] = make_train_step(cfg, tx, backend=backend_for(cfg))
         states[name] = init_train_state(params, tx)
         t = time.perf_counter()
         states[name], m = steps[name](states[name], batch, jax.random.PRNGKey(0))

@@ -40,8 +40,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import machine  # noqa: E402
-OFFICIAL_NPZ = REPO.parent / "shared" / "reference" / "mednca_hippocampus_official.npz"
+from _harness import OFFICIAL_NPZ, machine  # noqa: E402
 RUNTIMES = ("numpy", "torch", "onnx")
 RSS_BOUNDS_MIB = {1024: 400.0, 2048: 1200.0}
 MAX_TIME_VS_BASELINE = 1.10
@@ -101,21 +100,21 @@ def thread_env() -> dict[str, str]:
     return env
 
 
-def build_folders(base: Path, runtimes: list[str], baseline: Optional[str]) -> tuple[dict[str, Path], str]:
+def build_folders(base: Path, runtimes: list[str], baseline: Optional[str], weights: Path = OFFICIAL_NPZ) -> tuple[dict[str, Path], str]:
     """Export the model once per runtime into ``base``; returns the folders and the weights' origin."""
     from mednca_jax.export import export_numpy, export_torch, resolve_config
 
     cfg = resolve_config("hippocampus_official")
-    if OFFICIAL_NPZ.is_file():
+    if weights.is_file():
         from mednca_jax.nca.weights import load_torch_weights
 
-        params, origin = load_torch_weights([OFFICIAL_NPZ], cfg.model), "official weights"
+        params, origin = load_torch_weights([weights], cfg.model), "official weights"
     else:
         import jax
 
         from mednca_jax.nca.levels import init_params
 
-        params, origin = init_params(jax.random.PRNGKey(0), cfg.model), "random weights (no ../shared)"
+        params, origin = init_params(cfg.model, jax.random.PRNGKey(0)), f"random weights ({weights} not found)"
     folders: dict[str, Path] = {}
     if "numpy" in runtimes or baseline:
         export_numpy(params, cfg, base / "numpy")
@@ -171,6 +170,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-memory-mb", type=float, default=None, help="passed to the numpy and torch runtimes")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures here")
+    p.add_argument("--weights", type=Path, default=OFFICIAL_NPZ, metavar="NPZ",
+                   help="official weights as .npz (default: the shared reference next to the repository; random weights when absent)")
     return p.parse_args(argv)
 
 
@@ -180,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: sizes must be multiples of 4 (the coarsest level's scale), got {args.sizes}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        folders, origin = build_folders(Path(tmp), list(args.runtimes), args.baseline)
+        folders, origin = build_folders(Path(tmp), list(args.runtimes), args.baseline, args.weights)
         kinds = [k for k in ("numpy-baseline", "numpy", "torch", "onnx") if k in folders]
         runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
         for _ in range(args.rounds):

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL_NPZ = REPO.parent / "shared" / "reference" / "mednca_hippocampus_official.npz"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import OFFICIAL_NPZ  # noqa: E402
 RUNTIMES = ("numpy", "torch", "jax")
 MAX_NUMPY_VS_TORCH = 1.5
 MAX_NUMPY_RSS_MB = 150.0
@@ -110,8 +111,8 @@ def child(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parent
-def export_all(out: Path) -> str:
-    """Official config + weights (random if absent) -> run folder, NumPy and torch exports."""
+def export_all(out: Path, weights: Path) -> str:
+    """Official config + ``weights`` (random if absent) -> run folder, NumPy and torch exports."""
     sys.path.insert(0, str(REPO))
     import jax
     import numpy as np
@@ -121,10 +122,10 @@ def export_all(out: Path) -> str:
     from mednca_jax.nca.levels import init_params
 
     cfg = resolve_config("hippocampus_official")
-    if OFFICIAL_NPZ.is_file():
+    if weights.is_file():
         from mednca_jax.nca.weights import load_torch_weights
 
-        params, source = load_torch_weights([OFFICIAL_NPZ], cfg.model), "official"
+        params, source = load_torch_weights([weights], cfg.model), "official"
     else:
         params = jax.tree_util.tree_map(np.asarray, init_params(cfg.model, jax.random.PRNGKey(0)))
         rng = np.random.default_rng(0)
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write all figures to PATH as JSON")
     p.add_argument("--repeats", type=int, default=0, help="timed runs per case (default: 10 at 64x64, 3 at 256x256)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="square slice sizes (default: 64 256)")
+    p.add_argument("--weights", type=Path, default=OFFICIAL_NPZ, metavar="NPZ",
+                   help="official weights as .npz (default: the shared reference next to the repository; random weights when absent)")
     p.add_argument("--export-to", help=argparse.SUPPRESS)
     p.add_argument("--child", choices=RUNTIMES, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
     if args.export_to:
-        print(export_all(Path(args.export_to)))
+        print(export_all(Path(args.export_to), args.weights))
         return 0
 
     n_cpu = os.cpu_count() or 1
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         export_dir = Path(tmp)
         # Everything heavy runs in subprocesses: Linux carries ru_maxrss over fork/exec, so a
         # parent that imported JAX would inflate every child's peak RSS.
-        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--export-to", str(export_dir)],
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--export-to", str(export_dir), "--weights", str(args.weights)],
                            capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"export failed:\n{r.stderr[-3000:]}")

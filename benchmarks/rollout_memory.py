@@ -76,6 +76,7 @@ def step_worker(args: argparse.Namespace) -> None:
     import jax
 
     from mednca_jax.networks import init_network_params
+    from mednca_jax.machine import backend_for
     from mednca_jax.train.step import init_train_state, make_optimizer, make_train_step, put_batch
 
     steps = int(args.worker.split("=")[1])
@@ -88,7 +89,7 @@ def step_worker(args: argparse.Namespace) -> None:
 
     def run() -> dict:
         t = time.perf_counter()
-        compiled = make_train_step(cfg, tx).lower(state, batch, jax.random.PRNGKey(0)).compile()
+        compiled = make_train_step(cfg, tx, backend=backend_for(cfg)).lower(state, batch, jax.random.PRNGKey(0)).compile()
         compile_s = time.perf_counter() - t
         mem = compiled.memory_analysis()
         plan = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mednca_jax.errors import MedNCAError
+from mednca_jax.errors import ConfigError  # noqa: F401 - raised here and part of this module's API
 
 DOWNSCALE_METHODS = ("bilinear", "area", "antialias", "max")
 REMAT_MODES = ("none", "step", "nested")
@@ -32,10 +32,6 @@ MODEL_KINDS = ("nca", "unet")
 LABEL_MODES = ("foreground", "multiclass")
 SCHEDULES = ("exponential", "budget_cosine", "budget_exponential")
 LABEL_INTERPOLATIONS = ("nearest", "bilinear")
-
-
-class ConfigError(MedNCAError, ValueError):
-    """A config file or override is malformed; the message names the key."""
 
 
 @dataclass(frozen=True)

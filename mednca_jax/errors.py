@@ -2,9 +2,10 @@
 mistake (a bad config, a bad input file, a run folder in use: one ``error: ...`` line and
 exit code 2) from a bug (a traceback).
 
-Each module keeps its own error class (``ConfigError`` in ``config``, ``DataError`` in
-``data``, ``CheckpointError`` in ``checkpoint``, ...); they all inherit from
-:class:`MedNCAError`, and from ``ValueError`` or ``RuntimeError`` as before.
+Most modules keep their own error class (``DataError`` in ``data``, ``CheckpointError`` in
+``train.checkpoint``, ...); :class:`ConfigError` is here because both ``config`` and
+``plugins`` raise it. They all inherit from :class:`MedNCAError`, and from ``ValueError`` or
+``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -17,3 +18,7 @@ class MedNCAError(Exception):
 
 class UsageError(MedNCAError, ValueError):
     """Command-line options that contradict each other or are out of range."""
+
+
+class ConfigError(MedNCAError, ValueError):
+    """A config file or override is malformed; the message names the key."""

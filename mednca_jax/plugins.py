@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from mednca_jax.config import ConfigError
+from mednca_jax.errors import ConfigError
 
 
 def _is_file(spec: str) -> bool:

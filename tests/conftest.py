@@ -47,13 +47,16 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def random_level_params(key, channels: int, hidden: int, scale: float = 0.3):
-    """Level params with a non-zero fc1 (a fresh NCA is the identity, which tests nothing)."""
+def random_level_params(key, channels: int | None = None, hidden: int | None = None, scale: float = 0.3, rule=None):
+    """Level params of ``rule`` (default: the learned perception with ``channels`` and
+    ``hidden``) with a non-zero fc1 (a fresh NCA is the identity, which tests nothing)."""
     import jax
 
-    from mednca_jax.nca.rollout import init_level_params
+    from mednca_jax.nca.rule import Rule, init_level
 
-    p = init_level_params(key, channels, hidden)
+    rule = Rule(channels=channels, hidden=hidden) if rule is None else rule
+    hidden = rule.hidden
+    p = init_level(key, rule)
     k = jax.random.fold_in(key, 1)
     p["fc1"]["kernel"] = scale * jax.random.normal(k, p["fc1"]["kernel"].shape) / np.sqrt(hidden)
     return p
@@ -66,6 +69,13 @@ def random_params(model_cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
 
     keys = jax.random.split(jax.random.PRNGKey(seed), model_cfg.n_levels)
     return {n: random_level_params(k, model_cfg.channels, model_cfg.hidden, scale) for n, k in zip(level_names(model_cfg), keys)}
+
+
+def machine_backend(cfg):
+    """The backend the entry points would resolve for ``cfg`` on this machine."""
+    from mednca_jax.machine import backend_for
+
+    return backend_for(cfg)
 
 
 # A run of a few steps on the synthetic task (train.py / trainer.train tests).
@@ -89,3 +99,12 @@ log_every = 2
 eval_every = 3
 checkpoint_every = 3
 """
+
+
+def train(cfg, workdir, data_dir=None, **kwargs):
+    """:func:`mednca_jax.train.loop.train` with the backend resolved for this machine, as
+    ``mednca train`` resolves it."""
+    from mednca_jax.machine import backend_for
+    from mednca_jax.train.loop import train as train_run
+
+    return train_run(cfg, workdir, data_dir, backend=backend_for(cfg), **kwargs)

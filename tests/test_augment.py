@@ -227,7 +227,7 @@ def test_resume_with_augmentation_and_ema_is_exact(tmp_path, monkeypatch):
     from mednca_jax.train import checkpoint as ckpt
     from mednca_jax.config import loads
     from mednca_jax.data import make_synthetic_task
-    from mednca_jax.train.loop import train
+    from conftest import train
 
     monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "synth"

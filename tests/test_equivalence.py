@@ -1,18 +1,23 @@
 """Every implementation of the NCA rule against the reference, values and gradients, on the
 same fire masks.
 
+**The table** (:func:`test_table`): every registered perception x update x norm x spatial
+rank (2, 3), the built-ins and the example plug-in (``examples/custom_rule.py``), against
+every implementation. An implementation that claims the rule must reproduce the reference
+(backends: values and gradients; runtimes: values); one that does not must refuse it by
+name. Nothing is skipped.
+
 | implementation                         | test                                               |
 | -------------------------------------- | -------------------------------------------------- |
+| every rule x implementation            | test_table[perception-update-norm-rank-impl]       |
 | cpu_fast, compacted (fired cells only) | test_cpu_fast_equals_reference[rate 0.5 / 0.9]     |
 | cpu_fast, dense (traced fire rate)     | test_cpu_fast_dense_path_equals_reference          |
 | cpu_fast, overflow chunks              | test_cpu_fast_overflow_chunks_equal_reference      |
 | cpu_fast, two pieces                   | test_cpu_fast_pieces_equal_reference               |
 | remat step / nested (both backends)    | test_remat_modes_equal_none                        |
-| both perceptions (learned, sobel)      | every test above is parametrised over them         |
 | two levels + crops, train loss / grads | test_two_level_training_loss_equals_reference      |
 | data-parallel over 4 virtual devices   | test_data_parallel_step_equals_one_device (3 steps) |
 | inference in groups of samples         | test_grouped_inference_equals_whole_batch          |
-| NumPy runtime, PyTorch runtime         | test_export.py::test_runtimes_equal_reference_on_given_masks |
 
 The reference is :func:`mednca_jax.nca.rollout.reference_rollout`: :func:`mednca_jax.nca.rule.step`
 under ``jax.lax.scan``, differentiated by JAX.
@@ -30,32 +35,46 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from mednca_jax.nca import cpu_fast
-
-from mednca_jax.nca import levels
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
-from mednca_jax.nca.rollout import CPU_GROUP_CELLS, REFERENCE, Backend, init_level_params, rollout
-from mednca_jax.nca.rule import Rule, fire_masks, sample_keys
+from mednca_jax.nca import cpu_fast, levels
+from mednca_jax.nca.backends import CPU_GROUP_CELLS, REFERENCE, Backend, resolve_backend
+from mednca_jax.nca.perceptions import PERCEPTIONS as REGISTERED_PERCEPTIONS
+from mednca_jax.nca.rollout import rollout
+from mednca_jax.nca.rule import Rule, fire_masks, init_level, sample_keys
+from mednca_jax.nca.updates import UPDATES as REGISTERED_UPDATES
+from mednca_jax.plugins import load_plugins
 
 C, HID = 6, 16
 PERCEPTIONS = ["learned", "sobel"]
 FAST = Backend("cpu_fast", pieces=1)
 
+# The example plug-in registers its perception and update here, so the table covers them too.
+EXAMPLE = REPO / "examples" / "custom_rule.py"
+if EXAMPLE.is_file():
+    load_plugins([str(EXAMPLE)])
 
-def level_params(perception: str, seed: int = 0, scale: float = 0.5):
-    """Level params with a non-zero fc1 (a fresh NCA is the identity, which tests nothing)."""
+
+def rule_of(perception: str, ndim: int = 2, update: str = "mlp", norm: str = "none", kernel: int = 3) -> Rule:
+    return Rule(perception, kernel, update, norm, C, HID, 1, ndim)
+
+
+def level_params(rule: Rule | str, seed: int = 0, scale: float = 0.5):
+    """Level params with every leaf random and a non-zero fc1 (a fresh NCA is the identity,
+    which tests nothing)."""
+    rule = rule_of(rule) if isinstance(rule, str) else rule
     key = jax.random.PRNGKey(seed)
-    p = init_level_params(key, C, HID, perception)
-    p["fc1"]["kernel"] = scale * jax.random.normal(jax.random.fold_in(key, 1), p["fc1"]["kernel"].shape) / np.sqrt(HID)
-    return p
+    p = init_level(key, rule)
+    leaves, tree = jax.tree_util.tree_flatten(p)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    # Zero-initialised leaves (fc1, a plug-in's residual) get random values; the rest keep theirs.
+    leaves = [scale * jax.random.normal(k, a.shape) / np.sqrt(max(a.shape[0], 1)) if not np.any(np.asarray(a)) else a
+              for k, a in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
 
 
-def _loss(perception, backend, rate, steps, remat="none", masks=None):
+def _loss(rule, backend, rate, steps, remat="none", masks=None):
     def f(p, x):
-        out, _ = rollout(
-            p, x, x[..., :1], jax.random.PRNGKey(7), steps, rate, rule=Rule(perception), backend=backend,
-            remat=remat, masks=masks,
-        )
+        out, _ = rollout(p, x, x[..., :1], jax.random.PRNGKey(7), steps, rate, rule=rule, backend=backend, remat=remat, masks=masks)
         return jnp.sum(jnp.sin(out))
 
     return f
@@ -71,18 +90,91 @@ def assert_trees_close(got, want, rtol=1e-4):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6 + 2e-6 * float(np.abs(b).max(initial=0.0)))
 
 
-def _compare(perception, backend, rate, shape=(3, 12, 10, C), steps=5, remat="none", traced=False, rtol=1e-5):
-    p = level_params(perception)
+def _compare(rule, backend, rate, shape=(3, 12, 10, C), steps=5, remat="none", traced=False, rtol=1e-5):
+    rule = rule_of(rule, len(shape) - 2) if isinstance(rule, str) else rule
+    p = level_params(rule)
     x = jax.random.normal(jax.random.PRNGKey(1), shape)
-    ref_v, ref_g = jax.value_and_grad(_loss(perception, REFERENCE, rate, steps), argnums=(0, 1))(p, x)
+    ref_v, ref_g = jax.value_and_grad(_loss(rule, REFERENCE, rate, steps), argnums=(0, 1))(p, x)
     if traced:  # the rate as a traced value: cpu_fast cannot size its compaction, runs dense
-        f = lambda p, x, r: _loss(perception, backend, r, steps, remat)(p, x)  # noqa: E731
+        f = lambda p, x, r: _loss(rule, backend, r, steps, remat)(p, x)  # noqa: E731
         v, g = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(p, x, jnp.float32(rate))
     else:
-        v, g = jax.jit(jax.value_and_grad(_loss(perception, backend, rate, steps, remat), argnums=(0, 1)))(p, x)
+        v, g = jax.jit(jax.value_and_grad(_loss(rule, backend, rate, steps, remat), argnums=(0, 1)))(p, x)
     np.testing.assert_allclose(v, ref_v, rtol=rtol)
     assert_trees_close(g, ref_g)
     return ref_v
+
+
+# --------------------------------------------------------------------------- the table
+SHAPES = {2: (2, 9, 8, C), 3: (2, 6, 5, 4, C)}
+TABLE_STEPS = 3
+
+
+def _table_rules() -> list[Rule]:
+    rules = []
+    for perception in sorted(REGISTERED_PERCEPTIONS):
+        for update in sorted(REGISTERED_UPDATES):
+            for norm in REGISTERED_UPDATES[update].norms:
+                for ndim in (2, 3):
+                    rule = rule_of(perception, ndim, update, norm)
+                    rules.append(rule)
+    return rules
+
+
+def _rule_id(rule: Rule) -> str:
+    return f"{rule.perception}-{rule.update}-{rule.norm}-{rule.ndim}d"
+
+
+TABLE_RULES = _table_rules()
+
+
+def _masks(rule: Rule, rate: float = 0.5) -> jax.Array:
+    shape = SHAPES[rule.ndim]
+    return fire_masks(sample_keys(jax.random.PRNGKey(4), shape[0]), TABLE_STEPS, shape[1:-1], rate)
+
+
+def _reference_state(rule: Rule, p, x, masks):
+    return rollout(p, x, x[..., :1], jax.random.PRNGKey(0), TABLE_STEPS, 0.5, rule=rule, masks=masks)[0]
+
+
+def check_cpu_fast(rule: Rule) -> None:
+    why = cpu_fast.unsupported(rule)
+    if why:  # refused by name when asked for, and auto runs the reference instead
+        with pytest.raises(ValueError, match="cpu_fast"):
+            resolve_backend("cpu_fast", rule, "cpu", 2)
+        assert resolve_backend("auto", rule, "cpu", 2) == REFERENCE
+        return
+    assert resolve_backend("auto", rule, "cpu", 2).name == "cpu_fast"
+    masks = _masks(rule)
+    _compare(rule, Backend("cpu_fast", pieces=2), 0.5, shape=SHAPES[rule.ndim], steps=TABLE_STEPS, rtol=1e-5)
+    # and on given masks (the runtimes' case below)
+    p, x = level_params(rule), jax.random.normal(jax.random.PRNGKey(1), SHAPES[rule.ndim])
+    got = rollout(p, x, x[..., :1], jax.random.PRNGKey(0), TABLE_STEPS, 0.5, rule=rule, backend=FAST, masks=masks)[0]
+    np.testing.assert_allclose(got, _reference_state(rule, p, x, masks), rtol=1e-5, atol=1e-5)
+
+
+IMPLEMENTATIONS = {"cpu_fast": check_cpu_fast}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("rule", TABLE_RULES, ids=_rule_id)
+def test_table(rule, impl):
+    IMPLEMENTATIONS[impl](rule)
+
+
+def test_table_covers_every_registered_rule():
+    assert {"learned", "sobel", "depthwise"} <= {r.perception for r in TABLE_RULES}
+    assert {("mlp", "none"), ("mlp", "batch")} <= {(r.update, r.norm) for r in TABLE_RULES}
+    assert {r.ndim for r in TABLE_RULES} == {2, 3}
+    assert EXAMPLE.is_file() and {"gradient3", "gated"} <= {r.perception for r in TABLE_RULES} | {r.update for r in TABLE_RULES}
+
+
+def test_cpu_fast_refuses_an_update_it_does_not_implement():
+    rule = rule_of("learned", update="gated") if "gated" in REGISTERED_UPDATES else rule_of("learned", norm="batch")
+    name = rule.update if rule.update != "mlp" else rule.norm
+    assert resolve_backend("auto", rule, "cpu", 2) == REFERENCE
+    with pytest.raises(ValueError, match=f"cpu_fast.*{name}"):
+        resolve_backend("cpu_fast", rule, "cpu", 2)
 
 
 @pytest.mark.parametrize("perception", PERCEPTIONS)
@@ -130,13 +222,14 @@ def test_given_masks_are_the_drawn_masks():
     # The masks a rollout draws from its keys are rule.fire_masks of the per-sample keys: the
     # same rollout with those masks passed in gives the same state, on both backends.
     p = level_params("learned")
+    rule = rule_of("learned")
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, C))
     key = jax.random.PRNGKey(4)
     masks = fire_masks(sample_keys(key, 3), 6, (8, 8), 0.5)
     assert 0.3 < float(masks.mean()) < 0.7
     for backend in (REFERENCE, FAST):
-        drawn, _ = rollout(p, x, x[..., :1], key, 6, 0.5, backend=backend)
-        given, _ = rollout(p, x, x[..., :1], key, 6, 0.5, backend=backend, masks=masks)
+        drawn, _ = rollout(p, x, x[..., :1], key, 6, 0.5, rule=rule, backend=backend)
+        given, _ = rollout(p, x, x[..., :1], key, 6, 0.5, rule=rule, backend=backend, masks=masks)
         np.testing.assert_array_equal(drawn, given)
 
 
@@ -183,7 +276,7 @@ def test_two_level_training_loss_equals_reference(perception):
     labels = (images > 0.5).astype(jnp.float32)
 
     def loss(p, backend):
-        logits, lab = levels.forward_train(p, cfg.model, images, labels, jax.random.PRNGKey(3), backend=backend)
+        logits, lab = levels.forward_train(p, cfg.model, images, labels, jax.random.PRNGKey(3), 0.5, backend=backend)
         return dice_bce_loss(logits, lab)
 
     ref_v, ref_g = jax.value_and_grad(loss)(params, REFERENCE)
@@ -200,7 +293,7 @@ def test_data_parallel_step_equals_one_device():
 import jax, jax.numpy as jnp, numpy as np
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
 from mednca_jax.nca import levels
-from mednca_jax.nca.rollout import REFERENCE, Backend
+from mednca_jax.nca.backends import REFERENCE, Backend
 from mednca_jax.train.step import init_train_state, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated
 assert jax.device_count() == 4
 for backend in (REFERENCE, Backend("cpu_fast", 1)):
@@ -260,18 +353,28 @@ def test_batch_groups():
 
 # --------------------------------------------------------------------------- backend choice
 def test_auto_backend_takes_cpu_fast_on_a_cpu_and_reference_elsewhere():
-    from mednca_jax.nca.rollout import resolve_backend
-
-    assert resolve_backend("auto", Rule("learned"), "cpu", 2) == Backend("cpu_fast", 2, CPU_GROUP_CELLS)
-    assert resolve_backend("auto", Rule("sobel"), "cpu", 1) == Backend("cpu_fast", 1, CPU_GROUP_CELLS)
-    assert resolve_backend("auto", Rule("learned"), "gpu", 16) == REFERENCE
-    assert resolve_backend("auto", Rule("learned", "bfloat16"), "cpu", 2) == REFERENCE
-    assert resolve_backend("auto", Rule("learned"), "cpu", 2, ndim=3) == REFERENCE
-    assert resolve_backend("reference", Rule("learned"), "cpu", 2) == REFERENCE
+    learned, sobel = rule_of("learned"), rule_of("sobel")
+    assert resolve_backend("auto", learned, "cpu", 2) == Backend("cpu_fast", 2, CPU_GROUP_CELLS)
+    assert resolve_backend("auto", [learned, sobel], "cpu", 1) == Backend("cpu_fast", 1, CPU_GROUP_CELLS)
+    assert resolve_backend("auto", learned, "gpu", 16) == REFERENCE
+    assert resolve_backend("auto", learned._replace(precision="bfloat16"), "cpu", 2) == REFERENCE
+    assert resolve_backend("auto", [learned, learned._replace(norm="batch")], "cpu", 2) == REFERENCE  # one level it cannot run
+    assert resolve_backend("reference", learned, "cpu", 2) == REFERENCE
     with pytest.raises(ValueError, match="cpu_fast.*float32"):
-        resolve_backend("cpu_fast", Rule("learned", "bfloat16"), "cpu", 2)
-    with pytest.raises(ValueError, match="cpu_fast.*2D"):
-        resolve_backend("cpu_fast", Rule("learned"), "cpu", 2, ndim=3)
+        resolve_backend("cpu_fast", learned._replace(precision="bfloat16"), "cpu", 2)
+    with pytest.raises(ValueError, match="cpu_fast.*norm 'batch'"):
+        resolve_backend("cpu_fast", learned._replace(norm="batch"), "cpu", 2)
+
+
+def test_auto_says_once_why_it_falls_back(capsys):
+    from mednca_jax.nca import backends
+
+    backends._TOLD.clear()
+    rule = rule_of("learned", norm="batch")
+    for _ in range(3):
+        assert resolve_backend("auto", rule, "cpu", 2) == REFERENCE
+    err = capsys.readouterr().err
+    assert err.count("note: model.backend=auto runs the reference backend") == 1 and "norm 'batch'" in err
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from mednca_jax.train import loop as trainer
 from mednca_jax.config import ConfigError, load_config
 from mednca_jax.data import make_split, write_split
 from mednca_jax.train.faults import RunError
-from mednca_jax.train.loop import train
+from conftest import train
 from test_trainer import _params, task  # noqa: F401 - the tiny synthetic task fixture
 
 # Run as `python -c CHILD train.py-args`: train.py, made to stop at FAULT_STEP (in the commit

@@ -14,7 +14,7 @@ import pytest
 
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
 from mednca_jax.export import export_numpy, export_torch, load_runtime_module, npz_arrays_to_params
-from mednca_jax.train.launch import backend_for
+from mednca_jax.machine import backend_for
 from mednca_jax.nca.levels import forward, segment
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"

@@ -70,10 +70,10 @@ def test_forward_shapes_and_label_cropped_with_the_image(tiny_cfg):
     m = tiny_cfg.model
     p = random_params(m)
     img = jax.random.uniform(jax.random.PRNGKey(0), (3, 16, 16, 1))
-    logits = forward(p, m, img, jax.random.PRNGKey(1))
+    logits = forward(p, m, img, jax.random.PRNGKey(1), m.fire_rate)
     assert logits.shape == (3, 16, 16, 1)
     # the label is the image itself, so its crop must equal the image channel of the crop
-    lg, lab = forward_train(p, m, img, img, jax.random.PRNGKey(2))
+    lg, lab = forward_train(p, m, img, img, jax.random.PRNGKey(2), m.fire_rate)
     assert lg.shape == lab.shape == (3, 8, 8, 1)
     found = [
         any(np.array_equal(lab[i], img[i, y : y + 8, x : x + 8]) for y in range(9) for x in range(9)) for i in range(3)
@@ -85,7 +85,7 @@ def test_whole_image_training_when_patch_is_zero(tiny_cfg):
     m = dataclasses.replace(tiny_cfg.model, patch_size=0)
     p = random_params(m)
     img = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 1))
-    lg, lab = forward_train(p, m, img, img, jax.random.PRNGKey(2), fire_rate=0.0)
+    lg, lab = forward_train(p, m, img, img, jax.random.PRNGKey(2), 0.0)
     np.testing.assert_array_equal(lab, img)
     np.testing.assert_allclose(lg, forward(p, m, img, jax.random.PRNGKey(9), 0.0), atol=1e-5)
 
@@ -99,7 +99,7 @@ def test_any_number_of_levels(steps, scales):
     logits, states = forward(p, m, img, jax.random.PRNGKey(1), 0.0, return_states=True)
     assert logits.shape == (2, 16, 16, 1)
     assert [s.shape[1] for s in states] == [16 // s for s in scales]
-    lg, _ = forward_train(p, m, img, img, jax.random.PRNGKey(2))
+    lg, _ = forward_train(p, m, img, img, jax.random.PRNGKey(2), m.fire_rate)
     assert lg.shape == (2, 4, 4, 1) and np.all(np.isfinite(lg))
 
 

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")
 
-from mednca_jax import plots  # noqa: E402
+from mednca_jax.evaluate import plots  # noqa: E402
 
 RESULTS = {
     "Med-NCA": {

@@ -14,7 +14,7 @@ from mednca_jax.train import checkpoint as ckpt
 from mednca_jax.config import dumps
 from mednca_jax.data import make_synthetic_task
 from mednca_jax.train.faults import RunError
-from mednca_jax.train.loop import train
+from conftest import train
 from conftest import TINY_RUN_TOML as TINY
 
 

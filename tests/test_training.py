@@ -19,7 +19,7 @@ from mednca_jax.train.step import (
     make_optimizer,
     make_train_step,
 )
-from conftest import REPO
+from conftest import REPO, machine_backend
 
 
 def _batch(seed, n=4, size=16, empty=False):
@@ -38,7 +38,7 @@ def _batch(seed, n=4, size=16, empty=False):
 def setup(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, patch_size=0))
     tx = make_optimizer(cfg.train)
-    step = make_train_step(cfg, tx)
+    step = make_train_step(cfg, tx, backend=machine_backend(cfg))
     return cfg, tx, step
 
 
@@ -93,7 +93,7 @@ SHARDED = textwrap.dedent(
     out = {}
     for name, mesh in [("one", None), ("four", make_mesh())]:
         try:
-            step = make_train_step(cfg, tx, mesh)
+            step = make_train_step(cfg, tx, mesh, backend=machine_backend(cfg))
         except ValueError as e:
             out["error"] = str(e); break
         state = put_replicated(init_train_state(params, tx, ema=cfg.train.ema_decay > 0), mesh)
@@ -162,7 +162,7 @@ def test_ema_update_math_and_train_step_keeps_the_average(setup):
     np.testing.assert_allclose(ema_update(a, p, 0.9)["w"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 - 0.1 * 2], rtol=1e-6)
     cfg, tx, _ = setup
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=0.75))
-    step = make_train_step(cfg, tx)
+    step = make_train_step(cfg, tx, backend=machine_backend(cfg))
     state = init_train_state(init_network_params(cfg, jax.random.PRNGKey(0)), tx, ema=True)
     p0 = jax.tree_util.tree_map(np.array, state.params)
     state, _ = step(state, _batch(0), jax.random.PRNGKey(0))
@@ -201,7 +201,7 @@ def test_train_step_with_budget_schedule_reads_the_state(setup):
     t = dataclasses.replace(cfg.train, schedule="budget_cosine", time_limit_min=1.0, lr_final=0.1, clip_grad_norm=1.0)
     cfg = dataclasses.replace(cfg, train=t)
     tx = make_optimizer(t)
-    step = make_train_step(cfg, tx)
+    step = make_train_step(cfg, tx, backend=machine_backend(cfg))
     state = init_train_state(init_network_params(cfg, jax.random.PRNGKey(0)), tx)
     for used in (0.0, 0.5, 1.0):
         state, m = step(with_budget_used(state, t, used * 60.0), _batch(0), jax.random.PRNGKey(0))
@@ -216,7 +216,7 @@ def test_augmentation_hook_uses_its_own_key_and_leaves_the_model_keys_alone(setu
     numbers are the same as without augmentation."""
     cfg, tx, plain = setup
     acfg = AugmentConfig.from_preset("default", p_shift=1.0, p_gamma=1.0)
-    aug_step = make_train_step(dataclasses.replace(cfg, augment=acfg), tx)
+    aug_step = make_train_step(dataclasses.replace(cfg, augment=acfg), tx, backend=machine_backend(cfg))
     params = init_network_params(cfg, jax.random.PRNGKey(0))
     key, batch = jax.random.PRNGKey(3), _batch(4)
     _, m_aug = aug_step(init_train_state(params, tx), batch, key)

@@ -8,11 +8,9 @@ the image are 0 (background), as in the robustness suite's geometric perturbatio
 
 Why not dm-pix here: its ``affine_transform`` interpolates over all three axes of an
 ``(H, W, c)`` image (eight gathers per pixel, the channel axis included) and its
-``elastic_deformation`` resamples channel by channel after a 25-tap blur of two noise fields.
-Jitted on a shared 2-core AMD EPYC (2026-12-01) these took 65 ms (affine, image + label) and
-111 ms (elastic) for a 48 x 64 x 64 batch, against about 0.6 s for a whole original-config train
-step; :func:`sample` (four gathers shared by all channels) and a coarse control grid do the
-same job in a few milliseconds.
+``elastic_deformation`` resamples channel by channel after a 25-tap blur of two noise fields,
+tens of milliseconds per batch where :func:`sample` (four gathers shared by all channels) and
+a coarse control grid take a few (docs/augmentation.md has the measurements).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each scan goes through the training preprocessing (``data.preprocess.preprocess_volume``:
 slices along ``data.slice_axis``, bicubic resize to ``data.image_size``, per-slice [0, 1]
-normalisation), the model's jitted prediction (``evaluation.make_predict_fn`` /
+normalisation), the model's jitted prediction (``inference.make_predict_fn`` /
 ``predict_slices``, as ``mednca evaluate`` uses), and back to the scan's own voxel grid
 (``data.resample_to_native``). The label volume is written with the input's affine and
 header (``data.write_volume``). With ``runs >= 2`` the stochastic model runs several times:
@@ -168,7 +168,8 @@ def predict_volume(
     import jax
 
     from mednca_jax.data import preprocess_volume, resample_to_native
-    from mednca_jax.evaluate.evaluation import predict_slices, probabilities_to_labels
+    from mednca_jax.evaluate.evaluation import probabilities_to_labels
+    from mednca_jax.evaluate.inference import predict_slices
     from mednca_jax.evaluate.quality import nqm, variance_volume
 
     images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
@@ -218,7 +219,7 @@ def predict_scans(
     """
     import jax
 
-    from mednca_jax.evaluate.evaluation import make_predict_fn
+    from mednca_jax.evaluate.inference import make_predict_fn
     from mednca_jax.nca.levels import InputError, check_fire_rate
 
     if runs < 1:

@@ -1,9 +1,9 @@
 """Uniform draws equal bit for bit to ``jax.random.uniform``, written as plain elementwise ops.
 
 Why: on XLA:CPU, JAX lowers its default PRNG (Threefry-2x32) as a rolled loop of five
-iterations that copies the whole counter state each time. The fire masks of one inference
-rollout (64 steps x 4096 cells) took ~2.4 ms that way, about 5 % of the rollout. The same
-hash written out as additions, rotations and xors is one fused elementwise pass. The numbers
+iterations that copies the whole counter state each time, a few percent of an inference
+rollout's time for its fire masks (docs/performance.md). The same hash written out as
+additions, rotations and xors is one fused elementwise pass. The numbers
 are unchanged: ``tests/test_prng.py`` compares them with ``jax.random.uniform``.
 
 Threefry-2x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): 20
