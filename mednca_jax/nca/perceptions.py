@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mednca_jax.nca.registry import Registry
+
 if TYPE_CHECKING:
     from mednca_jax.nca.rule import Rule
 
@@ -56,7 +58,7 @@ class Perception:
         return self.filters is not None or self.depthwise is not None
 
 
-PERCEPTIONS: dict[str, Perception] = {}
+PERCEPTIONS: Registry[Perception] = Registry("perception")
 
 
 def register_perception(name: str, perception: Perception, *, replace: bool = False) -> Perception:
@@ -67,16 +69,11 @@ def register_perception(name: str, perception: Perception, *, replace: bool = Fa
     """
     if not (perception.linear or perception.apply is not None):
         raise ValueError(f"perception {name!r} needs filters, depthwise filters or an apply function")
-    if name in PERCEPTIONS and not replace and PERCEPTIONS[name] != perception:
-        raise ValueError(f"a perception named {name!r} is already registered; choose another name or pass replace=True")
-    PERCEPTIONS[name] = perception
-    return perception
+    return PERCEPTIONS.add(name, perception, replace)
 
 
 def get_perception(name: str) -> Perception:
-    if name not in PERCEPTIONS:
-        raise ValueError(f"unknown perception {name!r}; registered: {sorted(PERCEPTIONS)} (a plug-in adds more: model.plugins)")
-    return PERCEPTIONS[name]
+    return PERCEPTIONS.lookup(name)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mednca_jax.nca.perceptions import torch_uniform
+from mednca_jax.nca.registry import Registry
 
 if TYPE_CHECKING:
     from mednca_jax.nca.rule import Rule
@@ -47,22 +48,17 @@ class Update:
     norms: tuple[str, ...] = ("none",)
 
 
-UPDATES: dict[str, Update] = {}
+UPDATES: Registry[Update] = Registry("update")
 
 
 def register_update(name: str, update: Update, *, replace: bool = False) -> Update:
     """Add ``update`` to the registry under ``name`` (``model.update = name``); ``ValueError``
     when the name is taken and ``replace`` is not set."""
-    if name in UPDATES and not replace and UPDATES[name] != update:
-        raise ValueError(f"an update named {name!r} is already registered; choose another name or pass replace=True")
-    UPDATES[name] = update
-    return update
+    return UPDATES.add(name, update, replace)
 
 
 def get_update(name: str) -> Update:
-    if name not in UPDATES:
-        raise ValueError(f"unknown update {name!r}; registered: {sorted(UPDATES)} (a plug-in adds more: model.plugins)")
-    return UPDATES[name]
+    return UPDATES.lookup(name)
 
 
 def matmul(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
