@@ -11,8 +11,8 @@ from conftest import REFERENCE, require
 from mednca_jax.config import load_config
 from mednca_jax.nca.levels import forward
 from mednca_jax.losses import dice_hard
-from mednca_jax.nca.rollout import REFERENCE as REFERENCE_BACKEND
-from mednca_jax.nca.rollout import Backend
+from mednca_jax.nca.backends import REFERENCE as REFERENCE_BACKEND
+from mednca_jax.nca.backends import Backend
 from mednca_jax.nca.weights import WeightsError, load_torch_weights
 
 CONFIG = "configs/hippocampus_official.toml"

@@ -1,10 +1,15 @@
 """Convert between the original PyTorch state dicts and this project's params.
 
-The original keeps, per level, ``p0.weight (C, C, 3, 3)``, ``p0.bias``, ``p1.weight``,
-``p1.bias``, ``fc0.weight (hidden, 3C)``, ``fc0.bias``, ``fc1.weight (C, hidden)``.
-Its convolutions run on a ``(B, C, W, H)`` tensor, so the first spatial kernel axis runs
-along W: our ``(dh, dw, in, out)`` kernel is ``weight.transpose(3, 2, 1, 0)``
-(docs/design.md, "Weight layout"). Linear weights are transposed.
+Med-NCA (2D) keeps, per level, ``p0.weight (C, C, 3, 3)``, ``p0.bias``, ``p1.weight``,
+``p1.bias``, ``fc0.weight (hidden, 3C)``, ``fc0.bias``, ``fc1.weight (C, hidden)``. M3D-NCA
+(3D) keeps one depthwise ``p0.weight (C, 1, k, k, k)``, ``p0.bias``, ``fc0.*``, the batch
+norm's ``bn.weight``/``bn.bias`` (our ``bn.scale``/``bn.bias``) and ``fc1.weight``.
+
+Both originals transpose the state before convolving: Med-NCA convolves ``(B, C, W, H)``,
+M3D-NCA ``(B, C, Y, Z, X)`` (``transpose(1, 4)`` of ``(B, X, Y, Z, C)``). So the kernel's
+spatial axes run along other axes than ours: :data:`TORCH_SPATIAL` says, for each of our
+spatial axes, which kernel axis runs along it (docs/design.md, "Weight layout"). Linear
+weights are transposed. Every conversion is exact (only transposes).
 """
 
 from __future__ import annotations
@@ -16,68 +21,109 @@ import numpy as np
 
 from mednca_jax.config import ModelConfig
 from mednca_jax.errors import MedNCAError
-from mednca_jax.nca.levels import check_params, level_names
-from mednca_jax.nca.rule import Params
+from mednca_jax.nca.levels import check_params, level_names, level_rule
+from mednca_jax.nca.rule import Params, Rule
 
-TORCH_KEYS = ("p0.weight", "p0.bias", "p1.weight", "p1.bias", "fc0.weight", "fc0.bias", "fc1.weight")
+# our spatial axis i runs along the original kernel's spatial axis TORCH_SPATIAL[ndim][i]
+TORCH_SPATIAL = {2: (1, 0), 3: (2, 0, 1)}
+# the original's layers of each perception (their weights are (out, in or 1, *kernel))
+TORCH_CONVS = {"learned": ("p0", "p1"), "depthwise": ("p0",), "sobel": ()}
 
 
 class WeightsError(MedNCAError, ValueError):
     """A weights file is missing, unreadable, or does not fit the config."""
 
 
-def torch_level_to_params(sd: Mapping[str, np.ndarray], source: str = "state dict") -> Params:
-    """One level's original state dict (arrays) -> our level params."""
-    missing = [k for k in TORCH_KEYS if k not in sd]
-    extra = sorted(set(sd) - set(TORCH_KEYS))
-    if missing or extra:
+def torch_keys(rule: Rule) -> tuple[str, ...]:
+    """The state-dict keys of one original level with ``rule``."""
+    if rule.perception not in TORCH_CONVS or rule.update != "mlp" or rule.ndim not in TORCH_SPATIAL:
         raise WeightsError(
-            f"{source}: expected keys {list(TORCH_KEYS)}; missing {missing or 'none'}, unexpected {extra or 'none'}"
+            f"the original's weights exist for the learned / depthwise perceptions and the mlp update in 2D or 3D; "
+            f"got perception {rule.perception!r}, update {rule.update!r}, rank {rule.ndim}"
         )
+    convs = tuple(f"{p}.{w}" for p in TORCH_CONVS[rule.perception] for w in ("weight", "bias"))
+    return convs + ("fc0.weight", "fc0.bias") + (("bn.weight", "bn.bias") if rule.norm == "batch" else ()) + ("fc1.weight",)
+
+
+def _kernel_to_ours(w: np.ndarray, ndim: int) -> np.ndarray:
+    """``(out, in, *k)`` in the original's axis order -> ``(*k, in, out)`` in ours."""
+    return w.transpose([2 + a for a in TORCH_SPATIAL[ndim]] + [1, 0])
+
+
+def _kernel_to_torch(k: np.ndarray, ndim: int) -> np.ndarray:
+    """Inverse of :func:`_kernel_to_ours`."""
+    order = [2 + a for a in TORCH_SPATIAL[ndim]] + [1, 0]
+    return k.transpose(np.argsort(order))
+
+
+def torch_level_to_params(sd: Mapping[str, np.ndarray], rule: Rule = Rule(), source: str = "state dict") -> Params:
+    """One level's original state dict (arrays) -> our level params for ``rule``."""
+    keys = torch_keys(rule)
+    missing = [k for k in keys if k not in sd]
+    extra = sorted(set(sd) - set(keys))
+    if missing or extra:
+        raise WeightsError(f"{source}: expected keys {list(keys)}; missing {missing or 'none'}, unexpected {extra or 'none'}")
     a = {k: np.asarray(v, np.float32) for k, v in sd.items()}
-    for k in ("p0.weight", "p1.weight"):
-        if a[k].ndim != 4 or a[k].shape[2:] != (3, 3):
-            raise WeightsError(f"{source}: {k} must have shape (C, C, 3, 3), got {a[k].shape}")
-    return {
-        "p0": {"kernel": a["p0.weight"].transpose(3, 2, 1, 0), "bias": a["p0.bias"]},
-        "p1": {"kernel": a["p1.weight"].transpose(3, 2, 1, 0), "bias": a["p1.bias"]},
-        "fc0": {"kernel": a["fc0.weight"].T, "bias": a["fc0.bias"]},
-        "fc1": {"kernel": a["fc1.weight"].T},
-    }
+    out: Params = {}
+    for name in TORCH_CONVS[rule.perception]:
+        w = a[f"{name}.weight"]
+        if w.ndim != rule.ndim + 2 or w.shape[2:] != (rule.kernel_size,) * rule.ndim:
+            raise WeightsError(
+                f"{source}: {name}.weight must have shape (C, C or 1, {', '.join([str(rule.kernel_size)] * rule.ndim)}), got {w.shape}"
+            )
+        kernel = _kernel_to_ours(w, rule.ndim)  # depthwise: (*k, 1, C) -> our (*k, C, 1)
+        if rule.perception == "depthwise":
+            kernel = np.swapaxes(kernel, -1, -2)
+        out[name] = {"kernel": np.ascontiguousarray(kernel), "bias": a[f"{name}.bias"]}
+    out["fc0"] = {"kernel": a["fc0.weight"].T, "bias": a["fc0.bias"]}
+    if rule.norm == "batch":
+        out["bn"] = {"scale": a["bn.weight"], "bias": a["bn.bias"]}
+    out["fc1"] = {"kernel": a["fc1.weight"].T}
+    return out
 
 
-def params_to_torch_level(level: Params) -> dict[str, np.ndarray]:
+def params_to_torch_level(level: Params, rule: Rule = Rule()) -> dict[str, np.ndarray]:
     """Inverse of :func:`torch_level_to_params` (exact: only transposes)."""
     g = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
-    return {
-        "p0.weight": g(np.asarray(level["p0"]["kernel"]).transpose(3, 2, 1, 0)),
-        "p0.bias": g(level["p0"]["bias"]),
-        "p1.weight": g(np.asarray(level["p1"]["kernel"]).transpose(3, 2, 1, 0)),
-        "p1.bias": g(level["p1"]["bias"]),
-        "fc0.weight": g(np.asarray(level["fc0"]["kernel"]).T),
-        "fc0.bias": g(level["fc0"]["bias"]),
-        "fc1.weight": g(np.asarray(level["fc1"]["kernel"]).T),
-    }
+    out = {}
+    for name in TORCH_CONVS[rule.perception]:
+        kernel = np.asarray(level[name]["kernel"])
+        if rule.perception == "depthwise":
+            kernel = np.swapaxes(kernel, -1, -2)
+        out[f"{name}.weight"] = g(_kernel_to_torch(kernel, rule.ndim))
+        out[f"{name}.bias"] = g(level[name]["bias"])
+    out["fc0.weight"], out["fc0.bias"] = g(np.asarray(level["fc0"]["kernel"]).T), g(level["fc0"]["bias"])
+    if rule.norm == "batch":
+        out["bn.weight"], out["bn.bias"] = g(level["bn"]["scale"]), g(level["bn"]["bias"])
+    out["fc1.weight"] = g(np.asarray(level["fc1"]["kernel"]).T)
+    return out
 
 
-def params_to_torch_state_dicts(params: Params, model_cfg: ModelConfig) -> list[dict[str, np.ndarray]]:
+def params_to_torch_state_dicts(params: Params, model_cfg: ModelConfig, ndim: int = 2) -> list[dict[str, np.ndarray]]:
     """Our params -> one original-layout state dict (NumPy arrays) per level, coarse to fine."""
-    return [params_to_torch_level(params[name]) for name in level_names(model_cfg)]
+    return [params_to_torch_level(params[name], level_rule(model_cfg, i, ndim)) for i, name in enumerate(level_names(model_cfg))]
 
 
 def torch_state_dicts_to_params(
-    state_dicts: Sequence[Mapping[str, np.ndarray]], model_cfg: ModelConfig, sources: Sequence[str] | None = None
+    state_dicts: Sequence[Mapping[str, np.ndarray]], model_cfg: ModelConfig, sources: Sequence[str] | None = None,
+    ndim: int | None = None,
 ) -> Params:
-    """One original state dict per level -> params, checked against ``model_cfg``."""
+    """One original state dict per level -> params, checked against ``model_cfg``. ``ndim``:
+    the spatial rank (default: read from the first level's kernel, 2 for a fixed perception)."""
     names = level_names(model_cfg)
     sources = list(sources) if sources is not None else [f"level {i}" for i in range(len(state_dicts))]
     if len(state_dicts) != len(names):
         raise WeightsError(
             f"the config has {len(names)} levels but {len(state_dicts)} weight sets were given ({', '.join(sources)})"
         )
-    params = {n: torch_level_to_params(sd, src) for n, sd, src in zip(names, state_dicts, sources)}
+    if ndim is None:
+        ndim = np.ndim(state_dicts[0]["p0.weight"]) - 2 if "p0.weight" in state_dicts[0] else 2
+    params = {
+        n: torch_level_to_params(sd, level_rule(model_cfg, i, ndim), src)
+        for i, (n, sd, src) in enumerate(zip(names, state_dicts, sources))
+    }
     try:
-        check_params(params, model_cfg, source=" + ".join(sources))
+        check_params(params, model_cfg, source=" + ".join(sources), ndim=ndim)
     except ValueError as e:
         raise WeightsError(str(e)) from None
     return params
@@ -110,7 +156,7 @@ def _read_npz(path: Path, n_levels: int) -> list[dict[str, np.ndarray]]:
     for i in range(n_levels):
         prefix = f"model{i}."
         levels.append({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
-    known = {f"model{i}.{k}" for i in range(n_levels) for k in TORCH_KEYS}
+    known = {f"model{i}.{k}" for i in range(n_levels) for k in torch_keys(Rule(norm="batch"))}
     extra = sorted(set(arrays) - known)
     if extra:
         raise WeightsError(f"{path}: keys {extra} do not belong to a {n_levels}-level model (expected model0.* .. model{n_levels - 1}.*)")
