@@ -507,9 +507,16 @@ def test_numpy_runtime_folder_errors(small, tmp_path):
     conf = json.loads((d / "config.json").read_text())
     conf["model"]["channels"] = 12
     (d / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(rt_np.ExportFormatError, match=r"config\.json: rules\[0\]\.channels = 8 but the model has channels = 12"):
+        rt_np.MedNCA.load(d)
+    for rule in conf["rules"]:
+        rule["channels"] = 12
+    (d / "config.json").write_text(json.dumps(conf))
     with pytest.raises(rt_np.ExportFormatError, match=r"weights\.npz.*level0\.perception\.kernel.*\(3, 3, 8, 16\).*\(3, 3, 12, 16\)"):
         rt_np.MedNCA.load(d)
     conf["model"]["channels"], conf["model"]["steps"] = 8, [4, 4, 4]
+    for rule in conf["rules"]:
+        rule["channels"] = 8
     (d / "config.json").write_text(json.dumps(conf))
     with pytest.raises(rt_np.ExportFormatError, match="config.json"):
         rt_np.MedNCA.load(d)
