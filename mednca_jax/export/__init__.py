@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mednca_jax.config import Config, ConfigError, load_config
+from mednca_jax.export import runtime_numpy as _runtime
 
 HERE = Path(__file__).resolve().parent
 NUMPY_RUNTIME_SOURCE = HERE / "runtime_numpy.py"
@@ -50,10 +51,9 @@ FORMAT = "mednca-export"
 FORMAT_VERSION = 3  # 3: per-level rule descriptions in config.json, bn.* arrays
 # The original module declares fc0, fc1 before p0, p1: its state dicts list keys in this order.
 ORIGINAL_KEY_ORDER = ("fc0.weight", "fc0.bias", "fc1.weight", "p0.weight", "p0.bias", "p1.weight", "p1.bias")
-# What the NumPy runtime and the ONNX graph interpret (runtime_numpy.py holds its own copy).
-INTERPRETED_UPDATES = ("mlp",)
-INTERPRETED_NORMS = ("none", "batch")
-INTERPRETED_RANKS = (2, 3)
+# What the NumPy runtime and the ONNX graph interpret: the runtime file's own lists (it is
+# self-contained and checks them again when it loads a folder).
+INTERPRETED_UPDATES, INTERPRETED_NORMS, INTERPRETED_RANKS = _runtime.UPDATES, _runtime.NORMS, _runtime.RANKS
 
 __all__ = [
     "ExportError", "export_numpy", "export_torch", "export_onnx", "onnx_logits", "verify_onnx", "verify_numpy", "import_torch",
