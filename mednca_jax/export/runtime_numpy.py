@@ -580,7 +580,8 @@ def run_level_padded(
     span_max = max(spans)
     n_hid = lw.fc1.shape[0]
     work = _Work(cols=np.empty(span_max * lw.cols_width, np.float32), y=np.empty((span_max, c + lw.features), np.float32),
-                 prod=np.empty((span_max, lw.features), np.float32), hid=np.empty((span_max, n_hid), np.float32),
+                 prod=np.empty((span_max if len(lw.blocks) > 1 else 0, lw.features), np.float32),
+                 hid=np.empty((span_max, n_hid), np.float32),
                  slots=(np.empty((span_max, c), np.float32), np.empty((span_max, c), np.float32)))
     thr = np.float32(fire_rate)
     rest = tuple(slice(r, r + s) for s in spatial[1:])  # the interior of axes 1..nd-1
