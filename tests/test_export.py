@@ -1,5 +1,8 @@
 """Edge export: NumPy and PyTorch runtimes vs the original fixture and vs JAX,
-round trips of the original weights, isolation of the NumPy runtime, bad input.
+round trips of the original weights, isolation of the NumPy runtime, bad input; the NumPy
+runtime as an interpreter of the rule description (level rollouts on given masks against
+the JAX reference for every built-in perception, both norms, rank 2 and 3, several kernel
+sizes; a 3D export; refusal of rules it cannot run).
 
 CPU budget: the machine has 2 shared cores. Heavy NumPy work runs in one isolated
 subprocess with 1 BLAS thread (multithreaded OpenBLAS degrades badly on busy cores); torch
@@ -10,6 +13,7 @@ runs with 1 thread; the fire-0.5 Dice comparison uses 4 of the fixture's 28 fore
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -24,10 +28,14 @@ from conftest import REFERENCE as REF, require
 
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
 from mednca_jax.export import (
-    ExportError, export_numpy, export_torch, load_runtime_module, params_to_npz_arrays, resolve_config,
+    ExportError, export_config, export_numpy, export_torch, load_runtime_module, npz_arrays_to_params, params_to_npz_arrays,
+    resolve_config, rule_weights, verify_numpy,
 )
+from mednca_jax.export import runtime_numpy as rt_source
 from mednca_jax.export.__main__ import main as export_main
-from mednca_jax.nca.levels import forward
+from mednca_jax.nca.levels import forward, level_rule
+from mednca_jax.nca.rollout import REFERENCE as REFERENCE_BACKEND, rollout
+from mednca_jax.nca.rule import Rule
 
 torch = pytest.importorskip("torch")
 
@@ -507,9 +515,16 @@ def test_numpy_runtime_folder_errors(small, tmp_path):
     conf = json.loads((d / "config.json").read_text())
     conf["model"]["channels"] = 12
     (d / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(rt_np.ExportFormatError, match=r"config\.json: rules\[0\]\.channels = 8 but the model has channels = 12"):
+        rt_np.MedNCA.load(d)
+    for rule in conf["rules"]:
+        rule["channels"] = 12
+    (d / "config.json").write_text(json.dumps(conf))
     with pytest.raises(rt_np.ExportFormatError, match=r"weights\.npz.*level0\.perception\.kernel.*\(3, 3, 8, 16\).*\(3, 3, 12, 16\)"):
         rt_np.MedNCA.load(d)
     conf["model"]["channels"], conf["model"]["steps"] = 8, [4, 4, 4]
+    for rule in conf["rules"]:
+        rule["channels"] = 8
     (d / "config.json").write_text(json.dumps(conf))
     with pytest.raises(rt_np.ExportFormatError, match="config.json"):
         rt_np.MedNCA.load(d)
@@ -609,6 +624,12 @@ def test_numpy_format1_weights_still_load(small, tmp_path):
             old[f"level{i}.{key}"] = arrays[f"level{i}.{key}"]
     np.savez(d / "weights.npz", **old)
     x = np.random.default_rng(4).random((2, 32, 32), dtype=np.float32)
+    got = rt_np.MedNCA.load(d).segment(x, seed=1, fire_rate=0.5, return_logits=True)
+    assert np.array_equal(got, m_np.segment(x, seed=1, fire_rate=0.5, return_logits=True))
+    conf = json.loads((d / "config.json").read_text())  # formats 1-2 had no rule descriptions
+    del conf["rules"]
+    conf["format_version"] = 2
+    (d / "config.json").write_text(json.dumps(conf))
     got = rt_np.MedNCA.load(d).segment(x, seed=1, fire_rate=0.5, return_logits=True)
     assert np.array_equal(got, m_np.segment(x, seed=1, fire_rate=0.5, return_logits=True))
     del old["level1.p1.bias"]
@@ -753,3 +774,211 @@ def test_runtimes_equal_reference_on_given_masks(tmp_path, perception):
     assert np.abs(ref).max() > 0.1  # the rule does something
     np.testing.assert_allclose(z_np, ref, atol=1e-4)
     np.testing.assert_allclose(z_pt, ref, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the rule description, interpreted
+# One level, rollout_level (NumPy) / level_model (ONNX, tests/test_onnx.py) against the JAX
+# reference on the same masks. The full table is slow (each case is a JAX rollout); the fast
+# subset still covers every perception, both norms, both ranks and kernels 3, 5 and 7.
+LEVEL_STEPS = 4
+LEVEL_C, LEVEL_HIDDEN = 6, 12
+LEVEL_RTOL = 1e-4  # of max |state|; measured ~3e-7 (float32 round-off over 4 steps)
+RULE_CASES = [(p, n, nd, k) for p in ("learned", "sobel", "depthwise") for n in ("none", "batch") for nd in (2, 3)
+              for k in (3, 5) if p != "sobel" or k == 3] + [("learned", "none", 2, 7), ("depthwise", "batch", 3, 7)]
+FAST_RULE_CASES = {("learned", "none", 2, 3), ("sobel", "batch", 3, 3), ("depthwise", "batch", 2, 5), ("learned", "batch", 3, 5),
+                   ("depthwise", "batch", 3, 7)}
+# The reference rollout, compiled once per case (cheaper than op by op for these sizes).
+_reference_rollout = jax.jit(rollout, static_argnums=(4, 5), static_argnames=("rule", "backend"))
+
+
+def rule_case_params() -> list:
+    """``RULE_CASES`` as pytest params, the ones outside ``FAST_RULE_CASES`` marked slow."""
+    return [pytest.param(*case, id="-".join(map(str, case)), marks=() if case in FAST_RULE_CASES else pytest.mark.slow)
+            for case in RULE_CASES]
+
+
+def numpy_level_params(rule, seed: int = 0) -> dict:
+    """Random level params of ``rule`` straight from NumPy (scaled like the original init, a
+    non-zero fc1, batch-norm scale and bias away from 1 and 0), so every part shows."""
+    rng = np.random.default_rng(seed)
+    c, h, k, nd, f = rule.channels, rule.hidden, rule.kernel_size, rule.ndim, rule.n_features
+    u = lambda shape, fan_in: (rng.uniform(-1, 1, shape) / np.sqrt(fan_in)).astype(np.float32)  # noqa: E731
+    win = (k,) * nd
+    p: dict = {}
+    if rule.perception == "learned":
+        p = {n: {"kernel": u(win + (c, c), k ** nd * c), "bias": u((c,), k ** nd * c)} for n in ("p0", "p1")}
+    elif rule.perception == "depthwise":
+        p = {"p0": {"kernel": u(win + (c, 1), k ** nd), "bias": u((c,), k ** nd)}}
+    p["fc0"] = {"kernel": u((c + f, h), c + f), "bias": u((h,), c + f)}
+    if rule.norm == "batch":
+        p["bn"] = {"scale": (1 + 0.3 * rng.standard_normal(h)).astype(np.float32),
+                   "bias": (0.2 * rng.standard_normal(h)).astype(np.float32)}
+    p["fc1"] = {"kernel": 2.0 * u((h, c), h)}
+    return p
+
+
+def numpy_params(cfg: Config, ndim: int = 2) -> dict:
+    """:func:`numpy_level_params` of every level of ``cfg``."""
+    return {f"level{i}": numpy_level_params(level_rule(cfg.model, i, ndim), seed=i) for i in range(cfg.model.n_levels)}
+
+
+@functools.lru_cache(maxsize=None)
+def level_case(perception: str, norm: str, ndim: int, kernel: int) -> tuple:
+    """``(weights, rule description, x, image, masks, reference final state)`` of one level:
+    ``x (2, *S, C)``, ``image (2, *S, 1)``, ``masks (LEVEL_STEPS, 2, *S)`` at fire rate ~0.5,
+    the reference from ``rollout(..., backend=REFERENCE, masks=masks)``."""
+    rule = Rule(perception, kernel, "mlp", norm, LEVEL_C, LEVEL_HIDDEN, 1, ndim)
+    params = numpy_level_params(rule, seed=kernel + 10 * ndim)
+    spatial = (12, 10) if ndim == 2 else (8, 7, 6)
+    rng = np.random.default_rng(ndim)
+    x = rng.standard_normal((2, *spatial, LEVEL_C)).astype(np.float32)
+    image = rng.random((2, *spatial, 1), dtype=np.float32)
+    masks = rng.random((LEVEL_STEPS, 2, *spatial)) > 0.5
+    ref, _ = _reference_rollout(params, jnp.asarray(x), jnp.asarray(image), jax.random.PRNGKey(0), LEVEL_STEPS, 0.5,
+                                rule=rule, backend=REFERENCE_BACKEND, masks=jnp.asarray(masks))
+    ref = np.asarray(ref)
+    start = x.copy()
+    start[..., :1] = image
+    assert np.abs(ref - start).max() > 0.1  # the rule does something
+    return rule_weights(rule, params), rule.describe(), x, image, masks, ref
+
+
+def assert_close_to_reference(got: np.ndarray, ref: np.ndarray, what: str) -> float:
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert got.shape == ref.shape and err <= LEVEL_RTOL, f"{what}: relative error {err:.2e}"
+    return err
+
+
+@pytest.mark.parametrize("perception, norm, ndim, kernel", rule_case_params())
+def test_numpy_level_rollout_equals_reference(perception, norm, ndim, kernel):
+    """``rollout_level`` of the runtime file equals the JAX reference on the same masks;
+    chunks of one band of rows (and a band size that does not divide the image) change
+    nothing beyond round-off."""
+    weights, rule, x, image, masks, ref = level_case(perception, norm, ndim, kernel)
+    got = rt_source.rollout_level(weights, rule, x, image, masks)
+    assert_close_to_reference(got, ref, "NumPy runtime")
+    slab = int(np.prod([s + 2 * (kernel // 2) for s in x.shape[2:-1]]))
+    for chunk in (1, 3 * slab + 1):
+        np.testing.assert_allclose(rt_source.rollout_level(weights, rule, x, image, masks, chunk_pixels=chunk), got,
+                                   rtol=1e-5, atol=1e-5 * np.abs(got).max(), err_msg=f"chunk_pixels={chunk}")
+
+
+def test_numpy_level_rollout_rejects_a_wrong_kernel():
+    """The weights are checked against the description: a 3-wide kernel for a 5-wide rule fails."""
+    weights, rule, x, image, masks, _ = level_case("depthwise", "batch", 2, 5)
+    bad = {**weights, "perception.kernel": weights["perception.kernel"][1:-1, 1:-1]}
+    with pytest.raises(rt_source.ExportFormatError, match=r"perception\.kernel has shape \(3, 3, 6, 6\).*\(5, 5, 6, 6\)"):
+        rt_source.rollout_level(bad, rule, x, image, masks)
+    with pytest.raises(rt_source.ExportFormatError, match="cannot interpret"):
+        rt_source.rollout_level(weights, {**rule, "update": "gated"}, x, image, masks)
+
+
+@functools.lru_cache(maxsize=None)
+def volume_case() -> tuple:
+    """A 3D two-level model with every part the description adds (depthwise perception,
+    kernels 5 then 3, batch norm, max downscale) and its JAX logits at fire 0 on
+    ``(2, 8, 8, 8, 1)`` images: ``(cfg, params, images, logits)``."""
+    cfg = validate(Config(
+        name="volume",
+        model=ModelConfig(channels=6, hidden=8, steps=(3, 3), scales=(2, 1), patch_size=0, fire_rate=0.5, remat="none",
+                          perception="depthwise", kernel_size=(5, 3), norm="batch", downscale="max"),
+        data=DataConfig(image_size=(8, 8, 8)), train=TrainConfig(batch_size=2, num_steps=1)))
+    params = numpy_params(cfg, ndim=3)
+    x = np.random.default_rng(4).random((2, 8, 8, 8, 1), dtype=np.float32)
+    ref = jax_logits(params, cfg, x)
+    assert np.abs(ref).max() > 0.1
+    return cfg, params, x, ref
+
+
+def test_numpy_export_of_a_volume_model_matches_jax(tmp_path):
+    """A 3D export: config.json carries every level's description, weights.npz the dense
+    kernels and bn arrays, the runtime's logits equal JAX's (the whole batch normalised
+    together, as in the reference), and the folder loads back into exactly the params."""
+    cfg, params, x, ref = volume_case()
+    export_numpy(params, cfg, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["format_version"] == 3
+    assert [(r["perception"], r["kernel_size"], r["norm"], r["ndim"], r["features"]) for r in conf["rules"]] == [
+        ("depthwise", 5, "batch", 3, 6), ("depthwise", 3, "batch", 3, 6)]
+    m = load_runtime_module(tmp_path / "mednca_numpy.py", "np_volume").MedNCA.load(tmp_path)
+    got = m.segment(x, fire_rate=0.0, return_logits=True)
+    assert_close_to_reference(got, ref, "NumPy runtime, 3D")
+    assert m.segment(x[0, ..., 0], fire_rate=0.0).shape == (8, 8, 8)
+    with np.load(tmp_path / "weights.npz") as z:
+        assert z["level0.perception.kernel"].shape == (5, 5, 5, 6, 6) and z["level1.bn.scale"].shape == (8,)
+        back = npz_arrays_to_params(dict(z), cfg)
+    flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
+    assert flat(back).keys() == flat(params).keys()
+    assert all(np.array_equal(flat(back)[k], v) for k, v in flat(params).items())
+
+
+@pytest.mark.parametrize("perception", ["learned", "sobel", "depthwise"])
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_npz_arrays_round_trip_exactly(perception, norm):
+    """params -> weights.npz arrays -> params is exact for every built-in perception and norm."""
+    cfg = small_cfg(perception=perception, norm=norm, kernel_size=(3,) if perception == "sobel" else (5, 3))
+    params = numpy_params(cfg)
+    arrays = params_to_npz_arrays(params, cfg)
+    assert ("level0.bn.scale" in arrays) == (norm == "batch")
+    back = npz_arrays_to_params(arrays, cfg)
+    flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
+    assert flat(back).keys() == flat(params).keys()
+    assert all(np.array_equal(flat(back)[k], v) for k, v in flat(params).items())
+
+
+def _gated_apply(params, y, rule):
+    from mednca_jax.nca.updates import get_update
+
+    return jax.nn.sigmoid(y[..., :rule.channels]) * get_update("mlp").apply(params, y, rule)
+
+
+def uninterpretable_cfg(what: str) -> tuple[Config, str]:
+    """``small_cfg`` with a throwaway plug-in update (``what == "update"``) or non-linear
+    perception registered for the test: ``(config, its name)``."""
+    from mednca_jax.nca.perceptions import Perception, register_perception
+    from mednca_jax.nca.updates import Update, get_update, register_update
+
+    cfg = small_cfg()
+    if what == "update":
+        register_update("test_gated_xyz", Update(get_update("mlp").init, _gated_apply), replace=True)
+        return cfg.replace(model=dataclasses.replace(cfg.model, update="test_gated_xyz")), "test_gated_xyz"
+    register_perception("test_tanh_xyz", Perception(lambda r: r.channels, lambda key, r: {}, apply=lambda p, x, r: jnp.tanh(x)),
+                        replace=True)
+    return cfg.replace(model=dataclasses.replace(cfg.model, perception="test_tanh_xyz")), "test_tanh_xyz"
+
+
+@pytest.mark.parametrize("what", ["update", "perception"])
+def test_numpy_export_refuses_a_rule_it_cannot_interpret(tmp_path, what):
+    """An update other than mlp, or a non-linear perception: one clear ExportError naming it
+    and the level, and nothing written (the folder is not even created)."""
+    cfg, name = uninterpretable_cfg(what)
+    params = numpy_params(cfg)
+    out = tmp_path / "np"
+    with pytest.raises(ExportError, match=rf"^the NumPy runtime cannot interpret {what} '{name}' \(level 0\).*mednca predict"):
+        export_numpy(params, cfg, out)
+    assert not out.exists()
+    with pytest.raises(ExportError, match=f"cannot interpret {what} '{name}'"):
+        verify_numpy(out, params, cfg)
+    assert "\n" not in str(pytest.raises(ExportError, export_numpy, params, cfg, out).value)
+
+
+def test_numpy_runtime_refuses_a_description_it_cannot_run(small, tmp_path):
+    """The runtime file checks config.json's rules itself, naming the level and what."""
+    cfg, params, _, _, _, rt_np, _ = small
+    d = tmp_path / "np"
+    export_numpy(params, cfg, d)
+    conf = json.loads((d / "config.json").read_text())
+    for level, change, what in ((1, {"update": "gated"}, r"update 'gated'"),
+                                (0, {"perception": "fancy", "linear": False}, r"perception 'fancy' is not linear"),
+                                (0, {"ndim": 4}, r"rank 4"), (1, {"norm": "layer"}, r"norm 'layer'")):
+        bad = json.loads(json.dumps(conf))
+        bad["rules"][level].update(change)
+        (d / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(rt_np.ExportFormatError, match=rf"config\.json: level {level}: {what}.*cannot interpret"):
+            rt_np.MedNCA.load(d)
+
+
+def test_export_config_describes_every_level():
+    cfg = small_cfg(perception="depthwise", kernel_size=(5, 3), norm="batch")
+    rules = export_config(cfg)["rules"]
+    assert [(r["kernel_size"], r["features"], r["linear"], r["ndim"]) for r in rules] == [(5, 8, True, 2), (3, 8, True, 2)]

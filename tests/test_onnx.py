@@ -1,5 +1,8 @@
 """ONNX export (``python -m mednca_jax.export to-onnx``): onnxruntime vs JAX, vs the original's
-fixture, the hash-based fire masks vs the NumPy runtime, the graph's structure, CLI errors.
+fixture, the hash-based fire masks vs the NumPy runtime, the graph's structure, CLI errors;
+the graph built from the rule description (one level on given masks against the JAX
+reference for every built-in perception, both norms, rank 2 and 3, several kernel sizes; a
+3D export; refusal of rules it cannot express).
 
 CPU budget: onnxruntime runs with 1 thread; the fire-0.5 Dice uses the same 4 fixture slices
 as tests/test_export.py.
@@ -16,13 +19,16 @@ onnx = pytest.importorskip("onnx", reason="the ONNX export needs onnx: pip insta
 pytest.importorskip("onnxruntime", reason="running the ONNX export needs onnxruntime: pip install 'mednca-jax[onnx]'")
 
 from conftest import REFERENCE, require  # noqa: E402
-from test_export import DICE_SLICES, N_SEEDS, hard_dice, jax_logits, random_params, small_cfg  # noqa: E402
+from test_export import (  # noqa: E402
+    DICE_SLICES, N_SEEDS, assert_close_to_reference, hard_dice, jax_logits, level_case, numpy_params, random_params,
+    rule_case_params, small_cfg, uninterpretable_cfg, volume_case,
+)
 
 from mednca_jax.export import (  # noqa: E402
-    ExportError, export_numpy, export_onnx, load_runtime_module, onnx_logits,
+    ExportError, export_numpy, export_onnx, load_runtime_module, onnx_logits, verify_onnx,
 )
 from mednca_jax.export.__main__ import main as export_main  # noqa: E402
-from mednca_jax.export.onnx_export import fire_masks, fire_uniform  # noqa: E402
+from mednca_jax.export.onnx_export import fire_masks, fire_uniform, level_model  # noqa: E402
 
 FIXTURE = REFERENCE / "hippocampus_374_fire0.npz"
 
@@ -140,3 +146,50 @@ def test_onnx_official_fire_half_dice_matches_jax(official, fixture_npz):
     onnx_dice = [hard_dice(onnx_logits(path, x, 0.5, seed=s)[..., 0] > 0, lab) for s in range(N_SEEDS)]
     assert 0.8 < float(np.mean(jax_dice)) < 1.0
     assert abs(float(np.mean(onnx_dice)) - float(np.mean(jax_dice))) <= 0.01, (onnx_dice, jax_dice)
+
+
+# --------------------------------------------------------------------------- the rule description, as a graph
+def run_level_model(weights: dict, rule: dict, x: np.ndarray, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    model = level_model(weights, rule, masks.shape[0])
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x, "image": image, "masks": masks})[0]
+
+
+@pytest.mark.parametrize("perception, norm, ndim, kernel", rule_case_params())
+def test_onnx_level_rollout_equals_reference(perception, norm, ndim, kernel):
+    """``level_model`` (one level, explicit masks, the Loop of the export) run by onnxruntime
+    equals the JAX reference on the same masks (tests/test_export.py::level_case)."""
+    weights, rule, x, image, masks, ref = level_case(perception, norm, ndim, kernel)
+    assert_close_to_reference(run_level_model(weights, rule, x, image, masks), ref, "ONNX level graph")
+
+
+def test_onnx_export_of_a_volume_model_matches_jax(tmp_path):
+    """3D, depthwise kernels 5 then 3, batch norm, max downscale: the whole exported graph at
+    fire 0 against JAX; its input is (B, X, Y, Z) and it normalises over the batch."""
+    cfg, params, x, ref = volume_case()
+    export_onnx(params, cfg, tmp_path)
+    model = onnx.load(str(tmp_path / "mednca.onnx"))
+    ins = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert ins["images"] == ["B", "X", "Y", "Z"]
+    assert "MaxPool" in [n.op_type for n in model.graph.node]
+    got = onnx_logits(tmp_path / "mednca.onnx", x[..., 0], 0.0)
+    assert_close_to_reference(got, ref, "ONNX export, 3D")
+
+
+@pytest.mark.parametrize("what", ["update", "perception"])
+def test_onnx_export_refuses_a_rule_it_cannot_interpret(tmp_path, what):
+    cfg, name = uninterpretable_cfg(what)
+    params = numpy_params(cfg)
+    out = tmp_path / "onnx"
+    with pytest.raises(ExportError, match=rf"^the ONNX export cannot interpret {what} '{name}' \(level 0\)"):
+        export_onnx(params, cfg, out)
+    assert not out.exists()
+    with pytest.raises(ExportError, match=f"cannot interpret {what} '{name}'"):
+        verify_onnx(out, params, cfg)
+    with pytest.raises(ValueError, match="cannot interpret"):
+        level_model({}, {"perception": "learned", "update": "gated", "norm": "none", "linear": True}, 2)

@@ -1,4 +1,4 @@
-"""Edge export: trained params -> a NumPy-only runtime folder or a PyTorch one, and back.
+"""Edge export: trained params -> a NumPy-only runtime folder, a PyTorch one or an ONNX graph, and back.
 
 Folders written here::
 
@@ -7,13 +7,20 @@ Folders written here::
     to-onnx DIR2: mednca.onnx (the whole inference, steps as ONNX Loops), config.json
     from-torch DIR: a run folder (config.toml + orbax checkpoint) via mednca_jax.train.checkpoint
 
-``weights.npz`` holds our (channels-last) layout, one generic perception per level:
-``level{i}.perception.kernel (3, 3, C, F)``, ``level{i}.perception.bias (F,)``,
-``level{i}.fc0.kernel (C + F, hidden)``, ``fc0.bias``, ``fc1.kernel`` (format 2; format 1
-had ``p0.*``/``p1.*``, which the runtimes still read);
-``model{i}.pth`` the original Med-NCA layout (mednca_jax.nca.weights converts, exactly).
-``config.json`` is the full training config (``Config.to_dict()``) plus a format tag; the
-runtimes read its ``model`` and ``data`` sections.
+``config.json`` is the full training config (``Config.to_dict()``), a format tag and, per
+level, the rule description ``rules[i]`` (:meth:`mednca_jax.nca.rule.Rule.describe`:
+perception, kernel_size, update, norm, channels, hidden, n_in, ndim, features, linear): the
+NumPy runtime and the ONNX graph are built from it, not from fixed code. ``weights.npz``
+holds our (channels-last) layout, one dense linear perception per level (format 3):
+``level{i}.perception.kernel (k,)*ndim + (C, F)``, ``.perception.bias (F,)``, ``.fc0.kernel
+(C + F, hidden)``, ``.fc0.bias``, ``.bn.scale`` / ``.bn.bias (hidden,)`` when norm is batch,
+``.fc1.kernel (hidden, C)`` (format 2 had no ``rules``; format 1 had ``p0.*``/``p1.*``; both
+are still read). ``model{i}.pth`` is the original Med-NCA layout (mednca_jax.nca.weights
+converts, exactly).
+
+The runtimes interpret linear perceptions (any odd kernel, rank 2 and 3) and the ``mlp``
+update with norm ``none`` or ``batch``; :func:`check_interpretable` refuses anything else by
+name before a file is written.
 
 The command line lives in ``__main__.py`` (``python -m mednca_jax.export --help``).
 """
@@ -31,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mednca_jax.config import Config, ConfigError, load_config
+from mednca_jax.export import runtime_numpy as _runtime
 
 HERE = Path(__file__).resolve().parent
 NUMPY_RUNTIME_SOURCE = HERE / "runtime_numpy.py"
@@ -40,15 +48,17 @@ TORCH_RUNTIME_NAME = "mednca_torch.py"
 WEIGHTS_NPZ = "weights.npz"
 CONFIG_JSON = "config.json"
 FORMAT = "mednca-export"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: per-level rule descriptions in config.json, bn.* arrays
 # The original module declares fc0, fc1 before p0, p1: its state dicts list keys in this order.
 ORIGINAL_KEY_ORDER = ("fc0.weight", "fc0.bias", "fc1.weight", "p0.weight", "p0.bias", "p1.weight", "p1.bias")
-LEVEL_KEYS = ("p0.kernel", "p0.bias", "p1.kernel", "p1.bias", "fc0.kernel", "fc0.bias", "fc1.kernel")
-EXPORT_KEYS = ("perception.kernel", "perception.bias", "fc0.kernel", "fc0.bias", "fc1.kernel")
+# What the NumPy runtime and the ONNX graph interpret: the runtime file's own lists (it is
+# self-contained and checks them again when it loads a folder).
+INTERPRETED_UPDATES, INTERPRETED_NORMS, INTERPRETED_RANKS = _runtime.UPDATES, _runtime.NORMS, _runtime.RANKS
 
 __all__ = [
-    "ExportError", "export_numpy", "export_torch", "export_onnx", "onnx_logits", "verify_onnx", "import_torch", "load_checkpoint", "resolve_config",
-    "params_to_npz_arrays", "npz_arrays_to_params", "export_config", "load_runtime_module",
+    "ExportError", "export_numpy", "export_torch", "export_onnx", "onnx_logits", "verify_onnx", "verify_numpy", "import_torch",
+    "load_checkpoint", "resolve_config", "params_to_npz_arrays", "npz_arrays_to_params", "export_config", "load_runtime_module",
+    "check_interpretable", "rule_weights", "export_rules",
 ]
 
 
@@ -74,9 +84,44 @@ def _check_exportable(cfg: Config, source: str) -> None:
                           "exported to the NumPy/PyTorch runtimes")
 
 
+def _ndim(cfg: Config) -> int:
+    return len(cfg.data.image_size)
+
+
+def export_rules(cfg: Config) -> list[Any]:
+    """The :class:`~mednca_jax.nca.rule.Rule` of every level, at the config's rank."""
+    from mednca_jax.nca.levels import level_rules
+
+    return list(level_rules(cfg.model, _ndim(cfg)))
+
+
 def export_config(cfg: Config) -> dict[str, Any]:
-    """The ``config.json`` written next to exported weights: the whole config plus a format tag."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict()}
+    """The ``config.json`` written next to exported weights: the whole config, a format tag and
+    the rule description of every level (``rules``)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict(),
+            "rules": [r.describe() for r in export_rules(cfg)]}
+
+
+def check_interpretable(cfg: Config, runtime: str = "the NumPy runtime") -> None:
+    """Raise :class:`ExportError` (one line naming the level and what) unless ``runtime``
+    can interpret every level's rule: a linear perception, the ``mlp`` update with norm
+    ``none``/``batch``, rank 2 or 3. Called before anything is written."""
+    from mednca_jax.nca.perceptions import get_perception
+
+    hint = "use the JAX checkpoint (mednca predict --checkpoint RUN) instead"
+    does = "it runs linear perceptions and the 'mlp' update"
+    for i, rule in enumerate(export_rules(cfg)):
+        if not get_perception(rule.perception).linear:
+            raise ExportError(f"{runtime} cannot interpret perception {rule.perception!r} (level {i}): it is not linear; "
+                              f"{does}; {hint}")
+        if rule.update not in INTERPRETED_UPDATES:
+            raise ExportError(f"{runtime} cannot interpret update {rule.update!r} (level {i}): {does}; {hint}")
+        if rule.norm not in INTERPRETED_NORMS:
+            raise ExportError(f"{runtime} cannot interpret norm {rule.norm!r} (level {i}): it runs norms "
+                              f"{list(INTERPRETED_NORMS)}; {hint}")
+        if rule.ndim not in INTERPRETED_RANKS:
+            raise ExportError(f"{runtime} cannot interpret rank {rule.ndim} (data.image_size has {rule.ndim} axes; "
+                              f"it runs ranks {list(INTERPRETED_RANKS)}); {hint}")
 
 
 # --------------------------------------------------------------------------- params <-> files
@@ -87,43 +132,66 @@ def perception_filters(cfg: Config, level: int, level_params: Any) -> tuple[np.n
     from mednca_jax.nca.levels import level_rule
     from mednca_jax.nca.perceptions import filters_of
 
-    k, b = filters_of(level_rule(cfg.model, level, len(cfg.data.image_size)), level_params)
+    k, b = filters_of(level_rule(cfg.model, level, _ndim(cfg)), level_params)
     return np.asarray(k, np.float32), np.asarray(b, np.float32)
 
 
+def rule_weights(rule: Any, level_params: Any) -> dict[str, np.ndarray]:
+    """One level's params -> the arrays the runtimes read (keys without the ``level{i}.``
+    prefix): ``perception.kernel (k,)*nd + (C, F)``, ``perception.bias (F,)``, ``fc0.kernel
+    (C + F, hidden)``, ``fc0.bias (hidden,)``, ``bn.scale``/``bn.bias (hidden,)`` when
+    ``rule.norm == "batch"``, ``fc1.kernel (hidden, C)``; float32, contiguous. ``rule``: a
+    linear :class:`~mednca_jax.nca.rule.Rule` with the ``mlp`` update."""
+    from mednca_jax.nca.perceptions import filters_of
+
+    k, b = filters_of(rule, level_params)
+    out = {"perception.kernel": k, "perception.bias": b, "fc0.kernel": level_params["fc0"]["kernel"],
+           "fc0.bias": level_params["fc0"]["bias"], "fc1.kernel": level_params["fc1"]["kernel"]}
+    if rule.norm == "batch":
+        out["bn.scale"], out["bn.bias"] = level_params["bn"]["scale"], level_params["bn"]["bias"]
+    return {key: np.ascontiguousarray(np.asarray(v, np.float32)) for key, v in out.items()}
+
+
 def params_to_npz_arrays(params: Any, cfg: Config) -> dict[str, np.ndarray]:
-    """Params -> flat float32 arrays of ``weights.npz`` (format 2): per level
-    ``level{i}.perception.kernel (3, 3, C, F)``, ``.perception.bias (F,)``, ``.fc0.kernel
-    (C + F, hidden)``, ``.fc0.bias (hidden,)``, ``.fc1.kernel (hidden, C)``."""
+    """Params -> flat float32 arrays of ``weights.npz`` (format 3): :func:`rule_weights` of
+    every level, keys prefixed ``level{i}.``."""
     out = {}
-    for i in range(cfg.model.n_levels):
-        level = params[f"level{i}"]
-        k, b = perception_filters(cfg, i, level)
-        out[f"level{i}.perception.kernel"] = np.ascontiguousarray(k)
-        out[f"level{i}.perception.bias"] = np.ascontiguousarray(b)
-        for key in ("fc0.kernel", "fc0.bias", "fc1.kernel"):
-            layer, leaf = key.split(".")
-            out[f"level{i}.{key}"] = np.ascontiguousarray(np.asarray(level[layer][leaf], np.float32))
+    for i, rule in enumerate(export_rules(cfg)):
+        out.update({f"level{i}.{k}": v for k, v in rule_weights(rule, params[f"level{i}"]).items()})
     return out
 
 
 def npz_arrays_to_params(arrays: dict[str, np.ndarray], cfg: Config) -> dict[str, Any]:
-    """Inverse of :func:`params_to_npz_arrays`: for the learned perception the kernel splits
-    back into p0/p1 (format-1 arrays ``p0.*``/``p1.*`` are read too); fixed perceptions have
-    no parameters of their own."""
+    """Inverse of :func:`params_to_npz_arrays`, exact for every built-in perception: learned
+    splits the kernel back into p0/p1 (format-1 arrays ``p0.*``/``p1.*`` are read too), sobel
+    has no params, depthwise reads its kernel off the dense one's diagonal (feature ``c``
+    reads only channel ``c``). A plug-in perception cannot be recovered from its filters:
+    ``ExportError`` (load its run folder instead)."""
+    from mednca_jax.nca.levels import level_rule
+
     params: dict[str, Any] = {}
     c = cfg.model.channels
     for i in range(cfg.model.n_levels):
+        rule = level_rule(cfg.model, i, _ndim(cfg))
         g = lambda k: np.asarray(arrays[f"level{i}.{k}"], np.float32)  # noqa: E731
-        if cfg.model.perception != "learned":
-            level = {}
-        elif f"level{i}.perception.kernel" in arrays:
+        if rule.perception == "learned" and f"level{i}.perception.kernel" in arrays:
             k, b = g("perception.kernel"), g("perception.bias")
             level = {"p0": {"kernel": k[..., :c], "bias": b[:c]}, "p1": {"kernel": k[..., c:], "bias": b[c:]}}
-        else:
+        elif rule.perception == "learned":
             level = {"p0": {"kernel": g("p0.kernel"), "bias": g("p0.bias")},
                      "p1": {"kernel": g("p1.kernel"), "bias": g("p1.bias")}}
+        elif rule.perception == "sobel":
+            level = {}
+        elif rule.perception == "depthwise":
+            k = g("perception.kernel")
+            diag = np.diagonal(k, axis1=-2, axis2=-1)  # (k,)*nd + (C,): K[..., c, c]
+            level = {"p0": {"kernel": np.ascontiguousarray(diag[..., None]), "bias": g("perception.bias")}}
+        else:
+            raise ExportError(f"perception {rule.perception!r} (level {i}) cannot be read back from its exported "
+                              "filters; load the run folder it was exported from")
         level["fc0"] = {"kernel": g("fc0.kernel"), "bias": g("fc0.bias")}
+        if rule.norm == "batch":
+            level["bn"] = {"scale": g("bn.scale"), "bias": g("bn.bias")}
         level["fc1"] = {"kernel": g("fc1.kernel")}
         params[f"level{i}"] = level
     return params
@@ -154,12 +222,14 @@ def _prepare_out(out_dir: str | Path) -> Path:
 
 
 def export_numpy(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
-    """Write the NumPy runtime folder; returns the files written."""
+    """Write the NumPy runtime folder; returns the files written. ``ExportError`` (and
+    nothing written) when the runtime cannot interpret the rule or the params do not fit."""
     from mednca_jax.nca.levels import check_params
 
     _check_exportable(cfg, "config")
+    check_interpretable(cfg, "the NumPy runtime")
     try:
-        check_params(params, cfg.model)
+        check_params(params, cfg.model, ndim=_ndim(cfg))
     except ValueError as e:
         raise ExportError(str(e)) from None
     out = _prepare_out(out_dir)
@@ -214,7 +284,8 @@ def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
 
 def export_onnx(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     """Write ``mednca.onnx`` (the whole inference, steps as ONNX Loops; see ``onnx_export``) and
-    ``config.json``; returns the files."""
+    ``config.json``; returns the files. ``ExportError`` (and nothing written) when the graph
+    cannot express the rule or the downscale."""
     from mednca_jax.nca.levels import check_params
 
     _check_exportable(cfg, "config")
@@ -223,21 +294,24 @@ def export_onnx(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
     except ImportError:
         raise ExportError("to-onnx needs the onnx package: pip install 'mednca-jax[onnx]'") from None
     m = cfg.model
+    check_interpretable(cfg, "the ONNX export")
     if m.downscale == "antialias":
-        raise ExportError("model.downscale = 'antialias' has no ONNX export (only 'bilinear' and 'area', "
-                          "which are strided convolutions)")
+        raise ExportError("model.downscale = 'antialias' has no ONNX export (only 'bilinear', 'area' and 'max', "
+                          "which are strided convolutions or pooling)")
     try:
-        check_params(params, m)
+        check_params(params, m, ndim=_ndim(cfg))
     except ValueError as e:
         raise ExportError(str(e)) from None
     from mednca_jax.export.onnx_export import write_onnx
 
+    conf = export_config(cfg)
     out = _prepare_out(out_dir)
-    return write_onnx(params_to_npz_arrays(params, cfg), m, export_config(cfg), out)
+    return write_onnx(params_to_npz_arrays(params, cfg), m, conf["rules"], conf, out)
 
 
 def onnx_logits(path: str | Path, images: np.ndarray, fire_rate: float = 0.0, seed: int = 0, threads: int = 1) -> np.ndarray:
-    """Run ``mednca.onnx`` with onnxruntime on CPU: ``images (B, H, W)`` -> logits ``(B, H, W, n_out)``."""
+    """Run ``mednca.onnx`` with onnxruntime on CPU: ``images (B, *S)`` (``(B, *S, n_in)`` when
+    n_in > 1) -> logits ``(B, *S, n_out)``."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -251,19 +325,26 @@ def onnx_logits(path: str | Path, images: np.ndarray, fire_rate: float = 0.0, se
     return sess.run(None, feed)[0]
 
 
-def verify_onnx(out_dir: str | Path, params: Any, cfg: Config, seed: int = 0) -> float:
-    """Max abs logit difference between ``mednca.onnx`` (onnxruntime) and JAX at fire rate 0
-    on one random image of the config's size."""
+def _verify_images(cfg: Config, seed: int) -> np.ndarray:
+    """One random image ``(1, *image_size, n_in)`` float32."""
+    return np.random.default_rng(seed).random((1, *cfg.data.image_size, cfg.model.n_in), dtype=np.float32)
+
+
+def _jax_logits(params: Any, cfg: Config, x: np.ndarray) -> np.ndarray:
     import jax
 
     from mednca_jax.nca.levels import forward
 
-    h, w = cfg.data.image_size
-    n_in = cfg.model.n_in
-    x = np.random.default_rng(seed).random((1, h, w, n_in), dtype=np.float32)
-    ours = onnx_logits(Path(out_dir) / "mednca.onnx", x[..., 0] if n_in == 1 else x)
-    ref = np.asarray(jax.jit(forward, static_argnums=1)(params, cfg.model, x, jax.random.PRNGKey(0), 0.0))
-    return float(np.abs(ours - ref).max())
+    return np.asarray(jax.jit(forward, static_argnums=1)(params, cfg.model, x, jax.random.PRNGKey(0), 0.0))
+
+
+def verify_onnx(out_dir: str | Path, params: Any, cfg: Config, seed: int = 0) -> float:
+    """Max abs logit difference between ``mednca.onnx`` (onnxruntime) and JAX at fire rate 0
+    on one random image of the config's size."""
+    check_interpretable(cfg, "the ONNX export")
+    x = _verify_images(cfg, seed)
+    ours = onnx_logits(Path(out_dir) / "mednca.onnx", x[..., 0] if cfg.model.n_in == 1 else x)
+    return float(np.abs(ours - _jax_logits(params, cfg, x)).max())
 
 
 def import_torch(cfg: Config, weight_paths: Sequence[str | Path], out_dir: str | Path, force: bool = False) -> Path:
@@ -301,13 +382,8 @@ def load_runtime_module(path: str | Path, name: str = "mednca_exported_runtime")
 def verify_numpy(out_dir: str | Path, params: Any, cfg: Config, seed: int = 0) -> float:
     """Max abs logit difference between the exported NumPy runtime and JAX at fire rate 0 on
     one random image of the config's size."""
-    import jax
-
-    from mednca_jax.nca.levels import forward
-
+    check_interpretable(cfg, "the NumPy runtime")
     rt = load_runtime_module(Path(out_dir) / NUMPY_RUNTIME_NAME, "mednca_numpy_verify")
-    h, w = cfg.data.image_size
-    x = np.random.default_rng(seed).random((1, h, w, cfg.model.n_in), dtype=np.float32)
+    x = _verify_images(cfg, seed)
     ours = rt.MedNCA.load(out_dir).segment(x, fire_rate=0.0, return_logits=True)
-    ref = np.asarray(jax.jit(forward, static_argnums=1)(params, cfg.model, x, jax.random.PRNGKey(0), 0.0))
-    return float(np.abs(ours - ref).max())
+    return float(np.abs(ours - _jax_logits(params, cfg, x)).max())

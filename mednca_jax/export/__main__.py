@@ -53,7 +53,9 @@ def cmd_to_onnx(args: argparse.Namespace) -> int:
     params, cfg = load_checkpoint(args.checkpoint, args.which)
     files = export_onnx(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
-    print("inputs: images (B, H, W) float32, fire_rate () float32, seed () int64; output: logits (B, H, W, n_out)")
+    dims = "H, W" if len(cfg.data.image_size) == 2 else "X, Y, Z"
+    chans = "" if cfg.model.n_in == 1 else f", {cfg.model.n_in}"
+    print(f"inputs: images (B, {dims}{chans}) float32, fire_rate () float32, seed () int64; output: logits (B, {dims}, n_out)")
     return _report_verify(verify_onnx(args.out, params, cfg), "onnxruntime") if args.verify else 0
 
 

@@ -12,46 +12,74 @@ As a module::
     logits = model.segment(slices, return_logits=True)           # (..., H, W, n_out) float32
     q = model.segment(slices, seed=0, runs=10)    # Uncertainty(labels, probability, variance, nqm)
 
+A model trained on volumes (``data.image_size`` of length 3) takes ``(X, Y, Z)``,
+``(B, X, Y, Z)`` or ``(B, X, Y, Z, n_in)`` the same way (the NIfTI command line is 2D-slice
+based: for such a model pass a ``.npy`` of preprocessed volumes).
+
 As a program::
 
     python mednca_numpy.py DIR IN.nii.gz OUT.nii.gz [--channel K] [--seed S] [--runs N]
     python mednca_numpy.py DIR IN.npy OUT.npy [--logits] [--fire-rate F] [--seed S] [--runs N]
     add --max-memory-mb MB to bound the peak memory (large images on small devices)
 
-What it computes (channels-last states ``(B, H, W, C)``): level ``i`` runs on the image
-downscaled by ``scales[i]``; each step is ``x += fc1(relu(fc0([x | conv(x; K) + b]))) * mask``
-with the level's perception: a 3x3 reflect-padded conv ``K (3, 3, C, F)`` (the original's
-learned ``p0``/``p1`` side by side, F = 2C, or a fixed filter bank), and ``mask = u > fire_rate``
-drawn per cell and step, after which the input channels are reset to the image; between levels
-the state is upsampled by nearest neighbour. Logits are channels ``[n_in, n_in + n_out)`` of the
-final state. Each step runs in chunks of cells, updating the state in place, so memory is the
-state plus a fixed working set (``--max-memory-mb`` shrinks it further).
+What it computes. ``config.json`` describes each level's rule (``rules[i]``: perception,
+kernel_size k, update, norm, channels C, hidden, n_in, ndim, features F); this file
+interprets every rule whose perception is linear (one reflect-padded k x k (x k) conv
+``K (k,)*ndim + (C, F)`` with bias, whatever the perception was called in training) and whose
+update is ``mlp``, in rank 2 or 3. States are channels-last ``(B, *S, C)``; level ``i`` runs
+on the image downscaled by ``scales[i]``; each step is
 
-``weights.npz`` keys per level: ``level{i}.perception.kernel (3, 3, C, F)``, ``.perception.bias
-(F,)``, ``.fc0.kernel (C + F, hidden)``, ``.fc0.bias``, ``.fc1.kernel (hidden, C)``; older
-exports with ``level{i}.p0.*``/``p1.*`` are converted on load.
+    y = [x | conv_reflect(x; K) + b]                      (C + F per cell)
+    h = fc0(y); h = batchnorm(h) when norm == "batch"    (statistics over batch and space)
+    x += fc1(relu(h)) * mask,   mask = u > fire_rate      (u drawn per cell and step)
+
+after which the input channels are reset to the image; between levels the state is
+upsampled by nearest neighbour. Logits are channels ``[n_in, n_in + n_out)`` of the final
+state. Each step runs in chunks of cells, updating the state in place, so memory is the
+state plus a fixed working set (``--max-memory-mb`` shrinks it further). A rule it cannot
+interpret (a non-linear perception, another update) is refused by name when the folder loads.
+
+Batch norm and memory: the statistics of a step need ``fc0`` of every cell of the batch
+before any cell changes, so such a step runs twice over the chunks (statistics, then the
+update): the working set stays bounded, the perception and ``fc0`` cost twice, and the whole
+batch is one group (the statistics couple its samples, as in training), so its state must fit.
+
+``weights.npz`` keys per level: ``level{i}.perception.kernel (k,)*ndim + (C, F)``,
+``.perception.bias (F,)``, ``.fc0.kernel (C + F, hidden)``, ``.fc0.bias``, ``.bn.scale`` and
+``.bn.bias (hidden,)`` when norm is batch, ``.fc1.kernel (hidden, C)``. Older exports
+(format 1: ``level{i}.p0.*``/``p1.*``; formats 1-2 have no ``rules``: 2D, the model's
+perception, kernel, update and norm) are read too.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 FORMAT = "mednca-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # 3: per-level rule descriptions ("rules"); 1 and 2 are read too
 WEIGHTS_FILE = "weights.npz"
 CONFIG_FILE = "config.json"
-DOWNSCALE_METHODS = ("bilinear", "area", "antialias")
-# Pixels per im2col chunk: bounds the temporary (chunk, 9C) matrix (~9 MB for C=32) so peak
-# memory does not grow with the image, while keeping each matmul large enough for BLAS.
+DOWNSCALE_METHODS = ("bilinear", "area", "antialias", "max")
+UPDATES = ("mlp",)
+NORMS = ("none", "batch")
+RANKS = (2, 3)
+BN_EPS = 1e-5
+# Cells per chunk: bounds a step's temporaries so peak memory does not grow with the image,
+# while keeping each matmul large enough for BLAS.
 CHUNK_PIXELS = 8192
-# Slices segmented together; bounds the state memory of a whole volume.
+# Floats per cell of one im2col block: k x k x k kernels are gathered and multiplied in blocks
+# of kernel rows, so the temporary stays this wide whatever k and the rank (one block for the
+# original 3x3 with C <= 56, i.e. a single matmul).
+COLS_FLOATS = 512
+# Cells segmented together; bounds the state memory of a whole volume.
 BATCH_PIXELS = 1 << 18
 # Peak RSS of the interpreter with numpy loaded and this module imported, before any image
 # (measured ~30 MiB with OpenBLAS; a margin for the allocator): the floor of --max-memory-mb.
@@ -59,7 +87,8 @@ BASE_MB = 40
 
 
 class ExportFormatError(ValueError):
-    """The runtime folder (config.json / weights.npz) is missing, malformed or inconsistent."""
+    """The runtime folder (config.json / weights.npz) is missing, malformed or inconsistent,
+    or describes a rule this runtime cannot interpret."""
 
 
 class InputError(ValueError):
@@ -69,7 +98,11 @@ class InputError(ValueError):
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class Spec:
-    """What the runtime needs from the training config (``config.json``: ``model``/``data``)."""
+    """What the runtime needs from the training config (``config.json``: ``model``/``data``/``rules``).
+
+    ``rules[i]`` is level ``i``'s rule description (a dict, see the module docstring);
+    ``ndim`` the spatial rank, ``len(image_size)``.
+    """
 
     channels: int
     hidden: int
@@ -79,13 +112,52 @@ class Spec:
     steps: tuple[int, ...]
     scales: tuple[int, ...]
     downscale: str = "bilinear"
-    image_size: tuple[int, int] = (64, 64)
+    image_size: tuple[int, ...] = (64, 64)
     slice_axis: int = 2
     channel: int = 0
+    rules: tuple[dict, ...] = ()
 
     @property
     def n_levels(self) -> int:
         return len(self.steps)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.image_size)
+
+    @property
+    def batch_norm(self) -> bool:
+        return any(r["norm"] == "batch" for r in self.rules)
+
+
+def legacy_rules(model: dict, n_levels: int, ndim: int) -> list[dict]:
+    """Rule descriptions of an export without ``rules`` (formats 1-2): the model section's
+    perception, kernel size, update and norm (defaults: the original's); ``features`` None
+    (taken from the weights)."""
+    ks = model.get("kernel_size", [3])
+    ks = [int(ks)] if isinstance(ks, (int, float)) else [int(k) for k in ks]
+    return [{"perception": str(model.get("perception", "learned")), "kernel_size": ks[i if len(ks) > 1 else 0],
+             "update": str(model.get("update", "mlp")), "norm": str(model.get("norm", "none")),
+             "channels": int(model["channels"]), "hidden": int(model["hidden"]), "n_in": int(model["n_in"]),
+             "ndim": ndim, "features": None, "linear": True} for i in range(n_levels)]
+
+
+def rule_problem(rule: dict) -> Optional[str]:
+    """Why this runtime cannot interpret ``rule`` (a level's description), or None."""
+    if not rule.get("linear", True):
+        return (f"perception {rule.get('perception')!r} is not linear (it has no filters); this runtime cannot "
+                f"interpret it: it runs linear perceptions and the 'mlp' update")
+    if rule.get("update") not in UPDATES:
+        return (f"update {rule.get('update')!r}: this runtime cannot interpret it: it runs linear perceptions and "
+                f"the 'mlp' update")
+    if rule.get("norm") not in NORMS:
+        return f"norm {rule.get('norm')!r}: this runtime cannot interpret it (it runs {list(NORMS)})"
+    if rule.get("ndim") not in RANKS:
+        return f"rank {rule.get('ndim')}: this runtime cannot interpret it (it runs ranks {list(RANKS)})"
+    k = rule.get("kernel_size")
+    if not isinstance(k, int) or k < 1 or k % 2 == 0:
+        return f"kernel_size {k!r}: this runtime cannot interpret it (odd sizes >= 1)"
+    return None
 
 
 def spec_from_config(cfg: dict, source: str = CONFIG_FILE) -> Spec:
@@ -96,18 +168,24 @@ def spec_from_config(cfg: dict, source: str = CONFIG_FILE) -> Spec:
     if model.get("kind", "nca") != "nca":
         raise ExportFormatError(f"{source}: model.kind is {model.get('kind')!r}; only 'nca' models can run here")
     try:
+        size = tuple(int(s) for s in data.get("image_size", (64, 64)))
+        steps = tuple(int(s) for s in model["steps"])
+        rules = cfg.get("rules")
+        if rules is None:
+            rules = legacy_rules(model, len(steps), len(size))
         spec = Spec(
             channels=int(model["channels"]),
             hidden=int(model["hidden"]),
             n_in=int(model["n_in"]),
             n_out=int(model["n_out"]),
             fire_rate=float(model["fire_rate"]),
-            steps=tuple(int(s) for s in model["steps"]),
+            steps=steps,
             scales=tuple(int(s) for s in model["scales"]),
             downscale=str(model.get("downscale", "bilinear")),
-            image_size=tuple(int(s) for s in data.get("image_size", (64, 64))),  # type: ignore[arg-type]
+            image_size=size,
             slice_axis=int(data.get("slice_axis", 2)),
             channel=int(data.get("channel", 0)),
+            rules=tuple(dict(r) for r in rules),
         )
     except KeyError as e:
         raise ExportFormatError(f"{source}: missing key model.{e.args[0]}") from None
@@ -124,37 +202,58 @@ def spec_from_config(cfg: dict, source: str = CONFIG_FILE) -> Spec:
         problems.append(f"model.downscale {spec.downscale!r} is not one of {DOWNSCALE_METHODS}")
     if not 0.0 <= spec.fire_rate < 1.0:
         problems.append(f"model.fire_rate {spec.fire_rate} is not in [0, 1)")
+    if len(spec.rules) != len(spec.steps):
+        problems.append(f"rules describe {len(spec.rules)} levels, steps {len(spec.steps)}")
     if problems:
         raise ExportFormatError(f"{source}: " + "; ".join(problems))
+    for i, rule in enumerate(spec.rules):
+        why = rule_problem(rule)
+        if why:
+            raise ExportFormatError(f"{source}: level {i}: {why}; use the JAX checkpoint instead")
+        for key, want in (("channels", spec.channels), ("hidden", spec.hidden), ("n_in", spec.n_in), ("ndim", spec.ndim)):
+            if rule.get(key) != want:
+                raise ExportFormatError(f"{source}: rules[{i}].{key} = {rule.get(key)!r} but the model has {key} = {want}")
     return spec
 
 
-def expected_shapes(spec: Spec, features: int) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of ``weights.npz`` (channels-last) for ``features`` perception filters F.
+def level_shapes(rule: dict, features: int, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Keys (``prefix`` + name) and shapes of one level's arrays for ``features`` filters F."""
+    c, h, k, nd = rule["channels"], rule["hidden"], rule["kernel_size"], rule["ndim"]
+    shapes = {f"{prefix}perception.kernel": (k,) * nd + (c, features), f"{prefix}perception.bias": (features,),
+              f"{prefix}fc0.kernel": (c + features, h), f"{prefix}fc0.bias": (h,), f"{prefix}fc1.kernel": (h, c)}
+    if rule["norm"] == "batch":
+        shapes.update({f"{prefix}bn.scale": (h,), f"{prefix}bn.bias": (h,)})
+    return shapes
 
-    Every supported perception is ``y = [x | conv3x3_reflect(x, K) + b]``: the learned one
-    (the original's p0/p1, F = 2C) and fixed filter banks alike, so one kernel describes it.
-    """
-    c, h = spec.channels, spec.hidden
+
+def level_features(arrays: dict[str, np.ndarray], rule: dict, prefix: str, source: str) -> int:
+    """F of a level: its description's, else (older exports) its kernel's last axis."""
+    if rule.get("features") is not None:
+        return int(rule["features"])
+    key = f"{prefix}perception.kernel"
+    if key not in arrays or np.ndim(arrays[key]) != rule["ndim"] + 2:
+        raise ExportFormatError(f"{source}: missing {key} {('k',) * rule['ndim'] + ('C', 'F')} (or {prefix}p0.kernel "
+                                f"in the older layout); re-export the model")
+    return int(arrays[key].shape[-1])
+
+
+def expected_shapes(spec: Spec, features: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of ``weights.npz`` (channels-last) with ``features[i]`` filters at level ``i``."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for i in range(spec.n_levels):
-        shapes.update({
-            f"level{i}.perception.kernel": (3, 3, c, features), f"level{i}.perception.bias": (features,),
-            f"level{i}.fc0.kernel": (c + features, h), f"level{i}.fc0.bias": (h,),
-            f"level{i}.fc1.kernel": (h, c),
-        })
+    for i, rule in enumerate(spec.rules):
+        shapes.update(level_shapes(rule, features[i], f"level{i}."))
     return shapes
 
 
 def legacy_shapes(spec: Spec, i: int) -> dict[str, tuple[int, ...]]:
     """Level ``i``'s keys in format-1 exports (two learned convs ``p0``/``p1``)."""
-    c = spec.channels
-    return {f"level{i}.p0.kernel": (3, 3, c, c), f"level{i}.p0.bias": (c,),
-            f"level{i}.p1.kernel": (3, 3, c, c), f"level{i}.p1.bias": (c,)}
+    c, k, nd = spec.channels, spec.rules[i]["kernel_size"], spec.rules[i]["ndim"]
+    return {f"level{i}.p0.kernel": (k,) * nd + (c, c), f"level{i}.p0.bias": (c,),
+            f"level{i}.p1.kernel": (k,) * nd + (c, c), f"level{i}.p1.bias": (c,)}
 
 
 def upgrade_legacy(arrays: dict[str, np.ndarray], spec: Spec, source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:
-    """Convert format-1 levels (``p0.*``/``p1.*``) to one perception kernel ``(3, 3, C, 2C)``:
+    """Convert format-1 levels (``p0.*``/``p1.*``) to one perception kernel ``(k, k, C, 2C)``:
     ``concat([p0, p1], -1)``, the order fc0 reads ``[x | p0(x) | p1(x)]``. Other keys pass."""
     out = dict(arrays)
     for i in range(spec.n_levels):
@@ -174,24 +273,22 @@ def _what(spec: Spec) -> str:
     return f"config.json (channels={spec.channels}, hidden={spec.hidden}, {spec.n_levels} levels)"
 
 
-def _check_shapes(arrays: dict[str, np.ndarray], exp: dict[str, tuple[int, ...]], spec: Spec, source: str) -> None:
+def _check_shapes(arrays: dict[str, np.ndarray], exp: dict[str, tuple[int, ...]], spec: Optional[Spec], source: str) -> None:
+    what = _what(spec) if spec is not None else "the rule"
     for k, shape in exp.items():
         if k not in arrays:
-            raise ExportFormatError(f"{source} does not match {_what(spec)}: missing {k}")
-        if tuple(arrays[k].shape) != shape:
-            raise ExportFormatError(f"{source}: {k} has shape {tuple(arrays[k].shape)}, {_what(spec)} expects {shape}")
-        if not np.issubdtype(arrays[k].dtype, np.floating) or not np.all(np.isfinite(arrays[k])):
-            raise ExportFormatError(f"{source}: {k} must hold finite floats, got dtype {arrays[k].dtype}")
+            raise ExportFormatError(f"{source} does not match {what}: missing {k}")
+        if tuple(np.shape(arrays[k])) != shape:
+            raise ExportFormatError(f"{source}: {k} has shape {tuple(np.shape(arrays[k]))}, {what} expects {shape}")
+        a = np.asarray(arrays[k])
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
+            raise ExportFormatError(f"{source}: {k} must hold finite floats, got dtype {a.dtype}")
 
 
-def check_weights(arrays: dict[str, np.ndarray], spec: Spec, source: str = WEIGHTS_FILE) -> int:
+def check_weights(arrays: dict[str, np.ndarray], spec: Spec, source: str = WEIGHTS_FILE) -> list[int]:
     """Raise :class:`ExportFormatError` naming ``source`` unless ``arrays`` (current format)
-    fit ``spec``; returns the number of perception filters F."""
-    k0 = "level0.perception.kernel"
-    if k0 not in arrays or np.ndim(arrays[k0]) != 4:
-        raise ExportFormatError(f"{source} does not match {_what(spec)}: missing {k0} (3, 3, C, F) "
-                                f"(or level0.p0.kernel in the older layout); re-export the model")
-    features = int(arrays[k0].shape[-1])
+    fit ``spec``; returns the number of perception filters F of each level."""
+    features = [level_features(arrays, rule, f"level{i}.", source) for i, rule in enumerate(spec.rules)]
     exp = expected_shapes(spec, features)
     missing, extra = sorted(set(exp) - set(arrays)), sorted(set(arrays) - set(exp))
     if missing or extra:
@@ -206,12 +303,9 @@ def _resize_matrix(n: int, factor: int, method: str) -> np.ndarray:
     """Row-normalised weights ``(n // factor, n)`` of a downscale by ``factor`` (half-pixel centres).
 
     bilinear: triangle kernel of width 1 (no anti-aliasing, the original's torchio resize);
-    antialias: triangle stretched by ``factor`` (as ``jax.image.resize(antialias=True)``);
-    area: box average of each block.
+    antialias: triangle stretched by ``factor`` (as ``jax.image.resize(antialias=True)``).
     """
     m = n // factor
-    if method == "area":
-        return np.kron(np.eye(m), np.full((1, factor), 1.0 / factor)).astype(np.float32)
     centre = (np.arange(m) + 0.5) * factor - 0.5
     width = float(factor) if method == "antialias" else 1.0
     w = np.maximum(0.0, 1.0 - np.abs(centre[:, None] - np.arange(n)[None, :]) / width)
@@ -219,218 +313,376 @@ def _resize_matrix(n: int, factor: int, method: str) -> np.ndarray:
 
 
 def downscale(images: np.ndarray, factor: int, method: str = "bilinear") -> np.ndarray:
-    """Downscale ``(B, H, W, c)`` by an integer factor -> ``(B, H/f, W/f, c)`` float32."""
+    """Downscale ``(B, *S, c)`` by an integer factor along every spatial axis -> ``(B, *S/f, c)``
+    float32: ``area`` block mean, ``max`` block maximum, ``bilinear`` (no anti-aliasing) and
+    ``antialias`` as ``mednca_jax.nca.levels.downscale``."""
     if factor == 1:
         return images
-    b, h, w, c = images.shape
-    if method == "bilinear" and factor % 2 == 0:
+    b, spatial, c = images.shape[0], images.shape[1:-1], images.shape[-1]
+    nd = len(spatial)
+    axes = tuple(2 + 2 * a for a in range(nd))
+    if method in ("area", "max") or (method == "bilinear" and factor % 2 == 0):
+        blocks = images.reshape((b,) + sum(((s // factor, factor) for s in spatial), ()) + (c,))
+        if method == "area":
+            return blocks.mean(axis=axes, dtype=np.float32)
+        if method == "max":
+            return blocks.max(axis=axes)
         # Samples at (i + 0.5) f - 0.5 fall midway between pixels f*i + f/2 - 1 and f*i + f/2:
-        # the mean of the centre 2x2 of each block (computed like the JAX core, same round-off).
+        # the mean of the centre 2x2 (2x2x2) of each block (computed like the JAX core).
         lo = factor // 2 - 1
-        blocks = images.reshape(b, h // factor, factor, w // factor, factor, c)
-        return blocks[:, :, lo:lo + 2, :, lo:lo + 2, :].mean(axis=(2, 4), dtype=np.float32)
-    rows, cols = _resize_matrix(h, factor, method), _resize_matrix(w, factor, method)
-    return np.einsum("ih,bhwc,jw->bijc", rows, images, cols, optimize=True).astype(np.float32)
+        centre = (slice(None),) + sum(((slice(None), slice(lo, lo + 2)) for _ in spatial), ())
+        return blocks[centre].mean(axis=axes, dtype=np.float32)
+    out = np.asarray(images, np.float32)
+    for a, s in enumerate(spatial):  # separable: one axis at a time
+        out = np.moveaxis(np.tensordot(_resize_matrix(s, factor, method), out, axes=([1], [1 + a])), 0, 1 + a)
+    return np.ascontiguousarray(out, np.float32)
 
 
 def upsample_nearest(x: np.ndarray, factor: int) -> np.ndarray:
-    """``(B, h, w, C) -> (B, h*f, w*f, C)`` by repeating each pixel."""
-    if factor == 1:
-        return x
-    return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
+    """``(B, *s, C) -> (B, *(s*f), C)`` by repeating each cell."""
+    for axis in range(1, x.ndim - 1) if factor > 1 else ():
+        x = np.repeat(x, factor, axis=axis)
+    return x
 
 
 # --------------------------------------------------------------------------- one NCA level
 class LevelWeights(NamedTuple):
-    """One level's weights rearranged for matmuls (C channels, F filters, ``hid`` hidden units)."""
+    """One level's weights rearranged for matmuls (C channels, F filters, ``hid`` hidden units).
 
-    conv: np.ndarray  # (9C, F): the perception kernel, rows ordered (dh, dw, c_in)
+    The kernel ``K (k,)*nd + (C, F)`` is cut along its leading ``nd - 1`` axes into
+    ``k**(nd-1)`` rows of ``k*C`` taps (one run of consecutive cells along the last axis);
+    ``blocks[j]`` stacks the rows listed in ``block_rows[j]`` (each a tuple of leading
+    offsets), ``(len(rows) * k * C, F)``.
+    """
+
+    blocks: tuple[np.ndarray, ...]
+    block_rows: tuple[tuple[tuple[int, ...], ...], ...]
+    kernel_size: int
+    ndim: int
     conv_bias: np.ndarray  # (F,)
     fc0: np.ndarray  # (C + F, hid): rows read [x | conv(x)]
     fc0_bias: np.ndarray  # (hid,)
     fc1: np.ndarray  # (hid, C)
+    bn_scale: Optional[np.ndarray] = None  # (hid,) when norm == "batch"
+    bn_bias: Optional[np.ndarray] = None
+
+    @property
+    def radius(self) -> int:
+        return self.kernel_size // 2
+
+    @property
+    def features(self) -> int:
+        return int(self.conv_bias.shape[0])
+
+    @property
+    def cols_width(self) -> int:
+        return max(b.shape[0] for b in self.blocks)
 
 
-def level_weights(arrays: dict[str, np.ndarray], i: int) -> LevelWeights:
-    """Rearrange ``level{i}.*`` arrays of ``weights.npz`` (current format) into :class:`LevelWeights`.
+def weights_of_level(arrays: dict[str, np.ndarray], rule: dict, source: str = WEIGHTS_FILE) -> LevelWeights:
+    """One level's arrays (keys without the ``level{i}.`` prefix: ``perception.kernel``, ...)
+    and its rule description -> :class:`LevelWeights`, checked against the description.
 
     (Folding the conv bias into fc0's bias would save a pass per step, but moves the logits
     further from the JAX/original round-off: the operation order here is theirs.)
     """
-    g = lambda k: np.ascontiguousarray(arrays[f"level{i}.{k}"], dtype=np.float32)  # noqa: E731
-    k = g("perception.kernel")
+    why = rule_problem(rule)
+    if why:
+        raise ExportFormatError(f"{source}: {why}")
+    _check_shapes(arrays, level_shapes(rule, level_features(arrays, rule, "", source)), None, source)
+    g = lambda k: np.ascontiguousarray(arrays[k], dtype=np.float32)  # noqa: E731
+    kernel, k, nd = g("perception.kernel"), int(rule["kernel_size"]), int(rule["ndim"])
+    c, f = kernel.shape[-2:]
+    rows = kernel.reshape((k ** (nd - 1), k * c, f))
+    offsets = list(itertools.product(range(k), repeat=nd - 1))
+    per = max(1, min(len(offsets), COLS_FLOATS // (k * c)))
+    groups = [list(range(j, min(len(offsets), j + per))) for j in range(0, len(offsets), per)]
+    bn = rule["norm"] == "batch"
     return LevelWeights(
-        conv=np.ascontiguousarray(k.reshape(9 * k.shape[2], k.shape[3])),
-        conv_bias=g("perception.bias"),
-        fc0=g("fc0.kernel"),
-        fc0_bias=g("fc0.bias"),
-        fc1=g("fc1.kernel"),
+        blocks=tuple(np.ascontiguousarray(rows[grp].reshape(len(grp) * k * c, f)) for grp in groups),
+        block_rows=tuple(tuple(offsets[j] for j in grp) for grp in groups),
+        kernel_size=k, ndim=nd, conv_bias=g("perception.bias"), fc0=g("fc0.kernel"), fc0_bias=g("fc0.bias"),
+        fc1=g("fc1.kernel"), bn_scale=g("bn.scale") if bn else None, bn_bias=g("bn.bias") if bn else None,
     )
 
 
-def reflect_border_(xp: np.ndarray) -> None:
-    """Refill the 1-pixel border of ``xp (B, H+2, W+2, C)`` from its interior, in place,
-    mirroring without repeating the edge (torch/numpy 'reflect')."""
-    xp[:, 0] = xp[:, 2]
-    xp[:, -1] = xp[:, -3]
-    xp[:, :, 0] = xp[:, :, 2]  # after the rows, so the corners come out right too
-    xp[:, :, -1] = xp[:, :, -3]
+def level_weights(arrays: dict[str, np.ndarray], i: int, rule: dict) -> LevelWeights:
+    """:func:`weights_of_level` of level ``i`` of ``weights.npz``-style arrays."""
+    p = f"level{i}."
+    return weights_of_level({k[len(p):]: v for k, v in arrays.items() if k.startswith(p)}, rule, f"{WEIGHTS_FILE} level {i}")
 
 
-def _chunks(b: int, h: int, w: int, pixels: int) -> list[tuple[int, int, int, int]]:
-    """Split ``(B, H, W)`` into ``(b0, b1, r0, r1)`` blocks of at most ~``pixels`` pixels, in
-    C order: groups of whole images when they are small, else row bands of one image."""
-    if h * w <= pixels:
-        g = max(1, pixels // (h * w))
-        return [(b0, min(b, b0 + g), 0, h) for b0 in range(0, b, g)]
-    rows = max(1, pixels // w)
-    return [(i, i + 1, r0, min(h, r0 + rows)) for i in range(b) for r0 in range(0, h, rows)]
+def _index(ndim: int, axis: int, at: Any) -> tuple:
+    return (slice(None),) * axis + (at,) + (slice(None),) * (ndim - axis - 1)
 
 
-def working_bytes_per_pixel(channels: int, features: int, hidden: int) -> int:
-    """Bytes per pixel of a chunk's temporaries in :func:`run_level_padded`: the im2col matrix
-    (9C), ``[x | conv]`` (C+F), the hidden layer, two delta slots (2C) and the fire draw."""
-    return 4 * (9 * channels + channels + features + hidden + 2 * channels) + 8
+def reflect_border_(xp: np.ndarray, r: int, axes: Sequence[int]) -> None:
+    """Refill the ``r``-wide border of ``xp`` along ``axes`` from its interior, in place,
+    mirroring without repeating the edge (torch/numpy 'reflect'). Axis after axis over the
+    whole extent of the others, so the corners come out as a joint reflect pad."""
+    for a in axes:
+        n = xp.shape[a] - 2 * r
+        for j in range(1, r + 1):
+            xp[_index(xp.ndim, a, r - j)] = xp[_index(xp.ndim, a, r + j)]
+            xp[_index(xp.ndim, a, r + n - 1 + j)] = xp[_index(xp.ndim, a, r + n - 1 - j)]
+
+
+def _chunks(b: int, s0: int, slab: int, pixels: int, r: int) -> list[tuple[int, int, int, int]]:
+    """Split ``(B, S0, slab)`` cells into ``(b0, b1, r0, r1)`` blocks of at most ~``pixels``,
+    in C order: groups of whole images when they are small, else bands of at least ``r``
+    rows of one image (so a band's taps reach only its neighbouring bands, see
+    :func:`run_level_padded`)."""
+    if s0 * slab <= pixels:
+        g = max(1, pixels // (s0 * slab))
+        return [(b0, min(b, b0 + g), 0, s0) for b0 in range(0, b, g)]
+    rows = max(1, r, pixels // slab)
+    return [(i, i + 1, r0, min(s0, r0 + rows)) for i in range(b) for r0 in range(0, s0, rows)]
+
+
+def working_bytes_per_pixel(channels: int, features: int, hidden: int, kernel_size: int = 3, ndim: int = 2,
+                            batch_norm: bool = False) -> int:
+    """Bytes per cell of a chunk's temporaries in :func:`run_level_padded`: the im2col block,
+    ``[x | conv]`` (C+F), a product slot (F) when the kernel takes several blocks, the hidden
+    layer, two delta slots (2C), the fire draw and, with batch norm, the squares of the
+    statistics pass."""
+    kc = kernel_size * channels
+    rows = kernel_size ** (ndim - 1)
+    per = max(1, min(rows, COLS_FLOATS // kc))
+    extra = features if per < rows else 0
+    return 4 * (per * kc + channels + features + extra + hidden * (2 if batch_norm else 1) + 2 * channels) + 8
 
 
 class PaddedState(NamedTuple):
-    """A level's state kept reflect-padded in one flat buffer, so that every 3x3 neighbourhood
-    row is a contiguous run of memory.
+    """A level's state kept reflect-padded (width ``r = k // 2``) in one flat buffer, so that
+    the ``k`` taps of a kernel row along the last axis are one contiguous run of memory.
 
-    ``buf (1 + B*(H+2)*(W+2) + 1, C)``: one slack row at each end; ``xp = buf[1:-1]`` viewed
-    as ``(B, H+2, W+2, C)``. Outputs are computed for all ``W+2`` columns of rows ``1..H``
-    (flat positions), so the taps of a position ``q`` are at ``q + (dh-1)(W+2) + (dw-1)``;
-    the two border columns get meaningless values that are never used.
+    ``buf (slack + B * prod(S + 2r) + slack, C)`` with ``xp = buf[slack:-slack]`` viewed as
+    ``(B, *(S + 2r), C)``. Outputs are computed for every position of the interior rows of
+    axis 0 (flat positions, pad positions of the other axes included), so the taps of a
+    position ``q`` are at ``q + sum_a (d_a - r) stride_a``; pad positions get meaningless
+    values that are never used, and ``slack = r * sum(strides[1:])`` keeps the taps of the
+    first and last rows inside the buffer.
     """
 
     buf: np.ndarray
     xp: np.ndarray
+    r: int
+    slack: int
 
     @classmethod
-    def empty(cls, b: int, h: int, w: int, c: int) -> "PaddedState":
-        """A zero state ``(B, H, W, C)`` (its border is consistent: all zeros)."""
-        buf = np.zeros((b * (h + 2) * (w + 2) + 2, c), np.float32)
-        return cls(buf, buf[1:-1].reshape(b, h + 2, w + 2, c))
+    def empty(cls, b: int, spatial: Sequence[int], c: int, r: int) -> "PaddedState":
+        """A zero state ``(B, *S, C)`` (its border is consistent: all zeros)."""
+        padded = tuple(int(s) + 2 * r for s in spatial)
+        if any(s <= r for s in spatial):
+            raise InputError(f"a level of size {'x'.join(map(str, spatial))} is too small for a {2 * r + 1}-wide "
+                             f"reflect-padded kernel (each side needs more than {r} cells)")
+        strides = [int(np.prod(padded[a + 1:])) for a in range(len(padded))]
+        slack = max(1, r * sum(strides[1:]))
+        buf = np.zeros((b * int(np.prod(padded)) + 2 * slack, c), np.float32)
+        return cls(buf, buf[slack:-slack].reshape((b,) + padded + (c,)), r, slack)
 
     @classmethod
-    def from_state(cls, x: np.ndarray) -> "PaddedState":
-        st = cls.empty(*x.shape)
-        st.xp[:, 1:-1, 1:-1] = x
-        reflect_border_(st.xp)
+    def from_state(cls, x: np.ndarray, r: int) -> "PaddedState":
+        st = cls.empty(x.shape[0], x.shape[1:-1], x.shape[-1], r)
+        st.inner[...] = x
+        reflect_border_(st.xp, r, range(1, x.ndim - 1))
         return st
 
     @property
+    def spatial(self) -> tuple[int, ...]:
+        return tuple(s - 2 * self.r for s in self.xp.shape[1:-1])
+
+    @property
     def inner(self) -> np.ndarray:
-        """The state ``(B, H, W, C)`` (a view)."""
-        return self.xp[:, 1:-1, 1:-1]
+        """The state ``(B, *S, C)`` (a view)."""
+        return self.xp[(slice(None),) + tuple(slice(self.r, self.r + s) for s in self.spatial)]
 
 
-def upsampled_state(coarse: np.ndarray, factor: int, image: np.ndarray, channels: int) -> PaddedState:
-    """Nearest-neighbour upsampling of ``coarse (B, h, w, C)`` by ``factor`` written straight
-    into a new padded state (no full-size temporary), with ``image (B, h*f, w*f, n_in)`` put
-    back into the input channels."""
-    b, h, w, _ = image.shape
-    st = PaddedState.empty(b, h, w, channels)
-    for i in range(factor):
-        for j in range(factor):
-            st.xp[:, 1 + i:h + 1:factor, 1 + j:w + 1:factor] = coarse
+def upsampled_state(coarse: np.ndarray, factor: int, image: np.ndarray, channels: int, r: int) -> PaddedState:
+    """Nearest-neighbour upsampling of ``coarse (B, *s, C)`` by ``factor`` written straight
+    into a new padded state of width ``r`` (no full-size temporary), with ``image (B, *s*f,
+    n_in)`` put back into the input channels."""
+    spatial = image.shape[1:-1]
+    st = PaddedState.empty(image.shape[0], spatial, channels, r)
+    for offs in itertools.product(range(factor), repeat=len(spatial)):
+        st.xp[(slice(None),) + tuple(slice(r + o, r + s, factor) for o, s in zip(offs, spatial))] = coarse
     st.inner[..., :image.shape[-1]] = image
-    reflect_border_(st.xp)
+    reflect_border_(st.xp, r, range(1, image.ndim - 1))
     return st
 
 
-def _chunk_update(lw: LevelWeights, buf: np.ndarray, wp: int, q0: int, n: int, out: np.ndarray,
-                  cols_buf: np.ndarray, y_buf: np.ndarray, hid_buf: np.ndarray) -> None:
-    """Residual ``fc1(relu(fc0([x | conv(x) + b])))`` at the ``n`` flat positions from ``q0``
-    of the padded state (``buf``, row width ``wp = W+2``) into ``out (n, C)``.
+class _Work(NamedTuple):
+    """A level's chunk temporaries, allocated once per rollout."""
 
-    im2col: for each kernel row ``dh`` the three taps ``dw = 0, 1, 2`` of a position are
-    ``3C`` consecutive floats of ``buf``, copied through one overlapping strided view.
+    cols: np.ndarray  # (n_max * cols_width,) im2col block, reshaped per block
+    y: np.ndarray  # (n_max, C + F)
+    prod: np.ndarray  # (n_max, F) one block's product (several blocks only)
+    hid: np.ndarray  # (span_max, hid): laid out like a delta slot (see run_level_padded)
+    slots: tuple[np.ndarray, np.ndarray]  # two (span_max, C) delta slots
+
+
+def _hidden(lw: LevelWeights, st: PaddedState, strides: Sequence[int], q0: int, n: int, work: _Work, hid: np.ndarray) -> None:
+    """``fc0([x | conv(x) + b])`` at the ``n`` flat positions of ``st.xp`` from ``q0`` into
+    ``hid (n, hidden)``.
+
+    im2col per block: for each kernel row (leading offsets ``d``) the ``k`` taps of a position
+    along the last axis are ``k*C`` consecutive floats of ``buf``, copied through one
+    overlapping strided view; the blocks' products are summed.
     """
-    c = buf.shape[1]
-    cols = cols_buf[:n].reshape(n, 3, 3 * c)
-    for dh in range(3):
-        s = q0 + (dh - 1) * wp  # buf index of tap (dh, dw=0) = xp index + 1 - 1
-        cols[:, dh, :] = np.lib.stride_tricks.as_strided(buf[s:], shape=(n, 3 * c), strides=(buf.strides[0], buf.strides[1]))
-    y = y_buf[:n]
-    np.matmul(cols_buf[:n], lw.conv, out=y[:, c:])
+    buf, c, r, k = st.buf, st.buf.shape[1], lw.radius, lw.kernel_size
+    y = work.y[:n]
+    base = st.slack + q0 - r  # buf index of tap (r, .., r, 0) of position q0
+    for j, (block, rows) in enumerate(zip(lw.blocks, lw.block_rows)):
+        cols = work.cols[:n * block.shape[0]].reshape(n, len(rows), k * c)
+        for t, offs in enumerate(rows):
+            s = base + sum((d - r) * strides[a] for a, d in enumerate(offs))
+            cols[:, t, :] = np.lib.stride_tricks.as_strided(buf[s:], shape=(n, k * c), strides=buf.strides)
+        flat = cols.reshape(n, block.shape[0])
+        if j == 0:
+            np.matmul(flat, block, out=y[:, c:])
+        else:
+            y[:, c:] += np.matmul(flat, block, out=work.prod[:n])
     y[:, c:] += lw.conv_bias
-    y[:, :c] = buf[q0 + 1:q0 + 1 + n]  # the centre tap is x itself
-    hid = np.matmul(y, lw.fc0, out=hid_buf[:n])
+    y[:, :c] = buf[st.slack + q0:st.slack + q0 + n]  # the centre tap is x itself
+    np.matmul(y, lw.fc0, out=hid)
     hid += lw.fc0_bias
-    np.maximum(hid, 0.0, out=hid)
-    np.matmul(hid, lw.fc1, out=out)
 
 
 def run_level_padded(
     lw: LevelWeights, st: PaddedState, image: np.ndarray, steps: int, fire_rate: float,
     rng: Optional[np.random.Generator], masks: Optional[np.ndarray] = None, chunk_pixels: int = CHUNK_PIXELS,
 ) -> None:
-    """``steps`` NCA steps on the padded state ``st`` (``(B, H, W, C)`` inside), in place,
-    with ``image (B, H, W, n_in)`` held fixed.
+    """``steps`` NCA steps on the padded state ``st`` (``(B, *S, C)`` inside), in place, with
+    ``image (B, *S, n_in)`` held fixed.
 
     Fire mask ``u > fire_rate`` with ``u = 1 - rng.random`` uniform in (0, 1], one per cell,
     drawn fresh every step, chunk by chunk in C order: the same numbers as one
-    ``rng.random((B, H, W, 1))`` per step. ``masks (steps, B, H, W)`` bool replaces the draw;
+    ``rng.random((B, *S, 1))`` per step. ``masks (steps, B, *S)`` bool replaces the draw;
     ``fire_rate = 0`` (and no masks) updates every cell and draws nothing.
 
-    Memory: besides the state only two delta slots of one chunk (+2 rows) and the chunk's
-    temporaries. A step reads the old state of every neighbour, so the delta of chunk k is
-    added only after chunk k+1 has been computed (k+1 reads k's last row, k-1 is not read by
-    k+1); the pad columns of a chunk's rows are refreshed when it is written, the pad rows
-    at the end of the step.
+    Memory: besides the state only two delta slots of one chunk (+2r rows) and the chunk's
+    temporaries. A step reads the old state of every neighbour, so the delta of chunk j is
+    added only after chunk j+1 has been computed (bands of at least r rows: j+1 reads j's
+    last rows, never j-1's); the pad of the other axes is refreshed in a chunk's rows when it
+    is written, the pad rows of axis 0 at the end of the step. With batch norm every step
+    first runs ``fc0`` over all chunks for the statistics (float64 sums over the interior
+    cells of the whole batch), then the update pass recomputes it.
     """
-    b, hp, wp, c = st.xp.shape
-    h, w = hp - 2, wp - 2
+    b, nd, r, c = st.xp.shape[0], st.xp.ndim - 2, st.r, st.xp.shape[-1]
+    spatial, padded = st.spatial, st.xp.shape[1:-1]
+    if r != lw.radius:
+        raise ValueError(f"state padded by {r}, kernel {lw.kernel_size} needs {lw.radius}")
     n_in = image.shape[-1]
-    buf = st.buf
-    chunks = _chunks(b, h, wp, chunk_pixels)
-    spans = [(b1 - b0) * (r1 - r0 + 2) * wp for b0, b1, r0, r1 in chunks]
-    n_max = max(spans)
-    cols_buf = np.empty((n_max, 9 * c), np.float32)
-    y_buf = np.empty((n_max, c + lw.conv.shape[1]), np.float32)  # [x | conv(x)]
-    hid_buf = np.empty((n_max, lw.fc1.shape[0]), np.float32)
-    slots = [np.empty((n_max, c), np.float32), np.empty((n_max, c), np.float32)]
+    strides = [int(np.prod(padded[a + 1:])) for a in range(nd)]
+    slab = strides[0]
+    chunks = _chunks(b, spatial[0], slab, chunk_pixels, r)
+    spans = [(b1 - b0) * (r1 - r0 + 2 * r) * slab for b0, b1, r0, r1 in chunks]
+    span_max = max(spans)
+    n_hid = lw.fc1.shape[0]
+    work = _Work(cols=np.empty(span_max * lw.cols_width, np.float32), y=np.empty((span_max, c + lw.features), np.float32),
+                 prod=np.empty((span_max if len(lw.blocks) > 1 else 0, lw.features), np.float32),
+                 hid=np.empty((span_max, n_hid), np.float32),
+                 slots=(np.empty((span_max, c), np.float32), np.empty((span_max, c), np.float32)))
     thr = np.float32(fire_rate)
+    rest = tuple(slice(r, r + s) for s in spatial[1:])  # the interior of axes 1..nd-1
+
+    def interior(a: np.ndarray, k: int) -> np.ndarray:
+        """The chunk's interior cells in a slot-laid-out buffer: ``(nb, rows, *S[1:], -1)``."""
+        b0, b1, r0, r1 = chunks[k]
+        v = a[:spans[k]].reshape((b1 - b0, r1 - r0 + 2 * r) + tuple(padded[1:]) + (a.shape[-1],))
+        return v[(slice(None), slice(r, r + r1 - r0)) + rest]
+
+    def chunk_hidden(k: int) -> np.ndarray:
+        """fc0 of chunk k into work.hid, slot index j <-> xp flat position of (b0, r0, 0..) + j."""
+        b0, _, r0, _ = chunks[k]
+        q0 = b0 * int(np.prod(padded)) + (r0 + r) * slab  # flat position of the chunk's first output
+        n = spans[k] - 2 * r * slab  # spans the pad rows between images: computed, never used
+        hid = work.hid[r * slab:r * slab + n]
+        _hidden(lw, st, strides, q0, n, work, hid)
+        return hid
 
     def write(k: int, step: int) -> None:
         b0, b1, r0, r1 = chunks[k]
-        # slot row j <-> xp flat position of (b0, r0, 0) + j: whole rows, the pad rows unused.
-        d = slots[k % 2][:spans[k]].reshape(b1 - b0, r1 - r0 + 2, wp, c)[:, 1:-1, 1:-1]
+        d = interior(work.slots[k % 2], k)
         if masks is not None:
-            d *= masks[step, b0:b1, r0:r1, :, None]
+            d *= masks[step, b0:b1, r0:r1, ..., None]
         elif fire_rate > 0.0:
             assert rng is not None
-            u = 1.0 - rng.random((b1 - b0, r1 - r0, w, 1), dtype=np.float32)
+            u = 1.0 - rng.random((b1 - b0, r1 - r0) + tuple(spatial[1:]) + (1,), dtype=np.float32)
             d *= u > thr
-        rows = st.xp[b0:b1, r0 + 1:r1 + 1]
-        rows[:, :, 1:-1] += d
-        rows[:, :, 1:-1, :n_in] = image[b0:b1, r0:r1]
-        rows[:, :, 0] = rows[:, :, 2]
-        rows[:, :, -1] = rows[:, :, -3]
+        band = st.xp[b0:b1, r0 + r:r1 + r]
+        inner = band[(slice(None), slice(None)) + rest]
+        inner += d
+        inner[..., :n_in] = image[b0:b1, r0:r1]
+        reflect_border_(band, r, range(2, nd + 1))
 
     for step in range(steps):
-        for k, (b0, b1, r0, r1) in enumerate(chunks):
-            q0 = b0 * hp * wp + (r0 + 1) * wp  # flat (xp) position of the chunk's first output
-            n = spans[k] - 2 * wp  # spans the pad rows between images: computed, never used
-            _chunk_update(lw, buf, wp, q0, n, slots[k % 2][wp:wp + n], cols_buf, y_buf, hid_buf)
+        norm = None
+        if lw.bn_scale is not None:
+            s1, s2 = np.zeros(n_hid, np.float64), np.zeros(n_hid, np.float64)
+            for k in range(len(chunks)):
+                chunk_hidden(k)
+                h = interior(work.hid, k)
+                axes = tuple(range(h.ndim - 1))
+                s1 += h.sum(axis=axes, dtype=np.float64)
+                s2 += np.square(h).sum(axis=axes, dtype=np.float64)
+            count = float(b * np.prod(spatial))
+            mean = s1 / count
+            var = np.maximum(s2 / count - mean * mean, 0.0)
+            norm = (mean.astype(np.float32), (lw.bn_scale / np.sqrt(var + BN_EPS)).astype(np.float32), lw.bn_bias)
+        for k in range(len(chunks)):
+            hid = chunk_hidden(k)
+            if norm is not None:
+                hid -= norm[0]
+                hid *= norm[1]
+                hid += norm[2]
+            np.maximum(hid, 0.0, out=hid)
+            n = hid.shape[0]
+            np.matmul(hid, lw.fc1, out=work.slots[k % 2][r * slab:r * slab + n])
             if k:
                 write(k - 1, step)
         write(len(chunks) - 1, step)
-        st.xp[:, 0] = st.xp[:, 2]
-        st.xp[:, -1] = st.xp[:, -3]
+        reflect_border_(st.xp, r, (1,))
 
 
 def run_level(
     lw: LevelWeights, x: np.ndarray, image: np.ndarray, steps: int, fire_rate: float,
     rng: Optional[np.random.Generator], masks: Optional[np.ndarray] = None, chunk_pixels: int = CHUNK_PIXELS,
 ) -> np.ndarray:
-    """``steps`` NCA steps on ``x (B, H, W, C)`` with ``image (B, H, W, n_in)`` held fixed
+    """``steps`` NCA steps on ``x (B, *S, C)`` with ``image (B, *S, n_in)`` held fixed
     -> the new state (a copy). See :func:`run_level_padded` for the masks and the draws."""
-    st = PaddedState.from_state(np.asarray(x, np.float32))
-    run_level_padded(lw, st, image, steps, fire_rate, rng, _check_masks(masks, steps, image.shape[:3], 0),
+    st = PaddedState.from_state(np.asarray(x, np.float32), lw.radius)
+    run_level_padded(lw, st, image, steps, fire_rate, rng, _check_masks(masks, steps, image.shape[:-1], 0),
                      chunk_pixels)
     return np.ascontiguousarray(st.inner)
+
+
+def rollout_level(weights: dict[str, np.ndarray], rule: dict, x: np.ndarray, image: np.ndarray, masks: np.ndarray,
+                  chunk_pixels: int = CHUNK_PIXELS) -> np.ndarray:
+    """One level's rollout on given fire masks, as ``mednca_jax.nca.rollout.rollout`` with
+    ``masks``: the image is written into the input channels first, then one step per mask.
+
+    Args:
+        weights: the level's arrays without the ``level{i}.`` prefix (``perception.kernel
+            (k,)*nd + (C, F)``, ``perception.bias``, ``fc0.kernel``, ``fc0.bias``, ``bn.scale``
+            and ``bn.bias`` for norm batch, ``fc1.kernel``).
+        rule: the level's description (``config.json`` ``rules[i]``, ``Rule.describe()``).
+        x: start state ``(B, *S, C)`` float32; image: ``(B, *S, n_in)``.
+        masks: ``(steps, B, *S)`` bool.
+        chunk_pixels: cells per chunk (results do not depend on it beyond round-off).
+
+    Returns:
+        the final state ``(B, *S, C)`` float32.
+    """
+    lw = weights_of_level(weights, rule, "weights")
+    x = np.array(x, np.float32)
+    image = np.asarray(image, np.float32)
+    masks = np.asarray(masks)
+    if x.ndim != lw.ndim + 2 or x.shape[-1] != rule["channels"] or image.shape != x.shape[:-1] + (rule["n_in"],):
+        raise InputError(f"x (B, *S, C={rule['channels']}) and image (B, *S, n_in={rule['n_in']}) of rank {lw.ndim} "
+                         f"expected, got {x.shape} and {image.shape}")
+    x[..., :image.shape[-1]] = image
+    return run_level(lw, x, image, int(masks.shape[0]), 0.0, None, masks, chunk_pixels)
 
 
 def _check_masks(m: Any, steps: int, shape: tuple[int, ...], level: int) -> Optional[np.ndarray]:
@@ -439,7 +691,7 @@ def _check_masks(m: Any, steps: int, shape: tuple[int, ...], level: int) -> Opti
     m = np.asarray(m)
     want = (steps,) + tuple(shape)
     if m.dtype != np.bool_ or m.shape != want:
-        raise InputError(f"masks[{level}] must be a bool array (steps, B, h, w) = {want}, got {m.dtype} {m.shape}")
+        raise InputError(f"masks[{level}] must be a bool array (steps, B, *S) = {want}, got {m.dtype} {m.shape}")
     return m
 
 
@@ -448,10 +700,10 @@ def forward(
     rng: Optional[np.random.Generator], masks: Optional[Sequence[np.ndarray]] = None,
     chunk_pixels: int = CHUNK_PIXELS,
 ) -> np.ndarray:
-    """Multi-level inference: ``images (B, H, W, n_in)`` float32 -> logits ``(B, H, W, n_out)``.
+    """Multi-level inference: ``images (B, *S, n_in)`` float32 -> logits ``(B, *S, n_out)``.
 
-    ``masks``: optional explicit fire masks, one bool array ``(steps_i, B, h_i, w_i)`` per
-    level (``h_i = H / scales[i]``), used instead of drawing (``fire_rate``/``rng`` unused).
+    ``masks``: optional explicit fire masks, one bool array ``(steps_i, B, *S_i)`` per level
+    (``S_i = S / scales[i]``), used instead of drawing (``fire_rate``/``rng`` unused).
     ``chunk_pixels`` bounds the per-step temporaries (see :func:`run_level_padded`).
     """
     if masks is not None and len(masks) != spec.n_levels:
@@ -460,12 +712,12 @@ def forward(
     for i, lw in enumerate(levels):
         img = downscale(images, spec.scales[i], spec.downscale)
         if st is None:
-            st = PaddedState.empty(*img.shape[:3], spec.channels)
+            st = PaddedState.empty(img.shape[0], img.shape[1:-1], spec.channels, lw.radius)
             st.inner[..., :spec.n_in] = img
-            reflect_border_(st.xp)
+            reflect_border_(st.xp, lw.radius, range(1, img.ndim - 1))
         else:
-            st = upsampled_state(st.inner, spec.scales[i - 1] // spec.scales[i], img, spec.channels)
-        m = None if masks is None else _check_masks(masks[i], spec.steps[i], img.shape[:3], i)
+            st = upsampled_state(st.inner, spec.scales[i - 1] // spec.scales[i], img, spec.channels, lw.radius)
+        m = None if masks is None else _check_masks(masks[i], spec.steps[i], img.shape[:-1], i)
         run_level_padded(lw, st, img, spec.steps[i], fire_rate, rng, m, chunk_pixels)
     assert st is not None
     return np.ascontiguousarray(st.inner[..., spec.n_in:spec.n_in + spec.n_out])
@@ -490,11 +742,11 @@ def labels_from_probability(p: np.ndarray) -> np.ndarray:
 class Uncertainty(NamedTuple):
     """Result of ``segment(..., runs=N)`` with N > 1 (shapes follow the input's leading dims)."""
 
-    labels: np.ndarray  # (B, H, W) uint8, from the mean probability
-    probability: np.ndarray  # (B, H, W, n_out) mean sigmoid over the runs
-    variance: np.ndarray  # (B, H, W, n_out) variance of the sigmoid over the runs (ddof 1)
+    labels: np.ndarray  # (B, *S) uint8, from the mean probability
+    probability: np.ndarray  # (B, *S, n_out) mean sigmoid over the runs
+    variance: np.ndarray  # (B, *S, n_out) variance of the sigmoid over the runs (ddof 1)
     nqm: float  # sum of per-pixel std (ddof 1) / sum of mean probability (M3D-NCA quality metric)
-    logits: Optional[np.ndarray]  # (N, B, H, W, n_out) every run's logits if return_logits
+    logits: Optional[np.ndarray]  # (N, B, *S, n_out) every run's logits if return_logits
 
 
 def nqm_from_runs(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -519,8 +771,9 @@ class MedNCA:
                  max_memory_mb: Optional[float] = None):
         arrays = upgrade_legacy(arrays, spec, source)
         self.features = check_weights(arrays, spec, source)
+        spec = replace(spec, rules=tuple({**r, "features": f} for r, f in zip(spec.rules, self.features)))
         self.spec = spec
-        self.levels = [level_weights(arrays, i) for i in range(spec.n_levels)]
+        self.levels = [level_weights(arrays, i, spec.rules[i]) for i in range(spec.n_levels)]
         self.max_memory_mb = max_memory_mb
 
     @classmethod
@@ -552,24 +805,26 @@ class MedNCA:
 
     # ---------------------------------------------------------------- input handling
     def _as_batch(self, images: Any) -> tuple[np.ndarray, bool]:
-        """-> ``(B, H, W, n_in)`` float32 and whether the input was a single 2D slice."""
+        """-> ``(B, *S, n_in)`` float32 and whether the input was a single image."""
         s = self.spec
+        nd = s.ndim
         a = np.asarray(images)
-        if a.ndim == 2 and s.n_in == 1:
-            a, single = a[None, :, :, None], True
-        elif a.ndim == 3 and s.n_in == 1:
+        if a.ndim == nd and s.n_in == 1:
+            a, single = a[None, ..., None], True
+        elif a.ndim == nd + 1 and s.n_in == 1:
             a, single = a[..., None], False
-        elif a.ndim == 4 and a.shape[-1] == s.n_in:
+        elif a.ndim == nd + 2 and a.shape[-1] == s.n_in:
             single = False
         else:
-            want = "(H, W), (B, H, W) or (B, H, W, 1)" if s.n_in == 1 else f"(B, H, W, {s.n_in})"
+            axes = "H, W" if nd == 2 else "X, Y, Z"
+            want = f"({axes}), (B, {axes}) or (B, {axes}, 1)" if s.n_in == 1 else f"(B, {axes}, {s.n_in})"
             raise InputError(f"images must have shape {want} (n_in={s.n_in}), got rank {a.ndim} shape {a.shape}")
         if not np.issubdtype(a.dtype, np.number):
             raise InputError(f"images must be numeric, got dtype {a.dtype}")
         f = s.scales[0]
-        if a.shape[1] % f or a.shape[2] % f or a.shape[0] == 0:
-            raise InputError(f"image size {a.shape[1]}x{a.shape[2]} (batch {a.shape[0]}) must be non-empty and "
-                             f"divisible by the coarsest scale {f}")
+        if any(n % f for n in a.shape[1:-1]) or a.shape[0] == 0:
+            raise InputError(f"image size {'x'.join(map(str, a.shape[1:-1]))} (batch {a.shape[0]}) must be non-empty "
+                             f"and divisible by the coarsest scale {f}")
         a = np.ascontiguousarray(a, np.float32)
         if not np.all(np.isfinite(a)):
             raise InputError("images contain NaN or inf values")
@@ -577,8 +832,8 @@ class MedNCA:
 
     def logits(self, images: Any, seed: Optional[int] = None, fire_rate: Optional[float] = None,
                masks: Optional[Sequence[np.ndarray]] = None, max_memory_mb: Optional[float] = None) -> np.ndarray:
-        """One inference run: ``(B, H, W, n_in)`` (or see :meth:`segment`) -> ``(B, H, W, n_out)``.
-        ``masks``: explicit fire masks, one bool ``(steps_i, B, h_i, w_i)`` per level."""
+        """One inference run: ``(B, *S, n_in)`` (or see :meth:`segment`) -> ``(B, *S, n_out)``.
+        ``masks``: explicit fire masks, one bool ``(steps_i, B, *S_i)`` per level."""
         x, _ = self._as_batch(images)
         rate = self._fire_rate(fire_rate)
         return self._run(x, rate, np.random.default_rng(seed), masks, max_memory_mb)
@@ -590,48 +845,60 @@ class MedNCA:
         return rate
 
     def plan(self, shape: Sequence[int], max_memory_mb: Optional[float] = None) -> tuple[int, int]:
-        """``(slices per group, chunk pixels)`` for a batch ``(B, H, W, ...)`` within
+        """``(images per group, chunk cells)`` for a batch ``(B, *S, ...)`` within
         ``max_memory_mb`` MiB of peak memory (None: this model's default, else unbounded:
-        groups of ``BATCH_PIXELS`` pixels, ``CHUNK_PIXELS`` per chunk).
+        groups of ``BATCH_PIXELS`` cells, ``CHUNK_PIXELS`` per chunk).
 
         The budget covers the interpreter and numpy (``BASE_MB``), the input and output
         arrays, the finest level's padded state plus the next-coarser one (both live while
         upsampling) and the chunk temporaries; the chunk gets what is left, at most
-        ``CHUNK_PIXELS`` (larger chunks are not faster) and at least one padded row. Groups
-        shrink only when the default one does not fit: a group's fire masks are drawn together,
-        so a smaller group changes the draws (fire 0 and explicit masks stay identical).
+        ``CHUNK_PIXELS`` (larger chunks are not faster) and at least one band of padded rows.
+        Groups shrink only when the default one does not fit: a group's fire masks are drawn
+        together, so a smaller group changes the draws (fire 0 and explicit masks stay
+        identical). With batch norm the whole batch is one group (its statistics couple the
+        samples), so only the chunks shrink.
         """
+        s = self.spec
+        b, spatial = int(shape[0]), tuple(int(n) for n in shape[1:1 + s.ndim])
+        cells = int(np.prod(spatial))
+        per = b if s.batch_norm else max(1, BATCH_PIXELS // cells)
         budget = self.max_memory_mb if max_memory_mb is None else max_memory_mb
-        b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
-        per = max(1, BATCH_PIXELS // (h * w))
         if budget is None:
             return min(per, b), CHUNK_PIXELS
-        s = self.spec
-        per_px = working_bytes_per_pixel(s.channels, self.features, s.hidden)
-        io = b * h * w * 4 * (s.n_in + 2 * s.n_out)  # input, output, one group's logits
+        fine = self.levels[-1]
+        per_px = max(working_bytes_per_pixel(s.channels, lw.features, s.hidden, lw.kernel_size, s.ndim,
+                                             lw.bn_scale is not None) for lw in self.levels)
+        io = b * cells * 4 * (s.n_in + 2 * s.n_out)  # input, output, one group's logits
+        r = fine.radius
+        slab = int(np.prod([n + 2 * r for n in spatial[1:]]))
 
-        def state(g: int) -> int:  # padded states of the two finest levels for g slices
-            fine = g * (h + 2) * (w + 2) * s.channels * 4
+        def padded_cells(lw: LevelWeights, f: int) -> int:
+            return int(np.prod([n // f + 2 * lw.radius for n in spatial]))
+
+        def state(g: int) -> int:  # padded states of the two finest levels for g images
+            size = g * padded_cells(fine, 1) * s.channels * 4
             if s.n_levels < 2:
-                return fine
-            f = s.scales[-2]
-            return fine + g * (h // f + 2) * (w // f + 2) * s.channels * 4 + g * h * w * 4 * s.n_in
+                return size
+            return size + g * padded_cells(self.levels[-2], s.scales[-2]) * s.channels * 4 + g * cells * 4 * s.n_in
 
         free = float(budget) * 2 ** 20 - BASE_MB * 2 ** 20 - io
-        row = (w + 2) * per_px * 3  # the smallest chunk: one row (+ the two halo rows of a slot)
+        band = max(1, r)
+        row = (band + 2 * r) * slab * per_px  # the smallest chunk: one band (+ the halo rows of a slot)
         g = min(per, b)
-        while g > 1 and state(g) + row > free:
+        while g > 1 and state(g) + row > free and not s.batch_norm:
             g = max(1, g // 2)
         if state(g) + row > free:
-            need = (BASE_MB * 2 ** 20 + io + state(1) + row) / 2 ** 20
-            raise InputError(f"max_memory_mb={budget:g} is too small for {h}x{w} slices with C={s.channels}: the "
-                             f"state alone needs {state(1) / 2 ** 20:.0f} MiB; allow at least {need:.0f} MiB")
-        chunk = int((free - state(g)) // per_px) - 2 * (w + 2)
-        return g, max(w + 2, min(CHUNK_PIXELS, chunk))
+            need = (BASE_MB * 2 ** 20 + io + state(g) + row) / 2 ** 20
+            what = f"{g} images of" if s.batch_norm else ""
+            raise InputError(f"max_memory_mb={budget:g} is too small for {what} {'x'.join(map(str, spatial))} images "
+                             f"with C={s.channels}: the state alone needs {state(g) / 2 ** 20:.0f} MiB; allow at least "
+                             f"{need:.0f} MiB")
+        chunk = int((free - state(g)) // per_px) - 2 * r * slab
+        return g, max(band * slab, min(CHUNK_PIXELS, chunk))
 
     def _run(self, x: np.ndarray, rate: float, rng: np.random.Generator,
              masks: Optional[Sequence[np.ndarray]] = None, max_memory_mb: Optional[float] = None) -> np.ndarray:
-        # Bounded groups of slices keep memory flat for whole volumes; the output is filled in
+        # Bounded groups of images keep memory flat for whole volumes; the output is filled in
         # place (no list of pieces + concatenate, which would hold the logits twice).
         per, chunk = self.plan(x.shape, max_memory_mb)
         s = self.spec
@@ -640,8 +907,8 @@ class MedNCA:
                 raise InputError(f"masks must hold one array per level ({s.n_levels}), got {len(masks)}")
             masks = [np.asarray(m) for m in masks]
             for i, m in enumerate(masks):
-                _check_masks(m, s.steps[i], (len(x), x.shape[1] // s.scales[i], x.shape[2] // s.scales[i]), i)
-        out = np.empty(x.shape[:3] + (s.n_out,), np.float32)
+                _check_masks(m, s.steps[i], (len(x),) + tuple(n // s.scales[i] for n in x.shape[1:-1]), i)
+        out = np.empty(x.shape[:-1] + (s.n_out,), np.float32)
         for i in range(0, len(x), per):
             m = None if masks is None else [a[:, i:i + per] for a in masks]
             out[i:i + per] = forward(self.levels, s, x[i:i + per], rate, rng, m, chunk)
@@ -651,10 +918,11 @@ class MedNCA:
         self, images: Any, seed: Optional[int] = None, fire_rate: Optional[float] = None, runs: int = 1,
         return_logits: bool = False, max_memory_mb: Optional[float] = None,
     ) -> "np.ndarray | Uncertainty":
-        """Segment preprocessed slices.
+        """Segment preprocessed images.
 
         Args:
-            images: ``(H, W)``, ``(B, H, W)`` or ``(B, H, W, n_in)`` preprocessed slices.
+            images: ``(H, W)``, ``(B, H, W)`` or ``(B, H, W, n_in)`` preprocessed slices (for a
+                3D model ``(X, Y, Z)``, ``(B, X, Y, Z)`` or ``(B, X, Y, Z, n_in)``).
             seed: seeds the fire masks (numpy Generator); None draws fresh entropy.
             fire_rate: defaults to the config's; 0 is deterministic.
             runs: N > 1 runs N times and returns an :class:`Uncertainty`.
@@ -663,8 +931,8 @@ class MedNCA:
                 and chunk sizes (:meth:`plan`); results are identical whatever it is.
 
         Returns:
-            runs == 1: labels ``(B, H, W)`` uint8, or logits ``(B, H, W, n_out)`` float32
-            (without the leading B for a 2D input); runs > 1: :class:`Uncertainty`.
+            runs == 1: labels ``(B, *S)`` uint8, or logits ``(B, *S, n_out)`` float32
+            (without the leading B for a single image); runs > 1: :class:`Uncertainty`.
         """
         x, single = self._as_batch(images)
         rate = self._fire_rate(fire_rate)
@@ -794,6 +1062,9 @@ def segment_nifti(
 ) -> Optional[float]:
     """Segment a NIfTI volume and write a uint8 label volume on the input's grid, with its
     affine and header. Returns the NQM when ``runs > 1``."""
+    if model.spec.ndim != 2:
+        raise InputError(f"{in_path}: this model segments {model.spec.ndim}D volumes, and the NIfTI path of this runtime "
+                         "is slice based; pass a .npy of preprocessed volumes (B, X, Y, Z) instead")
     nib = _nibabel()
     try:
         img = nib.load(in_path)
