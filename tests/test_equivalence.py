@@ -3,7 +3,7 @@ same fire masks.
 
 **The table** (:func:`test_table`): every registered perception x update x norm x spatial
 rank (2, 3), the built-ins and the example plug-in (``examples/custom_rule.py``), against
-every implementation. An implementation that claims the rule must reproduce the reference
+every implementation: the ``cpu_fast`` backend and the NumPy, ONNX and PyTorch runtimes. An implementation that claims the rule must reproduce the reference
 (backends: values and gradients; runtimes: values); one that does not must refuse it by
 name. Nothing is skipped.
 
@@ -153,7 +153,48 @@ def check_cpu_fast(rule: Rule) -> None:
     np.testing.assert_allclose(got, _reference_state(rule, p, x, masks), rtol=1e-5, atol=1e-5)
 
 
-IMPLEMENTATIONS = {"cpu_fast": check_cpu_fast}
+def _runtime_check(run_level):
+    """A table column for an exported runtime: ``run_level(weights, rule_dict, x, image,
+    masks) -> state``; rules it cannot interpret must be refused by name at export."""
+
+    def check(rule: Rule) -> None:
+        from mednca_jax.export import ExportError, check_interpretable, rule_weights, uninterpretable
+
+        bad = uninterpretable(rule)
+        if bad:
+            cfg = validate(Config(model=ModelConfig(perception=rule.perception, update=rule.update, norm=rule.norm, channels=C,
+                                                    hidden=HID, steps=(2,), scales=(1,), patch_size=0),
+                                  data=DataConfig(image_size=(8,) * rule.ndim)))
+            with pytest.raises(ExportError, match=f"cannot interpret {bad[0]}"):
+                check_interpretable(cfg)
+            return
+        p, x = level_params(rule), jax.random.normal(jax.random.PRNGKey(1), SHAPES[rule.ndim])
+        masks = _masks(rule)
+        want = np.asarray(_reference_state(rule, p, x, masks))
+        got = run_level(rule_weights(rule, p), rule.describe(), np.asarray(x), np.asarray(x[..., :1]), np.asarray(masks))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+    return check
+
+
+def _numpy_level(weights, rule, x, image, masks):
+    from mednca_jax.export import runtime_numpy
+
+    return runtime_numpy.rollout_level(weights, rule, x, image, masks)
+
+
+def _onnx_level(weights, rule, x, image, masks):
+    import onnxruntime as ort
+
+    from mednca_jax.export.onnx_export import level_model
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(level_model(weights, rule, masks.shape[0]).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x, "image": image, "masks": masks})[0]
+
+
+IMPLEMENTATIONS = {"cpu_fast": check_cpu_fast, "numpy": _runtime_check(_numpy_level), "onnx": _runtime_check(_onnx_level)}
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))

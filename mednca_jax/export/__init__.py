@@ -102,26 +102,34 @@ def export_config(cfg: Config) -> dict[str, Any]:
             "rules": [r.describe() for r in export_rules(cfg)]}
 
 
-def check_interpretable(cfg: Config, runtime: str = "the NumPy runtime") -> None:
-    """Raise :class:`ExportError` (one line naming the level and what) unless ``runtime``
-    can interpret every level's rule: a linear perception, the ``mlp`` update with norm
-    ``none``/``batch``, rank 2 or 3. Called before anything is written."""
+def uninterpretable(rule: Any) -> tuple[str, str] | None:
+    """What of ``rule`` (a :class:`~mednca_jax.nca.rule.Rule`) the exported runtimes cannot
+    run and why, as ``(what, why)``, or ``None``: they interpret a linear perception, the
+    ``mlp`` update with norm ``none``/``batch``, rank 2 or 3."""
     from mednca_jax.nca.perceptions import get_perception
 
-    hint = "use the JAX checkpoint (mednca predict --checkpoint RUN) instead"
-    does = "it runs linear perceptions and the 'mlp' update"
+    if not get_perception(rule.perception).linear:
+        return f"perception {rule.perception!r}", "it is not linear"
+    if rule.update not in INTERPRETED_UPDATES:
+        return f"update {rule.update!r}", "it runs the 'mlp' update only"
+    if rule.norm not in INTERPRETED_NORMS:
+        return f"norm {rule.norm!r}", f"it runs norms {list(INTERPRETED_NORMS)}"
+    if rule.ndim not in INTERPRETED_RANKS:
+        return f"rank {rule.ndim}", f"data.image_size has {rule.ndim} axes; it runs ranks {list(INTERPRETED_RANKS)}"
+    return None
+
+
+def check_interpretable(cfg: Config, runtime: str = "the NumPy runtime") -> None:
+    """Raise :class:`ExportError` (one line naming the level and what) unless ``runtime``
+    can interpret every level's rule (:func:`uninterpretable`). Called before anything is
+    written."""
     for i, rule in enumerate(export_rules(cfg)):
-        if not get_perception(rule.perception).linear:
-            raise ExportError(f"{runtime} cannot interpret perception {rule.perception!r} (level {i}): it is not linear; "
-                              f"{does}; {hint}")
-        if rule.update not in INTERPRETED_UPDATES:
-            raise ExportError(f"{runtime} cannot interpret update {rule.update!r} (level {i}): {does}; {hint}")
-        if rule.norm not in INTERPRETED_NORMS:
-            raise ExportError(f"{runtime} cannot interpret norm {rule.norm!r} (level {i}): it runs norms "
-                              f"{list(INTERPRETED_NORMS)}; {hint}")
-        if rule.ndim not in INTERPRETED_RANKS:
-            raise ExportError(f"{runtime} cannot interpret rank {rule.ndim} (data.image_size has {rule.ndim} axes; "
-                              f"it runs ranks {list(INTERPRETED_RANKS)}); {hint}")
+        bad = uninterpretable(rule)
+        if bad:
+            raise ExportError(
+                f"{runtime} cannot interpret {bad[0]} (level {i}): {bad[1]}; it runs linear perceptions and the 'mlp' "
+                "update; use the JAX checkpoint (mednca predict --checkpoint RUN) instead"
+            )
 
 
 # --------------------------------------------------------------------------- params <-> files
