@@ -49,6 +49,13 @@ class PluginError(ConfigError):
         """The same error, said of config file ``source``."""
         return PluginError(self.problem, self.fix, self.missing, str(source))
 
+    def in_run(self, config_file: str | Path) -> str:
+        """The message for a run folder's ``config.toml``: every reader of the run (evaluate,
+        predict, export, a resumed train's check of the folder) reads the recorded path, so a
+        moved file is fixed there, not with ``--set``."""
+        fix = f"put the file back, or write its new path into model.plugins in {config_file}" if self.missing else self.fix
+        return f"{config_file}: {KEY}: {self.problem}; {fix}"
+
 
 def _is_file(spec: str) -> bool:
     return spec.endswith(".py") or "/" in spec or "\\" in spec

@@ -174,6 +174,25 @@ def test_run_config_records_the_absolute_path_and_is_read_from_elsewhere(tmp_pat
     assert "another version" not in msg and "--set" not in msg  # evaluate, predict and export take no --set
 
 
+@pytest.mark.parametrize("argv", [["train", "--resume", "--workdir", "RUN"], ["evaluate", "--checkpoint", "RUN"],
+                                  ["predict", "--checkpoint", "RUN", "--input", "x.nii.gz", "--output", "y.nii.gz"],
+                                  ["export", "to-numpy", "--checkpoint", "RUN", "--out", "E"]])
+def test_cli_names_a_run_folders_missing_plugin_in_one_line(tmp_path, monkeypatch, capsys, argv):
+    plugin = write(tmp_path / "cli_rules.py", plugin_source("t_cli_" + argv[0]))
+    run = tmp_path / "run"
+    save_run_config(run, from_dict(model_raw([str(plugin)], "t_cli_" + argv[0])))
+    write(tmp_path / "cwd" / "x.nii.gz", "")
+    monkeypatch.chdir(tmp_path / "cwd")
+    plugin.unlink()
+    from mednca_jax import cli
+
+    assert cli.main([str(run) if a == "RUN" else a for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(plugin) in err[0]
+    assert f"model.plugins in {run / 'config.toml'}" in err[0]
+    assert not (tmp_path / "cwd" / "E").exists() and not (tmp_path / "cwd" / "y.nii.gz").exists()
+
+
 # --------------------------------------------------------------------------- examples/custom_rule.py
 @pytest.fixture(scope="module")
 def example() -> tuple:
@@ -220,35 +239,37 @@ def test_gradient3_takes_kernel_3_only(example):
         check_rule(_rule(2, kernel_size=5))
 
 
-@pytest.mark.parametrize("ndim", [2, 3])
-def test_example_fresh_nca_is_the_identity(example, ndim):
-    rule = _rule(ndim)
+def test_example_fresh_nca_is_the_identity_in_3d(example):
+    rule = _rule(3)
     params = jax.jit(lambda k: init_level(k, rule))(jax.random.PRNGKey(0))
-    spatial = (4,) * ndim
-    x = jax.random.normal(jax.random.PRNGKey(1), (2,) + spatial + (5,))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 4, 5))
     image = x[..., :1] + 1.0  # a new image: only the input channels change
     # jitted: op by op, JAX would compile every small operation on its own
-    out = jax.jit(lambda p, x: step(rule, p, x, image, jnp.ones((2,) + spatial, bool)))(params, x)
+    out = jax.jit(lambda p, x: step(rule, p, x, image, jnp.ones((2, 4, 4, 4), bool)))(params, x)
     np.testing.assert_array_equal(out, reset_inputs(x, image))
 
 
-def test_example_gradients_are_finite(example):
+def test_example_fresh_nca_is_the_identity_in_2d_and_its_gradients_are_finite(example):
     rule = _rule(2)
     params = jax.jit(lambda k: init_level(k, rule))(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 5))
-    image, mask = x[..., :1], jnp.ones((2, 5, 5), bool)
+    image, mask = x[..., :1] + 1.0, jnp.ones((2, 5, 5), bool)
 
     @jax.jit
-    @jax.grad
     def grad(p):
-        return jnp.sum(jnp.square(step(rule, p, step(rule, p, x, image, mask), image, mask)))
+        def loss(p):
+            first = step(rule, p, x, image, mask)
+            return jnp.sum(jnp.square(step(rule, p, first, image, mask))), first
 
-    grads = grad(params)
+        return jax.grad(loss, has_aux=True)(p)
+
+    grads, first = grad(params)
+    np.testing.assert_array_equal(first, reset_inputs(x, image))
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
     assert float(jnp.abs(grads["fc1"]["kernel"]).max()) > 0  # learning starts through the zero output layer
     # once the output layer is non-zero, the gate and the perception learn too
     params["fc1"]["kernel"] = 0.1 * jax.random.normal(jax.random.PRNGKey(3), params["fc1"]["kernel"].shape)
-    grads = grad(params)
+    grads, _ = grad(params)
     for key in ("gate", "fc0", "mix"):
         g = grads[key]["kernel"]
         assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0, key
@@ -318,6 +339,9 @@ def test_cli_evaluates_predicts_and_resumes_the_template_from_another_folder(cli
 
 
 def _exporters_refuse_uninterpretable_rules() -> bool:
+    """Whether the exporters carry their refusal of rules they cannot interpret (its message
+    says "cannot interpret"); until they do, the test below is an expected failure, after
+    that an ordinary test."""
     return any("cannot interpret" in p.read_text() for p in (REPO / "mednca_jax" / "export").glob("*.py"))
 
 

@@ -52,13 +52,19 @@ def _read_config(args: argparse.Namespace):
     """The run's config: ``--config`` with ``--set`` on top, or the run folder's own with
     ``--resume`` (importing its ``model.plugins``)."""
     from mednca_jax.config import ConfigError, load_config
+    from mednca_jax.plugins import PluginError
     from mednca_jax.train.checkpoint import CONFIG_FILE
 
     if args.config is None:
         if not (args.resume and args.workdir):
             raise ConfigError("--config is required (or --resume with --workdir of an existing run)")
         args.config = args.workdir / CONFIG_FILE
-    return load_config(args.config, args.overrides)
+    try:
+        return load_config(args.config, args.overrides)
+    except PluginError as e:
+        if args.resume and e.missing:  # the resumed run's own config.toml is read again: it must name the file
+            raise ConfigError(e.in_run(args.workdir / CONFIG_FILE)) from None
+        raise
 
 
 def _main(argv: list[str]) -> int:
