@@ -474,8 +474,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    from mednca_jax.plugins import PluginError  # local: plugins imports this module
+
     try:
         return from_dict(apply_overrides(raw, overrides), path.parent)
+    except PluginError as e:  # keeps its kind: a run folder's reader rewords what to do
+        raise e.at(path) from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -48,10 +48,36 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _read_config(args: argparse.Namespace):
+    """The run's config: ``--config`` with ``--set`` on top, or the run folder's own with
+    ``--resume`` (importing its ``model.plugins``)."""
+    from mednca_jax.config import ConfigError, load_config
+    from mednca_jax.plugins import PluginError
+    from mednca_jax.train.checkpoint import CONFIG_FILE
+
+    if args.config is None:
+        if not (args.resume and args.workdir):
+            raise ConfigError("--config is required (or --resume with --workdir of an existing run)")
+        args.config = args.workdir / CONFIG_FILE
+    try:
+        return load_config(args.config, args.overrides)
+    except PluginError as e:
+        if args.resume and e.missing:  # the resumed run's own config.toml is read again: it must name the file
+            raise ConfigError(e.in_run(args.workdir / CONFIG_FILE)) from None
+        raise
+
+
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.cpu_processes != 1 and "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        from mednca_jax.errors import MedNCAError
         from mednca_jax.train.launch import run_local_job, usable_cores, without_option
+
+        try:  # read once here too: a bad config (a missing plug-in) is one error line, not one per process
+            _read_config(args)
+        except MedNCAError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
         child = without_option(argv, "--cpu-processes") + ["--set", "train.data_parallel=true"]
         try:
@@ -64,17 +90,11 @@ def _main(argv: list[str]) -> int:
         except ValueError as e:  # more processes than cores, raised before anything starts
             print(f"error: --cpu-processes: {e}", file=sys.stderr)
             return 2
-    from mednca_jax.train.checkpoint import CONFIG_FILE
-    from mednca_jax.config import ConfigError, load_config
     from mednca_jax.errors import MedNCAError
     from mednca_jax.train.loop import train
 
     try:
-        if args.config is None:
-            if not (args.resume and args.workdir):
-                raise ConfigError("--config is required (or --resume with --workdir of an existing run)")
-            args.config = args.workdir / CONFIG_FILE
-        cfg = load_config(args.config, args.overrides)
+        cfg = _read_config(args)
         from mednca_jax.train.faults import initialize_distributed_from_env
 
         initialize_distributed_from_env()  # multi-host: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID

@@ -97,8 +97,12 @@ def load_run_config(run_dir: str | Path) -> Config:
             f"{run_dir} is not a mednca-jax run folder: {CONFIG_FILE} is missing "
             "(train.py and 'python -m mednca_jax.export from-torch' write one)"
         )
+    from mednca_jax.plugins import PluginError
+
     try:
         return load_config(path)
+    except PluginError as e:  # not "another version": the run's own plug-in moved or broke
+        raise CheckpointError(e.in_run(path)) from None
     except ConfigError as e:
         raise CheckpointError(f"{path} is not a valid config for this version: {e}") from None
 
