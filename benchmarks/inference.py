@@ -54,11 +54,12 @@ def random_params(args: argparse.Namespace):
     import jax
     import numpy as np
 
-    from mednca_jax.nca.rollout import init_level_params
+    from mednca_jax.nca.rule import Rule, init_level
 
     out = {}
+    rule = Rule(channels=args.channels, hidden=args.hidden)
     for i, k in enumerate(jax.random.split(jax.random.PRNGKey(0), 2)):
-        p = init_level_params(k, args.channels, args.hidden)
+        p = init_level(k, rule)
         p["fc1"]["kernel"] = 0.3 * jax.random.normal(jax.random.fold_in(k, 1), p["fc1"]["kernel"].shape) / np.sqrt(args.hidden)
         out[f"level{i}"] = p
     return out
@@ -70,7 +71,7 @@ def jax_worker(args: argparse.Namespace, backend: str = "auto") -> None:
     import jax.numpy as jnp
 
     from mednca_jax.config import ModelConfig
-    from mednca_jax.train.launch import backend_for
+    from mednca_jax.machine import backend_for
     from mednca_jax.nca.levels import forward
 
     cfg = ModelConfig(

@@ -68,7 +68,7 @@ def jax_worker(args: argparse.Namespace, data_parallel: bool = False, backend: s
     import jax
 
     from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
-    from mednca_jax.train.launch import backend_for
+    from mednca_jax.machine import backend_for
     from mednca_jax.networks import init_network_params
     from mednca_jax.train.step import (
         init_train_state, local_part, make_mesh, make_optimizer, make_train_step, put_batch, put_replicated,
