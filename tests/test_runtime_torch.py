@@ -270,3 +270,21 @@ def test_benchmark_model_equals_the_exported_runtime(torch_reference, tmp_path):
     b = model.predict(images, masks=masks).numpy()
     assert np.abs(a).max() > 0.1
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_original_m3d_nca_weights_reproduce_the_original_logits():
+    """The original M3D-NCA's state dicts (depthwise p0, batch norm; k 7 then 3, max
+    downscale x2, 10 + 10 steps) on its fixture volume at fire 0: the 3D axis order, the
+    batch statistics and the 7-wide reflect padding as the original computes them."""
+    from conftest import REFERENCE, require
+
+    d = require(REFERENCE / "m3d_hippocampus")
+    fx = np.load(d / "fixture.npz")
+    rules = [Rule("depthwise", k, "mlp", "batch", 16, 64, 1, 3).describe() for k in (7, 3)]
+    model = rt.MedNCATorch(16, 64, 1, 1, [10, 10], [2, 1], 0.0, "max", rules)
+    for i, level in enumerate(model.levels):
+        path = d / f"model{i}.pth"
+        level.load_state_dict(rt.check_state_dict(torch.load(path, weights_only=True), level, str(path)))
+    z = model.predict(torch.from_numpy(fx["image"][None, ..., None].astype(np.float32)), fire_rate=0.0).numpy()
+    assert np.abs(z[0, ..., 0] - fx["logits"]).max() <= 1e-3  # measured 3.9e-5; logits span -20.9 .. 9.4

@@ -19,6 +19,9 @@ the state plus a fixed working set (``max_memory_mb`` shrinks it).
   ``torch.nn.functional.batch_norm(training=True)`` without running stats, at inference too);
 - then ``x = x + d * mask`` (``mask = u > fire_rate``) and the input channels reset to the image.
 
+It computes in float32 whatever the description's ``precision`` (bfloat16 matmul inputs in
+training only round less here).
+
 Anything else (a non-linear perception, another update or norm) is refused when the level is
 built, with a :class:`RuleError` naming the level and what it cannot interpret. Folders
 without descriptions (older exports) are read as the original rule: 2D, 3x3, ``mlp``
@@ -29,14 +32,17 @@ State dicts: the original Med-NCA layout (``p0.weight (C, C, 3, 3)``, ``p0.bias`
 ``p1.weight``, ``p1.bias``, ``fc0.weight (hidden, 3C)``, ``fc0.bias``, ``fc1.weight (C,
 hidden)``) for the original rule, or this module's: ``perception.weight (F, C, k, k[, k])``,
 ``perception.bias (F,)``, ``fc0.weight (hidden, C + F)``, ``fc0.bias``, ``fc1.weight``, and
-``bn.weight`` / ``bn.bias (hidden,)`` when norm is ``batch``.
+``bn.weight`` / ``bn.bias (hidden,)`` when norm is ``batch``. The original M3D-NCA's state
+dicts (one depthwise ``p0.weight (C, 1, k, k, k)``, ``p0.bias``, ``fc0``, ``bn``, ``fc1``)
+are read too, for 3D levels (:func:`check_state_dict`).
 
 **Axis order.** The state is kept as ``(B, C, S1, ..., S_{n-1}, S0)``: the channel axis
 swapped with the first spatial axis of the channels-last ``(B, S0, ..., C)``
 (``transpose(1, ndim + 1)``). In 2D that is the original Med-NCA's ``(B, C, W, H)`` (width
 before height), so the original kernels apply unchanged: a weight ``[o, i, a, b]`` has ``a``
 along W and ``b`` along H. In 3D it is ``(B, C, Y, Z, X)`` for a volume ``(X, Y, Z)``, and a
-weight ``[o, i, a, b, c]`` has ``a`` along Y, ``b`` along Z, ``c`` along X. Images, masks
+weight ``[o, i, a, b, c]`` has ``a`` along Y, ``b`` along Z, ``c`` along X, the original
+M3D-NCA's ``transpose(1, 4)``, so its kernels apply unchanged too. Images, masks
 and outputs at the module's boundary are channels-last in image order.
 
 Usage::
@@ -746,29 +752,38 @@ def _labels(p: Tensor) -> Tensor:
 def check_state_dict(sd: Any, level: NCALevel, source: str) -> dict:
     """Check a level's state dict and return it in this module's layout.
 
-    Accepted: the original Med-NCA layout (``p0.*``, ``p1.*``, ``fc0.weight (hidden, 3C)``...,
-    converted: ``perception = cat([p0, p1])``), for a 2D 3x3 level with F = 2C and no norm,
-    or this module's (``perception.weight (F, C, k, k[, k])``, ``perception.bias (F,)``,
-    ``fc0.weight (hidden, C + F)``, ``fc0.bias``, ``fc1.weight``, ``bn.weight``/``bn.bias``
-    with norm ``batch``). Raises :class:`ExportFormatError` naming ``source`` on
+    Accepted: this module's layout (``perception.weight (F, C, k, k[, k])``, ``perception.bias
+    (F,)``, ``fc0.weight (hidden, C + F)``, ``fc0.bias``, ``fc1.weight``, ``bn.weight``/``bn.bias``
+    with norm ``batch``); the original Med-NCA layout (``p0.*``, ``p1.*``, ``fc0.weight (hidden,
+    3C)``..., converted: ``perception = cat([p0, p1])``) for a 2D 3x3 level with F = 2C and
+    no norm; and the original M3D-NCA layout (one depthwise ``p0.weight (C, 1, k, k, k)``,
+    ``p0.bias``, ``fc0.weight (hidden, 2C)``, ``bn.*``, ``fc1.weight``; converted to the dense
+    kernel) for a 3D level with F = C. Raises :class:`ExportFormatError` naming ``source`` on
     missing/unexpected keys or shapes.
     """
     if not isinstance(sd, dict):
         raise ExportFormatError(f"{source}: expected a state dict (dict of tensors), got {type(sd).__name__}")
     c, h, f, k = level.channels, level.hidden, level.features, level.kernel_size
     window = (k,) * level.ndim
-    original = "p0.weight" in sd or "p1.weight" in sd
-    if original:
+    layout = "ours"
+    if "p0.weight" in sd or "p1.weight" in sd:
+        layout = "m3d" if level.ndim == 3 else "med"
+    bn = {"bn.weight": (h,), "bn.bias": (h,)} if level.bn is not None else {}
+    if layout == "med":
         if level.ndim != 2 or k != 3 or f != 2 * c or level.bn is not None:
             raise ExportFormatError(f"{source}: p0/p1 weights (the original layout) need a 2D 3x3 level with F = 2C and "
                                     f"no norm; this level is {level.ndim}D, kernel {k}, F = {f}, norm {level.norm!r}")
         exp = {"fc0.weight": (h, 3 * c), "fc0.bias": (h,), "fc1.weight": (c, h), "p0.weight": (c, c, 3, 3),
                "p0.bias": (c,), "p1.weight": (c, c, 3, 3), "p1.bias": (c,)}
+    elif layout == "m3d":
+        if f != c:
+            raise ExportFormatError(f"{source}: a depthwise p0.weight (the original M3D-NCA layout) needs F = C; "
+                                    f"this level has F = {f}")
+        exp = {"p0.weight": (c, 1) + window, "p0.bias": (c,), "fc0.weight": (h, 2 * c), "fc0.bias": (h,),
+               "fc1.weight": (c, h), **bn}
     else:
         exp = {"perception.weight": (f, c) + window, "perception.bias": (f,), "fc0.weight": (h, c + f), "fc0.bias": (h,),
-               "fc1.weight": (c, h)}
-        if level.bn is not None:
-            exp.update({"bn.weight": (h,), "bn.bias": (h,)})
+               "fc1.weight": (c, h), **bn}
     missing, extra = sorted(set(exp) - set(sd)), sorted(set(sd) - set(exp))
     what = f"config.json (channels={c}, hidden={h})"
     if missing or extra:
@@ -778,8 +793,15 @@ def check_state_dict(sd: Any, level: NCALevel, source: str) -> dict:
         if not isinstance(sd[key], Tensor) or tuple(sd[key].shape) != shape:
             got = tuple(sd[key].shape) if isinstance(sd[key], Tensor) else type(sd[key]).__name__
             raise ExportFormatError(f"{source}: {key} has shape {got}, {what} expects {shape}")
-    if not original:
+    if layout == "ours":
         return dict(sd)
-    return {"perception.weight": torch.cat([sd["p0.weight"], sd["p1.weight"]], 0),
-            "perception.bias": torch.cat([sd["p0.bias"], sd["p1.bias"]], 0),
-            "fc0.weight": sd["fc0.weight"], "fc0.bias": sd["fc0.bias"], "fc1.weight": sd["fc1.weight"]}
+    out = {key: sd[key] for key in ("fc0.weight", "fc0.bias", "fc1.weight", *bn)}
+    if layout == "m3d":  # feature j reads channel j only: the dense kernel is diagonal in (F, C)
+        dense = torch.zeros((c, c) + window, dtype=sd["p0.weight"].dtype)
+        idx = torch.arange(c)
+        dense[idx, idx] = sd["p0.weight"][:, 0]
+        out.update({"perception.weight": dense, "perception.bias": sd["p0.bias"]})
+    else:
+        out.update({"perception.weight": torch.cat([sd["p0.weight"], sd["p1.weight"]], 0),
+                    "perception.bias": torch.cat([sd["p0.bias"], sd["p1.bias"]], 0)})
+    return out
