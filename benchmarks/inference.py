@@ -57,8 +57,9 @@ def random_params(args: argparse.Namespace):
     from mednca_jax.nca.rule import Rule, init_level
 
     out = {}
+    rule = Rule(channels=args.channels, hidden=args.hidden)
     for i, k in enumerate(jax.random.split(jax.random.PRNGKey(0), 2)):
-        p = init_level(k, Rule(channels=args.channels, hidden=args.hidden))
+        p = init_level(k, rule)
         p["fc1"]["kernel"] = 0.3 * jax.random.normal(jax.random.fold_in(k, 1), p["fc1"]["kernel"].shape) / np.sqrt(args.hidden)
         out[f"level{i}"] = p
     return out

@@ -1,32 +1,41 @@
 """A plain PyTorch Med-NCA with the original's structure, for side-by-side timing.
 
 Written for this project (nothing copied from the original repository); it follows the
-computation described in ``docs/design.md``:
+computation described in ``docs/design.md``. A level's step is the exported PyTorch runtime's
+(``mednca_jax/export/runtime_torch.py``, :class:`NCALevel`, loaded from its file so that this
+process imports torch and NumPy only): ``NCALevel.step`` is out of place, so autograd trains
+through it, and the timing reference, the exported runtime and its tests share one definition
+of a step in PyTorch. What this file adds is what surrounds the step in the original:
 
-* one level: state ``(B, H, W, C)`` channels-last; per step the state is moved to
-  channels-first for two separate 3x3 reflect-padded convs ``p0``, ``p1``, the perception
-  ``[x | p0 x | p1 x]`` goes back to channels-last through ``fc0 -> relu -> fc1`` (Linear
-  layers, fc1 without bias), a fresh uniform per cell decides which cells add the update,
-  and the input channels are reset to the image;
-* ``layout="original"`` (the default) moves the state to channels-first as the original does,
-  with ``transpose(1, 3)`` to ``(B, C, W, H)``, adds the update in that layout and copies the
-  new state before resetting the inputs. That view is not a memory format PyTorch's CPU
-  convolutions take directly, which costs time. ``layout="channels-last"`` is a leaner
-  variant: ``permute(0, 3, 1, 2)`` to ``(B, C, H, W)``, a view PyTorch recognises as
-  channels-last, and no copy. Both compute the same numbers;
+* one level: state ``(B, H, W, C)`` channels-last between steps; per step the runtime gets a
+  channels-first view of it (one reflect-padded conv ``C -> 2C``, the original's ``p0`` and
+  ``p1`` side by side; ``[x | p0 x | p1 x] -> fc0 -> relu -> fc1``, fc1 without bias, as
+  per-cell 1x1 convs), a fresh uniform per cell decides which cells add the update, and the
+  input channels are reset to the image;
+* ``layout="original"`` (the default) hands the runtime the original's view
+  ``transpose(1, 3)``, ``(B, C, W, H)``, and copies the new state back to channels-last, as
+  the original keeps it. That view is not a memory format PyTorch's CPU convolutions take
+  directly, which costs time. ``layout="channels-last"`` is a leaner variant:
+  ``permute(0, 3, 1, 2)`` to ``(B, C, H, W)``, a view PyTorch recognises as channels-last,
+  and no copy. Both compute the same numbers;
 * two levels: bilinear x4 downscale without anti-aliasing (mean of the centre 2x2 pixels of
   each 4x4 block), level 0, nearest x4 upsample, image written back, level 1 on one random
   16x16 crop per sample (training) or on the whole image (inference);
 * DiceBCE per output channel over the flattened batch, Adam (betas 0.5, 0.5).
 
 Weights come from our JAX parameter tree (``{"level0": {"p0": {"kernel": (3,3,C,C)...}}}``)
-so that a deterministic run (fire rate 0) can be checked against the JAX path. Our kernels
-are ``[dh, dw, c_in, c_out]`` over ``(H, W)``; torch's ``Conv2d`` on ``(B, C, H, W)`` wants
-``[c_out, c_in, dh, dw]``.
+or a level's arrays in the export layout (``perception.kernel``, ...), so that a run on given
+fire masks can be checked against the JAX path. :class:`TorchNCA` takes any rule the runtime
+interprets (``rule=``), e.g. M3D-NCA's 3D depthwise level with batch norm on ``(B, X, Y, Z,
+C)``; :class:`TorchMedNCA` is the 2D two-level Med-NCA.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Mapping
 
 import numpy as np
@@ -34,63 +43,87 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 LAYOUTS = ("original", "channels-last")
+RUNTIME_FILE = Path(__file__).resolve().parents[1] / "mednca_jax" / "export" / "runtime_torch.py"
+
+
+def load_runtime() -> ModuleType:
+    """The PyTorch runtime module, imported from its file (not through ``mednca_jax``, which
+    would import JAX into the timed PyTorch process)."""
+    name = "mednca_runtime_torch_for_benchmarks"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, RUNTIME_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # NamedTuples need the module registered while executing
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+rt = load_runtime()
+
+
+def arrays_of(p: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A JAX level (``p0``/``p1``/``fc0``/``fc1``[/``bn``] subtrees) or flat export-layout
+    arrays -> the export layout (``perception.kernel (k,)*nd + (C, F)``, ...)."""
+    if "perception.kernel" in p:
+        return {k: np.asarray(v, np.float32) for k, v in p.items()}
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    out = {"perception.kernel": np.concatenate([f32(p["p0"]["kernel"]), f32(p["p1"]["kernel"])], -1),
+           "perception.bias": np.concatenate([f32(p["p0"]["bias"]), f32(p["p1"]["bias"])]),
+           "fc0.kernel": f32(p["fc0"]["kernel"]), "fc0.bias": f32(p["fc0"]["bias"]), "fc1.kernel": f32(p["fc1"]["kernel"])}
+    if "bn" in p:
+        out["bn.scale"], out["bn.bias"] = f32(p["bn"]["scale"]), f32(p["bn"]["bias"])
+    return out
 
 
 class TorchNCA(nn.Module):
-    """One NCA level with the original's layers (two convs, two Linears, fc1 without bias)."""
+    """One NCA level: the runtime's :class:`NCALevel` on a channels-last state ``(B, *S, C)``.
 
-    def __init__(self, channels: int, hidden: int, n_in: int = 1, layout: str = "original"):
+    ``rule``: a rule description (``Rule.describe()``; default the original's, 2D 3x3 learned
+    ``mlp``, F = 2C); the parameters are the level's (``level.perception``, ``level.fc0``,
+    ``level.fc1``[, ``level.bn``]), fc1 starting at zero as the original's.
+    """
+
+    def __init__(self, channels: int, hidden: int, n_in: int = 1, layout: str = "original",
+                 rule: Mapping[str, Any] | None = None):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.n_in, self.layout = n_in, layout
-        self.p0 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")
-        self.p1 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")
-        self.fc0 = nn.Linear(3 * channels, hidden)
-        self.fc1 = nn.Linear(hidden, channels, bias=False)
+        self.level = rt.NCALevel.from_rule(dict(rule) if rule is not None else {"channels": channels, "hidden": hidden})
         with torch.no_grad():
-            self.fc1.weight.zero_()  # a fresh NCA is the identity
+            self.level.fc1.weight.zero_()  # a fresh NCA is the identity
 
     def load_jax(self, p: Mapping[str, Any]) -> "TorchNCA":
-        """Copy one level of our JAX params into this module."""
-        t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731
-        with torch.no_grad():
-            for name in ("p0", "p1"):
-                # ours: [dh, dw, in, out]; torch: [out, in, a, b] over its view's two spatial axes
-                perm = (3, 2, 1, 0) if self.layout == "original" else (3, 2, 0, 1)
-                getattr(self, name).weight.copy_(t(p[name]["kernel"]).permute(*perm))
-                getattr(self, name).bias.copy_(t(p[name]["bias"]))
-            self.fc0.weight.copy_(t(p["fc0"]["kernel"]).T)
-            self.fc0.bias.copy_(t(p["fc0"]["bias"]))
-            self.fc1.weight.copy_(t(p["fc1"]["kernel"]).T)
+        """Copy one level of our JAX params (or its export-layout arrays) into this module. Our
+        kernels are ``[d0, d1, (d2,) c_in, c_out]`` over ``(S0, S1, ...)``; the conv wants
+        them over its view's spatial axes: ``(S1, ..., S0)`` (original) or ``(S0, ...)``."""
+        self.level.load_arrays(arrays_of(p), natural=self.layout == "channels-last")
         return self
 
+    def _view(self, a: Tensor) -> Tensor:
+        """Channels-last ``(B, *S, c)`` -> the channels-first view the level's conv reads."""
+        if self.layout == "original":
+            return a.transpose(1, a.dim() - 1)  # (B, C, W, H) in 2D
+        return a.movedim(-1, 1)  # (B, C, H, W), channels-last in memory
+
+    def _unview(self, a: Tensor) -> Tensor:
+        if self.layout == "original":
+            return a.transpose(1, a.dim() - 1).contiguous()  # the original keeps its state channels-last
+        return a.movedim(1, -1)
+
     def step(self, x: Tensor, image: Tensor, fire_rate: float, gen: torch.Generator | None, mask: Tensor | None = None) -> Tensor:
-        """One stochastic step, ``x (B, H, W, C)`` channels-last; ``mask (B, H, W)`` bool, when
+        """One stochastic step, ``x (B, *S, C)`` channels-last; ``mask (B, *S)`` bool, when
         given, replaces the drawn fire mask (True: the cell updates)."""
-        if self.layout == "original":
-            xc = x.transpose(1, 3)  # (B, C, W, H)
-            y = torch.cat([xc, self.p0(xc), self.p1(xc)], 1).transpose(1, 3)
-        else:
-            xc = x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last in memory
-            y = torch.cat([xc, self.p0(xc), self.p1(xc)], 1).permute(0, 2, 3, 1)
-        d = self.fc1(F.relu(self.fc0(y)))
         if mask is None:
-            u = 1.0 - torch.rand(x.shape[:3] + (1,), generator=gen)
-            d = d * (u > fire_rate).float()
-        else:
-            d = d * mask[..., None].float()
-        if self.layout == "original":
-            new = (xc + d.transpose(1, 3)).transpose(1, 3).clone()
-        else:
-            new = x + d
-        return torch.cat([image, new[..., self.n_in :]], -1)
+            u = 1.0 - torch.rand(x.shape[:-1] + (1,), generator=gen)
+            mask = (u > fire_rate)[..., 0]
+        mv = mask.movedim(1, -1) if self.layout == "original" else mask  # the view's spatial order
+        return self._unview(self.level.step(self._view(x), self._view(image), mv))
 
     def forward(self, x: Tensor, image: Tensor, steps: int, fire_rate: float, gen: torch.Generator | None = None,
                 masks: Tensor | None = None) -> Tensor:
-        """``steps`` steps; ``masks (steps, B, H, W)`` bool, when given, are the fire masks."""
+        """``steps`` steps; ``masks (steps, B, *S)`` bool, when given, are the fire masks."""
         for s in range(steps):
             x = self.step(x, image, fire_rate, gen, None if masks is None else masks[s])
         return x
@@ -109,7 +142,7 @@ def upsample_nearest(x: Tensor, factor: int) -> Tensor:
 
 
 class TorchMedNCA(nn.Module):
-    """Two NCA levels (coarse x4, then full resolution)."""
+    """Two NCA levels (coarse x4, then full resolution), 2D."""
 
     def __init__(self, channels: int = 16, hidden: int = 128, steps: tuple[int, int] = (64, 64), scale: int = 4, n_in: int = 1,
                  n_out: int = 1, layout: str = "original"):

@@ -194,7 +194,18 @@ def _onnx_level(weights, rule, x, image, masks):
     return sess.run(None, {"x": x, "image": image, "masks": masks})[0]
 
 
-IMPLEMENTATIONS = {"cpu_fast": check_cpu_fast, "numpy": _runtime_check(_numpy_level), "onnx": _runtime_check(_onnx_level)}
+def _torch_level(weights, rule, x, image, masks):
+    from mednca_jax.export import runtime_torch
+
+    return np.asarray(runtime_torch.rollout_level(weights, rule, x, image, masks))
+
+
+IMPLEMENTATIONS = {
+    "cpu_fast": check_cpu_fast,
+    "numpy": _runtime_check(_numpy_level),
+    "onnx": _runtime_check(_onnx_level),
+    "torch": _runtime_check(_torch_level),
+}
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))

@@ -83,6 +83,7 @@ SHARDED = textwrap.dedent(
     from mednca_jax.config import AugmentConfig, Config, ModelConfig, DataConfig, TrainConfig, validate
     from mednca_jax.networks import init_network_params
     from mednca_jax.train.step import *
+    from mednca_jax.machine import backend_for
     cfg = validate(Config(model=ModelConfig(channels=6, hidden=16, steps=(3, 3), scales=(2, 1), patch_size=8),
                           data=DataConfig(image_size=(16, 16)), train=TrainConfig(batch_size=BATCH, EXTRA_TRAIN), augment=AUGMENT))
     tx = make_optimizer(cfg.train)
@@ -93,7 +94,7 @@ SHARDED = textwrap.dedent(
     out = {}
     for name, mesh in [("one", None), ("four", make_mesh())]:
         try:
-            step = make_train_step(cfg, tx, mesh, backend=machine_backend(cfg))
+            step = make_train_step(cfg, tx, mesh, backend=backend_for(cfg))
         except ValueError as e:
             out["error"] = str(e); break
         state = put_replicated(init_train_state(params, tx, ema=cfg.train.ema_decay > 0), mesh)

@@ -249,18 +249,33 @@ def export_numpy(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
 
 
 def _generic_torch_level(level: Any, cfg: Config, i: int) -> dict[str, np.ndarray]:
-    """A level in the PyTorch runtime's own layout (any linear perception): ``perception.weight
-    (F, C, 3, 3)`` in the original's transposed spatial order, as its p0/p1 weights."""
+    """A level in the PyTorch runtime's own layout (any linear perception, any odd kernel, rank
+    2 or 3): ``perception.weight (F, C, k, ...)`` over the runtime's spatial order (the first
+    spatial axis last: the original's transposed ``(W, H)`` in 2D), ``fc0``/``fc1`` as
+    ``nn.Linear`` weights, ``bn.weight``/``bn.bias`` for norm ``batch``. The conversion is the
+    runtime's own (``runtime_torch.state_dict_from_arrays``), so the two cannot disagree."""
+    from mednca_jax.export.runtime_torch import state_dict_from_arrays
+
     k, b = perception_filters(cfg, i, level)
-    return {
-        "perception.weight": k.transpose(3, 2, 1, 0), "perception.bias": b,
-        "fc0.weight": np.asarray(level["fc0"]["kernel"], np.float32).T, "fc0.bias": np.asarray(level["fc0"]["bias"], np.float32),
-        "fc1.weight": np.asarray(level["fc1"]["kernel"], np.float32).T,
-    }
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    arrays = {"perception.kernel": k, "perception.bias": b, "fc0.kernel": f32(level["fc0"]["kernel"]),
+              "fc0.bias": f32(level["fc0"]["bias"]), "fc1.kernel": f32(level["fc1"]["kernel"])}
+    if "bn" in level:
+        arrays["bn.scale"], arrays["bn.bias"] = f32(level["bn"]["scale"]), f32(level["bn"]["bias"])
+    sd = state_dict_from_arrays(arrays, len(cfg.data.image_size), source=f"level {i}")
+    return {key: t.numpy() for key, t in sd.items()}
 
 
 def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
-    """Write the PyTorch runtime folder (original-layout ``model{i}.pth``); returns the files."""
+    """Write the PyTorch runtime folder; returns the files.
+
+    ``config.json`` carries one rule description per level (``rules[i]``, the dict of
+    ``Rule.describe()``, as for the NumPy runtime), which the runtime interprets. ``model{i}.pth`` is the original
+    layout (loadable by the original's code) for the original rule (learned 3x3 2D ``mlp``
+    without norm), else the runtime's own layout (:func:`_generic_torch_level`). A rule the
+    runtime cannot interpret (a non-linear perception, another update) raises
+    :class:`ExportError` ("cannot interpret") before anything is written.
+    """
     from mednca_jax.nca.weights import params_to_torch_state_dicts
 
     _check_exportable(cfg, "config")
@@ -268,18 +283,27 @@ def export_torch(params: Any, cfg: Config, out_dir: str | Path) -> list[Path]:
         import torch
     except ImportError:
         raise ExportError("to-torch needs PyTorch: pip install 'mednca-jax[torch]'") from None
-    from mednca_jax.nca.levels import check_params
+    from mednca_jax.export.runtime_torch import RuleError, interpret_rule
+    from mednca_jax.nca.levels import check_params, level_rules
 
+    ndim = len(cfg.data.image_size)
+    rules = level_rules(cfg.model, ndim)
     try:
-        check_params(params, cfg.model)
+        for i, rule in enumerate(rules):
+            interpret_rule(rule.describe(), i, "config")
+    except RuleError as e:
+        raise ExportError(f"{e} (the PyTorch runtime runs linear perceptions and the 'mlp' update)") from None
+    try:
+        check_params(params, cfg.model, ndim=ndim)
     except ValueError as e:
         raise ExportError(str(e)) from None
     out = _prepare_out(out_dir)
     files = []
-    if cfg.model.perception == "learned":  # the original's layout, loadable by its code
-        state_dicts = [{k: sd[k] for k in ORIGINAL_KEY_ORDER} for sd in params_to_torch_state_dicts(params, cfg.model)]
-    else:
-        state_dicts = [_generic_torch_level(params[f"level{i}"], cfg, i) for i in range(cfg.model.n_levels)]
+    original = [r.perception == "learned" and r.kernel_size == 3 and r.ndim == 2 and r.update == "mlp" and r.norm == "none"
+                for r in rules]
+    originals = params_to_torch_state_dicts(params, cfg.model) if all(original) else []
+    state_dicts = [{k: originals[i][k] for k in ORIGINAL_KEY_ORDER} if all(original)  # the original's layout
+                   else _generic_torch_level(params[f"level{i}"], cfg, i) for i in range(cfg.model.n_levels)]
     for i, sd in enumerate(state_dicts):
         path = out / f"model{i}.pth"
         torch.save({k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in sd.items()}, path)
