@@ -123,7 +123,8 @@ def make_step(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]],
     images, labels = jnp.asarray(img), jnp.asarray(lab)
     patch = tuple(args.patch)
 
-    def loss(p, key, backend):
+    # The volumes are arguments, not constants: XLA would constant-fold the max-pooling.
+    def loss(p, images, labels, key, backend):
         keys = sample_keys(key, images.shape[0])
         x, small = levels.level_input(None, images, cfg, 0)
         x, _ = levels.run_level(p, cfg, 0, x, small, keys, cfg.fire_rate, backend, cfg.remat)
@@ -132,14 +133,14 @@ def make_step(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]],
         x, _ = levels.run_level(p, cfg, 1, x, im, keys, cfg.fire_rate, backend, cfg.remat)
         return dice_bce_loss(x[..., cfg.n_in : cfg.n_in + cfg.n_out], lb)
 
-    grad = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=4)
     counter = [0]
 
     def timed(backend: Backend) -> Callable[[], float]:
         def run() -> float:
             key = jax.block_until_ready(jax.random.PRNGKey(counter[0]))  # before the clock
             counter[0] += 1
-            return H.timed(lambda: jax.block_until_ready(grad(params, key, backend)))
+            return H.timed(lambda: jax.block_until_ready(grad(params, images, labels, key, backend)))
 
         return run
 

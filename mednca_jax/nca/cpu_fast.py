@@ -173,7 +173,8 @@ def _prepare(rule: Rule, params: Params, n_in: int) -> Params:
 
 # A depthwise perception (depthwise, sobel) runs through its dense filters too, mostly zeros.
 # Its compact form multiplied elementwise with the gathered columns and summed over the taps
-# measured 7x slower than the dense product (2 cores, 3D 7x7x7, C=16, 4 x 32x32x26 cells).
+# measured 7x slower than the dense product (3D 7x7x7, C=16, 4 x 32x32x26 cells, 10 steps fwd+bwd:
+# 110 s against 15 s; 2-core AMD EPYC, shared and busy, 2026-12-03).
 def _conv(w: Params, cols: jax.Array) -> jax.Array:
     """The perception ``(K, F)`` of cells with neighbourhood columns ``cols (K, T*C)``."""
     return cols @ w["k"] + w["kbias"]
