@@ -275,7 +275,10 @@ def _gather_cols(xf: jax.Array, nb: jax.Array) -> jax.Array:
 # about BLOCK_BYTES of columns each, so that a large window (7x7x7 x 16 channels: 22 KB per
 # cell) does not materialise its columns for every fired cell at once (~1 GB per step for a
 # batch of 4 volumes of 32x32x26). 2D 3x3 pieces stay far below the threshold (12288 cells
-# of 16 channels: 7 MB) and run unblocked.
+# of 16 channels: 7 MB) and run unblocked. Measured (10 steps fwd+bwd, C=16, hidden 64,
+# 4 x 32x32x26 cells, fire 0.5, 2 pieces; 2-core AMD EPYC, shared, 2026-12-03): 3x3x3
+# learned 1.87 s unblocked, 1.60 s in blocks of 2 MB; 7x7x7 depthwise 14.8 s unblocked,
+# 12.6 / 9.1 / 10.5 s in blocks of 0.5 / 2 / 8 MB.
 BLOCK_ABOVE_BYTES = 32 << 20
 BLOCK_BYTES = 2 << 20
 
