@@ -119,3 +119,16 @@ def test_accelerator_script_runs_every_backend_and_precision_in_ci_size(tmp_path
         assert r["train_example_s"] > 0 and r["train_official_s"] > 0 and r["infer_b1_ms_per_slice"] > 0
         assert r["memory_4_compiled_mib"] > 0
     assert 0 < rows[("reference", "bfloat16")]["bf16_logit_error"] < 0.1
+
+
+@pytest.mark.slow
+def test_train_step_3d_script_writes_its_json(tmp_path):
+    out = tmp_path / "train3d.json"
+    cmd = [sys.executable, "benchmarks/train_step_3d.py", "--quick", "--budget-s", "0", "--report-only", "--json", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    for name in ("cpu_fast", "reference"):
+        assert fig["step_ms_median"][name] > 0 and fig["first_call_s"][name] > 0
+    assert fig["speedup"] > 0 and [r["kernel_size"] for r in fig["rules"]] == [7, 3] and fig["rules"][0]["ndim"] == 3
+    assert "reference / cpu_fast =" in res.stdout
