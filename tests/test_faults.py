@@ -205,8 +205,8 @@ def poisoned_steps(monkeypatch, from_step: int, healthy_below_lr: float | None, 
     A finite ``loss`` leaves the params finite: an exploded but finite run."""
     real = trainer.make_train_step
 
-    def make(cfg, tx, mesh=None):
-        step = real(cfg, tx, mesh)
+    def make(cfg, tx, mesh=None, *, backend):
+        step = real(cfg, tx, mesh, backend=backend)
         if healthy_below_lr is not None and cfg.train.lr < healthy_below_lr:
             return step
 
