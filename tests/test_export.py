@@ -783,18 +783,17 @@ def test_runtimes_equal_reference_on_given_masks(tmp_path, perception):
 LEVEL_STEPS = 4
 LEVEL_C, LEVEL_HIDDEN = 6, 12
 LEVEL_RTOL = 1e-4  # of max |state|; measured ~3e-7 (float32 round-off over 4 steps)
-RULE_CASES = [(p, n, nd, k) for p in ("learned", "sobel", "depthwise") for n in ("none", "batch") for nd in (2, 3)
-              for k in (3, 5) if p != "sobel" or k == 3] + [("learned", "none", 2, 7), ("depthwise", "batch", 3, 7)]
-FAST_RULE_CASES = {("learned", "none", 2, 3), ("sobel", "batch", 3, 3), ("depthwise", "batch", 2, 5), ("learned", "batch", 3, 5),
-                   ("depthwise", "batch", 3, 7)}
+# Every registered perception x update x norm x rank is tests/test_equivalence.py's table (kernel
+# 3); these cases add the other kernel sizes and the runtimes' chunking.
+RULE_CASES = [("learned", "none", 2, 3), ("sobel", "batch", 3, 3), ("depthwise", "batch", 2, 5), ("learned", "batch", 3, 5),
+              ("depthwise", "batch", 3, 7), ("learned", "none", 2, 7)]
 # The reference rollout, compiled once per case (cheaper than op by op for these sizes).
 _reference_rollout = jax.jit(rollout, static_argnums=(4, 5), static_argnames=("rule", "backend"))
 
 
 def rule_case_params() -> list:
-    """``RULE_CASES`` as pytest params, the ones outside ``FAST_RULE_CASES`` marked slow."""
-    return [pytest.param(*case, id="-".join(map(str, case)), marks=() if case in FAST_RULE_CASES else pytest.mark.slow)
-            for case in RULE_CASES]
+    """``RULE_CASES`` as pytest params."""
+    return [pytest.param(*case, id="-".join(map(str, case))) for case in RULE_CASES]
 
 
 def numpy_level_params(rule, seed: int = 0) -> dict:
@@ -947,19 +946,25 @@ def uninterpretable_cfg(what: str) -> tuple[Config, str]:
     return cfg.replace(model=dataclasses.replace(cfg.model, perception="test_tanh_xyz")), "test_tanh_xyz"
 
 
+@pytest.mark.parametrize("runtime", ["numpy", "onnx"])
 @pytest.mark.parametrize("what", ["update", "perception"])
-def test_numpy_export_refuses_a_rule_it_cannot_interpret(tmp_path, what):
+def test_export_refuses_a_rule_it_cannot_interpret(tmp_path, what, runtime):
     """An update other than mlp, or a non-linear perception: one clear ExportError naming it
     and the level, and nothing written (the folder is not even created)."""
+    from mednca_jax.export import export_onnx, verify_onnx
+
+    export, verify, who = {
+        "numpy": (export_numpy, verify_numpy, "the NumPy runtime"), "onnx": (export_onnx, verify_onnx, "the ONNX export"),
+    }[runtime]
     cfg, name = uninterpretable_cfg(what)
     params = numpy_params(cfg)
-    out = tmp_path / "np"
-    with pytest.raises(ExportError, match=rf"^the NumPy runtime cannot interpret {what} '{name}' \(level 0\).*mednca predict"):
-        export_numpy(params, cfg, out)
+    out = tmp_path / runtime
+    with pytest.raises(ExportError, match=rf"^{who} cannot interpret {what} '{name}' \(level 0\).*mednca predict"):
+        export(params, cfg, out)
     assert not out.exists()
     with pytest.raises(ExportError, match=f"cannot interpret {what} '{name}'"):
-        verify_numpy(out, params, cfg)
-    assert "\n" not in str(pytest.raises(ExportError, export_numpy, params, cfg, out).value)
+        verify(out, params, cfg)
+    assert "\n" not in str(pytest.raises(ExportError, export, params, cfg, out).value)
 
 
 def test_numpy_runtime_refuses_a_description_it_cannot_run(small, tmp_path):

@@ -409,7 +409,8 @@ def rollout_level(weights: Dict[str, Any], rule: Dict[str, Any], x: np.ndarray, 
     on it. Raises :class:`RuleError` for a rule this runtime cannot interpret.
     """
     level = NCALevel.from_rule(rule).load_arrays(weights)
-    x, image, masks = np.asarray(x, np.float32), np.asarray(image, np.float32), np.asarray(masks, bool)
+    # copies: the caller's arrays may be read-only (e.g. views of JAX arrays), and torch shares memory with NumPy
+    x, image, masks = np.array(x, np.float32), np.array(image, np.float32), np.array(masks, bool)
     nd, r = level.ndim, level.radius
     if x.ndim != nd + 2 or image.shape[:-1] != x.shape[:-1] or masks.shape[1:] != x.shape[:-1]:
         raise InputError(f"expected x (B, *S, C) with {nd} spatial axes, image (B, *S, n_in), masks (steps, B, *S); "
