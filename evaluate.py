@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python evaluate.py ...` from a checkout: the same as `mednca evaluate ...` (mednca_jax/cli_evaluate.py)."""
+"""`python evaluate.py ...` from a checkout: the same as `mednca evaluate ...` (mednca_jax/cli/evaluate.py)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python train.py ...` from a checkout: the same as `mednca train ...` (mednca_jax/cli_train.py)."""
+"""`python train.py ...` from a checkout: the same as `mednca train ...` (mednca_jax/cli/train.py)."""
 
 import sys
 

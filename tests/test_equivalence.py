@@ -25,6 +25,7 @@ under ``jax.lax.scan``, differentiated by JAX.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -149,12 +150,24 @@ def check_cpu_fast(rule: Rule) -> None:
     _compare(rule, Backend("cpu_fast", pieces=2), 0.5, shape=SHAPES[rule.ndim], steps=TABLE_STEPS, rtol=1e-5)
 
 
+@functools.lru_cache(maxsize=None)
+def _runtime_case(rule: Rule) -> tuple:
+    """``(runtime weights, x, masks, reference final state)`` of ``rule``, computed once for
+    all the runtimes' columns."""
+    from mednca_jax.export import rule_weights
+
+    p, x = level_params(rule), jax.random.normal(jax.random.PRNGKey(1), SHAPES[rule.ndim])
+    masks = _masks(rule)
+    want = np.asarray(_reference_state(rule, p, x, masks))
+    return rule_weights(rule, p), np.asarray(x), np.asarray(masks), want
+
+
 def _runtime_check(run_level):
     """A table column for an exported runtime: ``run_level(weights, rule_dict, x, image,
     masks) -> state``; rules it cannot interpret must be refused by name at export."""
 
     def check(rule: Rule) -> None:
-        from mednca_jax.export import ExportError, check_interpretable, rule_weights, uninterpretable
+        from mednca_jax.export import ExportError, check_interpretable, uninterpretable
 
         bad = uninterpretable(rule)
         if bad:
@@ -164,10 +177,8 @@ def _runtime_check(run_level):
             with pytest.raises(ExportError, match=f"cannot interpret {bad[0]}"):
                 check_interpretable(cfg)
             return
-        p, x = level_params(rule), jax.random.normal(jax.random.PRNGKey(1), SHAPES[rule.ndim])
-        masks = _masks(rule)
-        want = np.asarray(_reference_state(rule, p, x, masks))
-        got = run_level(rule_weights(rule, p), rule.describe(), np.asarray(x), np.asarray(x[..., :1]), np.asarray(masks))
+        weights, x, masks, want = _runtime_case(rule)
+        got = run_level(weights, rule.describe(), x, x[..., :1], masks)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
     return check

@@ -79,12 +79,12 @@ def test_masked_cells_keep_their_state():
     assert np.array_equal(changed, fired) and 0 < fired.mean() < 1
 
 
-def _numpy_conv3x3(x, kernel):
-    """Reflect-padded 3^d cross-correlation by explicit loops over the taps (any rank)."""
-    nd = x.ndim - 2
-    xp = np.pad(x, [(0, 0)] + [(1, 1)] * nd + [(0, 0)], mode="reflect")
+def _numpy_conv(x, kernel):
+    """Reflect-padded k^d cross-correlation by explicit loops over the taps (any rank, odd k)."""
+    nd, r = x.ndim - 2, kernel.shape[0] // 2
+    xp = np.pad(x, [(0, 0)] + [(r, r)] * nd + [(0, 0)], mode="reflect")
     out = np.zeros(x.shape[:-1] + (kernel.shape[-1],))
-    for tap in np.ndindex(*(3,) * nd):
+    for tap in np.ndindex(*kernel.shape[:nd]):
         window = xp[(slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, x.shape[1:-1]))]
         out += window @ kernel[tap]
     return out
@@ -94,7 +94,7 @@ def _numpy_conv3x3(x, kernel):
 def test_conv_is_a_reflect_padded_cross_correlation_of_any_rank(shape):
     x = np.asarray(_state(shape=shape))
     kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3,) * (len(shape) - 2) + (C, 5)))
-    np.testing.assert_allclose(conv_reflect(jnp.asarray(x), jnp.asarray(kernel)), _numpy_conv3x3(x, kernel), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv_reflect(jnp.asarray(x), jnp.asarray(kernel)), _numpy_conv(x, kernel), rtol=1e-5, atol=1e-5)
 
 
 def test_learned_perception_is_the_two_convs_after_x():
@@ -103,7 +103,7 @@ def test_learned_perception_is_the_two_convs_after_x():
     y = perceive(R, p, x)
     np.testing.assert_array_equal(y[..., :C], x)
     for i, name in enumerate(["p0", "p1"]):
-        ref = _numpy_conv3x3(np.asarray(x), np.asarray(p[name]["kernel"])) + np.asarray(p[name]["bias"])
+        ref = _numpy_conv(np.asarray(x), np.asarray(p[name]["kernel"])) + np.asarray(p[name]["bias"])
         np.testing.assert_allclose(y[..., (i + 1) * C : (i + 2) * C], ref, atol=1e-5)
 
 
@@ -187,17 +187,6 @@ def test_unknown_remat_mode_is_rejected():
 
 
 # --------------------------------------------------------------------------- the description
-def _numpy_conv(x, kernel):
-    """Reflect-padded k^d cross-correlation by explicit loops over the taps (any rank, odd k)."""
-    nd, r = x.ndim - 2, kernel.shape[0] // 2
-    xp = np.pad(x, [(0, 0)] + [(r, r)] * nd + [(0, 0)], mode="reflect")
-    out = np.zeros(x.shape[:-1] + (kernel.shape[-1],))
-    for tap in np.ndindex(*kernel.shape[:nd]):
-        window = xp[(slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, x.shape[1:-1]))]
-        out += window @ kernel[tap]
-    return out
-
-
 @pytest.mark.parametrize("ndim,k", [(2, 5), (2, 7), (3, 5)])
 def test_learned_perception_of_any_odd_kernel(ndim, k):
     rule = Rule(kernel_size=k, channels=C, hidden=HID, ndim=ndim)

@@ -242,7 +242,7 @@ MIN_ROWS_PER_CHAIN = 512  # smaller pieces gained nothing (batch-1 level 0: 160 
 def cell_chains(n_rows: int, pieces: int) -> int:
     """Into how many independent pieces one step splits the work on ``n_rows`` fired cells,
     given the backend's ``pieces`` (a machine fact decided at the entry point, see
-    :func:`mednca_jax.train.launch.backend_for`).
+    :func:`mednca_jax.machine.backend_for`).
 
     XLA:CPU runs independent ops concurrently, one per core, but runs a matmul of a few
     thousand rows on one core. Two pieces (gather, perception, MLP, and their backward) run
