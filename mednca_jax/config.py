@@ -373,16 +373,15 @@ def _validate_rule(m: ModelConfig) -> None:
     :func:`from_dict`), and each level's :class:`~mednca_jax.nca.rule.Rule` as a whole."""
     # Local: the registries live with the rule and grow when plug-ins are imported.
     from mednca_jax.nca.perceptions import PERCEPTIONS
-    from mednca_jax.nca.rule import Rule, check_rule
+    from mednca_jax.nca.rule import check_rule, level_rule
     from mednca_jax.nca.updates import UPDATES
 
     hint = " (a plug-in in model.plugins registers more)"
     _check(m.perception in PERCEPTIONS, "model.perception", f"must be one of {sorted(PERCEPTIONS)}{hint}, got {m.perception!r}")
     _check(m.update in UPDATES, "model.update", f"must be one of {sorted(UPDATES)}{hint}, got {m.update!r}")
     for level in range(m.n_levels):
-        rule = Rule(m.perception, m.kernel_of(level), m.update, m.norm, m.channels, m.hidden, m.n_in)
         try:
-            check_rule(rule)
+            check_rule(level_rule(m, level))
         except ValueError as e:
             key = "model.norm" if "norm" in str(e) else "model.kernel_size" if "kernel" in str(e) else "model.perception"
             raise ConfigError(f"config key '{key}': level {level}: {e}") from None

@@ -133,17 +133,6 @@ def check_interpretable(cfg: Config, runtime: str = "the NumPy runtime") -> None
 
 
 # --------------------------------------------------------------------------- params <-> files
-def perception_filters(cfg: Config, level: int, level_params: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The level's perception as one conv, ``kernel (k,)*nd + (C, F)``, ``bias (F,)``: the
-    rule's own filters (:func:`mednca_jax.nca.perceptions.filters_of`), so the runtimes run
-    whatever rule was trained."""
-    from mednca_jax.nca.levels import level_rule
-    from mednca_jax.nca.perceptions import filters_of
-
-    k, b = filters_of(level_rule(cfg.model, level, _ndim(cfg)), level_params)
-    return np.asarray(k, np.float32), np.asarray(b, np.float32)
-
-
 def rule_weights(rule: Any, level_params: Any) -> dict[str, np.ndarray]:
     """One level's params -> the arrays the runtimes read (keys without the ``level{i}.``
     prefix): ``perception.kernel (k,)*nd + (C, F)``, ``perception.bias (F,)``, ``fc0.kernel
@@ -256,12 +245,7 @@ def _generic_torch_level(level: Any, cfg: Config, i: int) -> dict[str, np.ndarra
     runtime's own (``runtime_torch.state_dict_from_arrays``), so the two cannot disagree."""
     from mednca_jax.export.runtime_torch import state_dict_from_arrays
 
-    k, b = perception_filters(cfg, i, level)
-    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    arrays = {"perception.kernel": k, "perception.bias": b, "fc0.kernel": f32(level["fc0"]["kernel"]),
-              "fc0.bias": f32(level["fc0"]["bias"]), "fc1.kernel": f32(level["fc1"]["kernel"])}
-    if "bn" in level:
-        arrays["bn.scale"], arrays["bn.bias"] = f32(level["bn"]["scale"]), f32(level["bn"]["bias"])
+    arrays = rule_weights(export_rules(cfg)[i], level)  # the arrays the other runtimes read
     sd = state_dict_from_arrays(arrays, len(cfg.data.image_size), source=f"level {i}")
     return {key: t.numpy() for key, t in sd.items()}
 

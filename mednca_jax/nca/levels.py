@@ -27,7 +27,9 @@ from mednca_jax.config import Config, ModelConfig
 from mednca_jax.errors import MedNCAError
 from mednca_jax.nca.backends import REFERENCE, Backend
 from mednca_jax.nca.rollout import rollout
-from mednca_jax.nca.rule import Params, Rule, fold_keys, init_level, reset_inputs, sample_keys
+from mednca_jax.nca.rule import (  # noqa: F401  (level_rule(s): part of this module's API)
+    Params, fold_keys, init_level, level_rule, level_rules, reset_inputs, sample_keys,
+)
 
 
 class InputError(MedNCAError, ValueError):
@@ -37,17 +39,6 @@ class InputError(MedNCAError, ValueError):
 # --------------------------------------------------------------------------- rules and params
 def level_names(model_cfg: ModelConfig) -> list[str]:
     return [f"level{i}" for i in range(model_cfg.n_levels)]
-
-
-def level_rule(model_cfg: ModelConfig, level: int, ndim: int = 2) -> Rule:
-    """The :class:`Rule` of ``level`` for states of spatial rank ``ndim``."""
-    m = model_cfg
-    return Rule(m.perception, m.kernel_of(level), m.update, m.norm, m.channels, m.hidden, m.n_in, ndim, m.precision)
-
-
-def level_rules(model_cfg: ModelConfig, ndim: int = 2) -> tuple[Rule, ...]:
-    """One :class:`Rule` per level, coarse to fine."""
-    return tuple(level_rule(model_cfg, i, ndim) for i in range(model_cfg.n_levels))
 
 
 def init_params(model_cfg: ModelConfig, key: jax.Array, ndim: int = 2) -> Params:

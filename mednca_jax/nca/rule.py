@@ -65,6 +65,18 @@ class Rule(NamedTuple):
         return {**self._asdict(), "features": self.n_features, "linear": get_perception(self.perception).linear}
 
 
+def level_rule(model_cfg: Any, level: int, ndim: int = 2) -> Rule:
+    """The :class:`Rule` of ``level`` of a :class:`~mednca_jax.config.ModelConfig` for states
+    of spatial rank ``ndim`` (the one place a config becomes a rule)."""
+    m = model_cfg
+    return Rule(m.perception, m.kernel_of(level), m.update, m.norm, m.channels, m.hidden, m.n_in, ndim, m.precision)
+
+
+def level_rules(model_cfg: Any, ndim: int = 2) -> tuple[Rule, ...]:
+    """One :class:`Rule` per level, coarse to fine."""
+    return tuple(level_rule(model_cfg, i, ndim) for i in range(model_cfg.n_levels))
+
+
 def check_rule(rule: Rule) -> None:
     """Raise ``ValueError`` naming what does not fit: an unknown perception or update, an
     even kernel, a norm the update does not take, or the perception's own objection."""
