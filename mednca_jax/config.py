@@ -30,7 +30,7 @@ BACKENDS = ("auto", "reference", "cpu_fast")
 PRECISIONS = ("float32", "bfloat16")
 MODEL_KINDS = ("nca", "unet")
 LABEL_MODES = ("foreground", "multiclass")
-SCHEDULES = ("exponential", "budget_cosine", "budget_exponential")
+SCHEDULES = ("exponential", "cosine", "budget_cosine", "budget_exponential")
 LABEL_INTERPOLATIONS = ("nearest", "bilinear")
 
 
@@ -111,10 +111,11 @@ class TrainConfig:
     max_loss: float = 100.0
     clip_grad_norm: float = 0.0  # clip the gradient to this global norm before Adam; 0: off
     ema_decay: float = 0.0  # keep an EMA of the params (validated, saved as best, exported); 0: off
-    # exponential: lr * lr_decay**step. budget_*: warm-up (warmup_steps), then anneal from lr to
-    # lr * lr_final over the time budget (time_limit_min): cosine, or exponential in the fraction used.
+    # exponential: lr * lr_decay**step. cosine: warm-up (warmup_steps), then anneal from lr to
+    # lr * lr_final over num_steps (reproducible: a function of the step alone). budget_*: the
+    # same over the time budget (time_limit_min): cosine, or exponential in the fraction used.
     schedule: str = "exponential"
-    lr_final: float = 0.01  # budget schedules: the learning rate at the end of the budget, as a fraction of lr
+    lr_final: float = 0.01  # cosine and budget schedules: the final learning rate, as a fraction of lr
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
     _check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
     _check(
-        t.schedule == "exponential" or t.time_limit_min > 0,
+        not t.schedule.startswith("budget_") or t.time_limit_min > 0,
         "train.schedule",
         f"{t.schedule!r} anneals over the time budget: set train.time_limit_min > 0",
     )

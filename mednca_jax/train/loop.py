@@ -331,6 +331,8 @@ def save(run: Run, step: int, val_dice: float | None = None) -> None:
     ckpt.save_checkpoint(run.latest, step, params, meta, train_items)
     if val_dice is not None and val_dice >= p.best:  # the validated params: the EMA when kept
         ckpt.save_checkpoint(run.best_mngr, step, jax.device_get(eval_params(p.state)), dict(meta, val_dice=val_dice))
+    elif run.data.val is None:  # nothing to choose by: best/ holds the latest EMA, what evaluate and export load
+        ckpt.save_checkpoint(run.best_mngr, step, jax.device_get(eval_params(p.state)), dict(meta, val_dice=None))
 
 
 def roll_back(run: Run, step: int, why: str = "non-finite loss") -> int:

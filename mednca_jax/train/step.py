@@ -50,10 +50,32 @@ def is_budget_schedule(tcfg: TrainConfig) -> bool:
     return tcfg.schedule.startswith("budget_")
 
 
+def _anneal(kind: str, lr_final: float, f: jax.Array) -> jax.Array:
+    """1 at ``f = 0`` to ``lr_final`` at ``f = 1``: ``"cosine"`` ``r + (1 - r)·(1 + cos πf)/2``,
+    ``"exponential"`` ``r**f`` (``r = lr_final``)."""
+    f = jnp.clip(jnp.asarray(f, jnp.float32), 0.0, 1.0)
+    r = lr_final
+    if kind == "cosine":
+        return r + (1.0 - r) * 0.5 * (1.0 + jnp.cos(jnp.pi * f))
+    return jnp.power(jnp.float32(r), f)
+
+
+def _warm(tcfg: TrainConfig, step: jax.Array) -> jax.Array | float:
+    """Linear warm-up from 1/100 to 1 over ``warmup_steps``."""
+    if tcfg.warmup_steps == 0:
+        return 1.0
+    return jnp.minimum(1.0, 0.01 + 0.99 * jnp.asarray(step, jnp.float32) / tcfg.warmup_steps)
+
+
 def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
-    """``lr * lr_decay**step`` (the original's per-batch exponential decay), after an optional
-    linear warm-up of ``warmup_steps``. (The step-count schedule, ``train.schedule =
-    "exponential"``; see :func:`budget_learning_rate` for the others.)"""
+    """The step-count schedules, after an optional linear warm-up of ``warmup_steps``:
+    ``"exponential"``, ``lr * lr_decay**step`` (the original's per-batch exponential decay), and
+    ``"cosine"``, from ``lr`` to ``lr * lr_final`` over ``num_steps`` (the same curve as
+    ``budget_cosine`` with the fraction of steps for the fraction of time: a pure function of
+    the step, so two runs of one config are identical whatever the machine's speed). See
+    :func:`budget_learning_rate` for the time-budgeted ones."""
+    if tcfg.schedule == "cosine":
+        return lambda step: tcfg.lr * _warm(tcfg, step) * _anneal("cosine", tcfg.lr_final, jnp.asarray(step, jnp.float32) / tcfg.num_steps)
     decay = optax.exponential_decay(tcfg.lr, transition_steps=1, decay_rate=tcfg.lr_decay)
     if tcfg.warmup_steps == 0:
         return decay
@@ -80,20 +102,12 @@ def budget_learning_rate(tcfg: TrainConfig, step: jax.Array, budget_used: jax.Ar
     (``meta.elapsed_s``), so a resumed run continues the schedule where it stopped. By design
     this schedule depends on wall-clock time: two runs of the same config take different
     learning rates at the same step; the LR at step s after a resume equals the uninterrupted
-    run's only when the same elapsed time is fed in.
+    run's only when the same elapsed time is fed in. (``"cosine"`` is the step-count twin
+    for runs that must be reproducible.)
     """
-    f = jnp.clip(jnp.asarray(budget_used, jnp.float32), 0.0, 1.0)
-    r = tcfg.lr_final
-    if tcfg.schedule == "budget_cosine":
-        anneal = r + (1.0 - r) * 0.5 * (1.0 + jnp.cos(jnp.pi * f))
-    elif tcfg.schedule == "budget_exponential":
-        anneal = jnp.power(jnp.float32(r), f)
-    else:
+    if not is_budget_schedule(tcfg):
         raise ValueError(f"train.schedule={tcfg.schedule!r} is not a budget schedule")
-    warm = 1.0
-    if tcfg.warmup_steps > 0:
-        warm = jnp.minimum(1.0, 0.01 + 0.99 * jnp.asarray(step, jnp.float32) / tcfg.warmup_steps)
-    return tcfg.lr * warm * anneal
+    return tcfg.lr * _warm(tcfg, step) * _anneal(tcfg.schedule.removeprefix("budget_"), tcfg.lr_final, budget_used)
 
 
 def current_learning_rate(tcfg: TrainConfig, state: TrainState) -> jax.Array:
