@@ -8,12 +8,18 @@ checks that must run everywhere use ``tests/golden/`` instead.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
+
+# `mednca train` starts one process per core by default on a CPU-only machine; the tests that
+# run the command (in this process or in children, which inherit the environment) measure one
+# process unless they ask for more, so that they stay cheap and their step counts exact.
+os.environ.setdefault("MEDNCA_CPU_PROCESSES", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

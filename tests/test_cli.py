@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 
 import nibabel as nib
@@ -105,3 +107,21 @@ def test_train_by_config_name_then_predict_its_own_data(tmp_path, monkeypatch, c
     for img in images:
         pred = nib.load(out / img.name)
         assert pred.shape == nib.load(img).shape[:3]
+
+
+def test_the_entry_point_starts_without_importing_jax():
+    """What ``mednca`` imports before a command takes over is cheap: --help answers at once and
+    a Ctrl-C while the modules load reaches the dispatcher's handler, not an import."""
+    code = "import sys, mednca_jax.cli; print(sorted(m for m in ('jax', 'flax', 'optax', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line(monkeypatch, capsys):
+    def interrupted_import(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_command_main", interrupted_import)
+    assert cli.main(["train", "--config", "demo"]) == 130
+    err = capsys.readouterr().err
+    assert err == "interrupted\n", err

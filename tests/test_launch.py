@@ -57,3 +57,25 @@ def test_train_cli_rejects_more_processes_than_cores(capsys, monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     assert train.main(["--config", "configs/demo.toml", "--cpu-processes", "999"]) == 2
     assert "--cpu-processes: cannot run 999 processes" in capsys.readouterr().err
+
+
+def test_the_default_is_one_process_per_core_on_a_cpu_only_machine():
+    from mednca_jax.train.launch import auto_processes
+
+    assert auto_processes("cpu", 2, 24) == 2
+    assert auto_processes("cpu", 4, 24) == 4
+    assert auto_processes("cpu", 16, 24) == 12  # the most processes that divide the batch
+    assert auto_processes("cpu", 2, 5) == 1
+    assert auto_processes("cpu", 1, 24) == 1
+    assert auto_processes("gpu", 16, 24) == 1
+    assert auto_processes("tpu", 8, 24) == 1
+
+
+def test_a_bad_process_count_in_the_environment_is_one_error_line(monkeypatch, capsys):
+    from mednca_jax.cli import train
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("MEDNCA_CPU_PROCESSES", "two")
+    assert train.main(["--config", "configs/demo.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: MEDNCA_CPU_PROCESSES must be a whole number") and err.count("\n") == 1, err

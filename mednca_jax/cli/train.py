@@ -6,9 +6,9 @@ Examples:
   mednca train --workdir runs/hippo --resume
 
 Multi-host data parallelism: set train.data_parallel = true and start one process per host
-with JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i. On one CPU
-machine, --cpu-processes 0 starts one such process per core, which trains faster than one
-process.
+with JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i. On a CPU-only
+machine, mednca train starts such a job of one process per core by default, which trains
+faster than one process; --cpu-processes 1 (or MEDNCA_CPU_PROCESSES=1) opts out.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
-    p.add_argument("--cpu-processes", type=int, default=1, metavar="N",
+    p.add_argument("--cpu-processes", type=int, default=None, metavar="N",
                    help="train as one data-parallel job of N processes on this machine (jax.distributed), each on its "
-                        "own cores; sets train.data_parallel=true. On a CPU machine one process per core is faster than "
-                        "one process (docs/performance.md). 0: one per usable core. The batch size must divide by N")
+                        "own cores; sets train.data_parallel=true when N > 1. Default ($MEDNCA_CPU_PROCESSES when set): "
+                        "on a CPU-only machine one process per usable core (faster than one process, "
+                        "docs/performance.md), fewer when the batch size does not divide by the cores; one process "
+                        "on a GPU or TPU. 0: one per usable core. 1: a single process. The batch size must divide by N")
     return p.parse_args(argv)
 
 
@@ -67,17 +69,40 @@ def _read_config(args: argparse.Namespace):
         raise
 
 
+def _processes(args: argparse.Namespace, batch_size: int) -> int:
+    """``--cpu-processes``, else ``$MEDNCA_CPU_PROCESSES``, else one per core on a CPU-only
+    machine (:func:`~mednca_jax.train.launch.auto_processes`); 0 means one per usable core."""
+    from mednca_jax.errors import MedNCAError
+    from mednca_jax.train.launch import auto_processes, usable_cores
+
+    n = args.cpu_processes
+    if n is None and os.environ.get("MEDNCA_CPU_PROCESSES", "").strip():
+        text = os.environ["MEDNCA_CPU_PROCESSES"].strip()
+        if not text.isdigit():
+            raise MedNCAError(f"MEDNCA_CPU_PROCESSES must be a whole number of processes (0: one per core), got {text!r}")
+        n = int(text)
+    if n is None:
+        from mednca_jax.machine import Machine
+
+        machine = Machine.here()
+        return auto_processes(machine.platform, machine.cores, batch_size)
+    return n or len(usable_cores())
+
+
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.cpu_processes != 1 and "JAX_COORDINATOR_ADDRESS" not in os.environ:
         from mednca_jax.errors import MedNCAError
-        from mednca_jax.train.launch import run_local_job, usable_cores, without_option
 
         try:  # read once here too: a bad config (a missing plug-in) is one error line, not one per process
-            _read_config(args)
+            n = _processes(args, _read_config(args).train.batch_size)
         except MedNCAError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    else:
+        n = 1
+    if n != 1:
+        from mednca_jax.train.launch import run_local_job, without_option
 
         child = without_option(argv, "--cpu-processes") + ["--set", "train.data_parallel=true"]
         try:
@@ -85,8 +110,7 @@ def _main(argv: list[str]) -> int:
             # beside an installed copy): its parent folder goes first on their PYTHONPATH.
             root = str(Path(__file__).resolve().parents[2])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-            return run_local_job([sys.executable, "-m", "mednca_jax.cli.train", *child],
-                                 args.cpu_processes or len(usable_cores()), env=env)
+            return run_local_job([sys.executable, "-m", "mednca_jax.cli.train", *child], n, env=env)
         except ValueError as e:  # more processes than cores, raised before anything starts
             print(f"error: --cpu-processes: {e}", file=sys.stderr)
             return 2
@@ -109,10 +133,9 @@ def _main(argv: list[str]) -> int:
     from mednca_jax.train.faults import is_primary
 
     if is_primary():  # every process of a data-parallel job ends with the same result
-        print(
-            f"{result['reason']}: step {result['step']} in {result['minutes']:.1f} min, "
-            f"best validation Dice {result['best_val_dice']:.4f}; run folder {workdir}"
-        )
+        best = result["best_val_dice"]
+        val = f"best validation Dice {best:.4f}" if best >= 0 else "no validation cases"
+        print(f"{result['reason']}: step {result['step']} in {result['minutes']:.1f} min, {val}; run folder {workdir}")
     return 130 if result["reason"] == "interrupted" else 0
 
 

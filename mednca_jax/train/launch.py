@@ -28,6 +28,16 @@ def core_blocks(n: int, cores: Sequence[int] | None = None) -> list[list[int]]:
     return [cores[i * len(cores) // n : (i + 1) * len(cores) // n] for i in range(n)]
 
 
+def auto_processes(platform: str, cores: int, batch_size: int) -> int:
+    """How many data-parallel processes ``mednca train`` starts when ``--cpu-processes`` is
+    not given: on a CPU-only machine one per usable core (XLA:CPU leaves a second core partly
+    idle within one process, docs/performance.md), or the most that divide the batch, with at
+    least 2 cores; 1 elsewhere (an accelerator does the work, the processes would share it)."""
+    if platform != "cpu" or cores < 2:
+        return 1
+    return max(d for d in range(1, cores + 1) if batch_size % d == 0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

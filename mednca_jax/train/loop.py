@@ -36,6 +36,7 @@ from mednca_jax.data import BatchIterator, Case, DataError, list_cases, load_sli
 from mednca_jax.evaluate.evaluation import evaluate_cases, make_predict_fn, predict_slices
 from mednca_jax.nca.backends import Backend
 from mednca_jax.networks import init_network_params
+from mednca_jax.train.progress import TrainProgress
 from mednca_jax.train.faults import (
     RunError, agree, disk_full_error, divergence, interrupt_flag, is_primary, primary_first, process0_value, run_lock,
     set_aside_newer_steps, undo_on_failure, unless_failed,
@@ -474,14 +475,12 @@ def finish(run: Run, step: int, reason: str) -> None:
 
 def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_progress: bool, stop_after: int | None,
                 primary: bool, backend: Backend) -> dict[str, Any]:
-    from tqdm import tqdm
-
     tcfg = cfg.train
     run = open_run(cfg, workdir, data, resume, primary, backend)
     batches, mesh, prog = run.batches, run.mesh, run.progress
     step = int(prog.state.step)
     end = tcfg.num_steps if stop_after is None else min(tcfg.num_steps, step + stop_after)
-    bar = tqdm(total=tcfg.num_steps, initial=step, disable=not (show_progress and primary), desc=cfg.name, unit="step", dynamic_ncols=True)
+    bar = TrainProgress(tcfg, cfg.name, step, run.elapsed(), enabled=show_progress and primary)
     last_val: float | None = None
     reason = "done"
     window_t, window_n = time.perf_counter(), 0
@@ -498,17 +497,16 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
                 step += 1
                 window_n += 1
                 if _due(step, tcfg.log_every) or step == end:
-                    rate = window_n * tcfg.batch_size / max(time.perf_counter() - window_t, 1e-9)
+                    steps_s = window_n / max(time.perf_counter() - window_t, 1e-9)
                     window_t, window_n = time.perf_counter(), 0
-                    m = log_train_metrics(run, step, metrics, rate)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", slices_s=f"{rate:.0f}", val=f"{run.progress.best:.3f}")
+                    m = log_train_metrics(run, step, metrics, steps_s * tcfg.batch_size)
+                    bar.show(m, steps_s)
                     why = divergence(m["loss"], tcfg.max_loss)
                     if why:
                         step = roll_back(run, step, why)
-                        bar.reset(total=tcfg.num_steps)
-                        bar.update(step)
+                        bar.restart_from(step, run.elapsed())
                         continue
-                bar.update(1)
+                bar.advance(step, run.elapsed())
                 eval_due = _due(step, tcfg.eval_every) or step == tcfg.num_steps
                 if eval_due or _due(step, tcfg.checkpoint_every) or step == end:
                     if not state_is_finite(run):  # diverged between two loss checks: never save it
@@ -516,6 +514,7 @@ def _train_loop(cfg: Config, workdir: Path, data: RunData, resume: bool, show_pr
                         continue
                     if eval_due:
                         last_val = validate(run, step)
+                        bar.validated(last_val)
                     save(run, step, last_val if eval_due else None)
                 over_time = bool(tcfg.time_limit_min) and run.elapsed() >= tcfg.time_limit_min * 60
                 (interrupted, over_time), clock = agree((flag["stop"], over_time), run.elapsed())
