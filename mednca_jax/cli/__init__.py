@@ -7,6 +7,7 @@ Each subcommand owns its own argument parser; this module only dispatches, so
     mednca evaluate  --checkpoint runs/demo --split test
     mednca predict   --checkpoint runs/demo --input scan.nii.gz --output label.nii.gz
     mednca export    to-numpy --checkpoint runs/demo --out edge_np
+    mednca models
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("mednca_jax.cli.evaluate", "score a checkpoint per patient (Dice, NQM, robustness) and write predictions"),
     "predict": ("mednca_jax.evaluate.predict", "segment new, unlabelled NIfTI scans in their native voxel grid"),
     "export": ("mednca_jax.export.__main__", "import the original PyTorch weights or export to the NumPy / PyTorch runtimes"),
+    "models": ("mednca_jax.cli.models", "list the pretrained models shipped in the package (use one with --model NAME)"),
 }
 
 

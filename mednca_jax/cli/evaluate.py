@@ -21,11 +21,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="run folder written by train.py or 'python -m mednca_jax.export from-torch'")
+    from mednca_jax.cli.options import add_model_source
+
+    add_model_source(p, "run folder written by mednca train or mednca export from-torch")
     p.add_argument("--data", type=Path, help="MSD task folder (default: the run's own synthetic data when it has some)")
     p.add_argument("--cases", type=Path, help="text file with one case name per line to evaluate (default: every case)")
     p.add_argument("--split", choices=["train", "val", "test"], help="evaluate one part of the run's own patient split (split.json)")
-    p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/eval-<split or all>)")
+    p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/eval-<split or all>; with --model: eval-NAME-<split or all> here)")
     p.add_argument("--runs", type=int, help="stochastic runs per case (default 1, with --quality 10); >= 2 adds variance volumes, NQM, its Spearman correlation with Dice, failure detection and figures")
     p.add_argument("--fire-rate", type=float, help="cell fire rate at inference, in [0, 1) (default: the config's; 0 is deterministic)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the fire masks and of the perturbations")
@@ -64,7 +66,17 @@ def _main(args: argparse.Namespace) -> int:
     from mednca_jax.evaluate.evaluation import EvalOptions, evaluate_checkpoint, format_table
     from mednca_jax.machine import Machine
 
-    out = args.out or args.checkpoint / f"eval-{args.split or 'all'}"
+    from mednca_jax.cli.options import model_source
+
+    try:
+        checkpoint = model_source(args)
+    except MedNCAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # A shipped model's folder is part of the installed package (maybe read-only): its
+    # evaluation goes to the current folder.
+    default_out = Path(f"eval-{args.model}-{args.split or 'all'}") if args.model else checkpoint / f"eval-{args.split or 'all'}"
+    out = args.out or default_out
     runs = args.runs if args.runs is not None else (QUALITY_RUNS if args.quality else 1)
     opts = EvalOptions(
         cases_file=args.cases, split=args.split, runs=runs, fire_rate=args.fire_rate, seed=args.seed, which=args.which,
@@ -73,7 +85,7 @@ def _main(args: argparse.Namespace) -> int:
         compare_with=args.compare_with, progress=not args.no_progress, protocols=tuple(args.protocol),
     )
     try:
-        metrics = evaluate_checkpoint(args.checkpoint, args.data, out, opts, machine=Machine.here())
+        metrics = evaluate_checkpoint(checkpoint, args.data, out, opts, machine=Machine.here())
     except MedNCAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -270,13 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "preprocessed as in training and the label volume is written in the scan's own voxel grid, "
                     "with its affine and header.",
         epilog="examples:\n"
+               "  mednca predict --model hippocampus --input scan.nii.gz --output scan_label.nii.gz\n"
                "  mednca predict --checkpoint runs/demo --input scan.nii.gz --output scan_label.nii.gz\n"
                "  mednca predict --checkpoint runs/official --input imagesTs/ --output predictions/ --runs 10",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_OR_EXPORT",
-                   help="a run folder (mednca train; mednca export from-torch for the original weights) or a "
-                        "mednca export to-numpy folder")
+    from mednca_jax.cli.options import add_model_source
+
+    add_model_source(p, "a run folder (mednca train; mednca export from-torch for the original weights) or a "
+                        "mednca export to-numpy folder", metavar="RUN_OR_EXPORT")
     p.add_argument("--input", required=True, type=Path, metavar="FILE_OR_FOLDER",
                    help="one .nii.gz/.nii scan (3D, or 4D with the modality of data.channel), or a folder of them")
     p.add_argument("--output", required=True, type=Path, metavar="FILE_OR_FOLDER",
@@ -294,11 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mednca_jax.cli.options import model_source
+    from mednca_jax.models import ModelError
+
     args = build_parser().parse_args(argv)
     try:
-        predict_scans(args.checkpoint, args.input, args.output, runs=args.runs, fire_rate=args.fire_rate,
+        predict_scans(model_source(args), args.input, args.output, runs=args.runs, fire_rate=args.fire_rate,
                       seed=args.seed, which=args.which, batch_size=args.batch_size, machine=Machine.here())
-    except PredictError as e:
+    except (PredictError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

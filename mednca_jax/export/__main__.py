@@ -1,4 +1,4 @@
-"""``python -m mednca_jax.export {from-torch, to-numpy, to-torch, to-onnx}``: move Med-NCA weights
+"""``mednca export {from-torch, to-numpy, to-torch, to-onnx, to-model}``: move Med-NCA weights
 between the original PyTorch files, this project's run folders and the edge runtimes."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mednca_jax.cli.options import add_model_source
 from mednca_jax.export import (
     ExportError, export_numpy, export_onnx, export_torch, import_torch, load_checkpoint, resolve_config, verify_numpy,
     verify_onnx,
@@ -34,23 +35,57 @@ def _report_verify(diff: float, runtime: str, tolerance: float = 1e-3) -> int:
     return 0
 
 
+def _source(args: argparse.Namespace) -> Path:
+    """``--checkpoint``, or the folder of the shipped model ``--model`` names."""
+    from mednca_jax.cli.options import model_source
+    from mednca_jax.models import ModelError
+
+    try:
+        return model_source(args)
+    except ModelError as e:
+        raise ExportError(str(e)) from None
+
+
 def cmd_to_numpy(args: argparse.Namespace) -> int:
-    params, cfg = load_checkpoint(args.checkpoint, args.which)
+    params, cfg = load_checkpoint(_source(args), args.which)
     files = export_numpy(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
     print(f"run it with: python {Path(args.out) / files[0].name} {args.out} IN.nii.gz OUT.nii.gz")
     return _report_verify(verify_numpy(args.out, params, cfg), "NumPy") if args.verify else 0
 
 
+def cmd_to_model(args: argparse.Namespace) -> int:
+    import datetime
+    import json
+
+    from mednca_jax.models import ModelError, write_model
+
+    try:
+        metrics = json.loads(args.metrics.read_text())
+        log = [json.loads(line) for line in (args.checkpoint / "log.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read the run's metrics or log: {e}") from None
+    last = [r for r in log if "loss" in r][-1]
+    training = {"command": args.command, "steps": last["step"], "minutes": round(last["minutes"], 1), "machine": args.machine,
+                "date": datetime.date.today().isoformat()}
+    try:
+        out = write_model(args.checkpoint, args.out, name=args.name, task=args.task, metrics=metrics, training=training,
+                          which=args.which)
+    except ModelError as e:
+        raise ExportError(str(e)) from None
+    print(f"wrote model folder {out}; write its MODEL_CARD.md")
+    return 0
+
+
 def cmd_to_torch(args: argparse.Namespace) -> int:
-    params, cfg = load_checkpoint(args.checkpoint, args.which)
+    params, cfg = load_checkpoint(_source(args), args.which)
     files = export_torch(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
     return 0
 
 
 def cmd_to_onnx(args: argparse.Namespace) -> int:
-    params, cfg = load_checkpoint(args.checkpoint, args.which)
+    params, cfg = load_checkpoint(_source(args), args.which)
     files = export_onnx(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
     dims = "H, W" if len(cfg.data.image_size) == 2 else "X, Y, Z"
@@ -87,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("to-onnx", cmd_to_onnx, "mednca.onnx (whole inference, steps as ONNX Loops; needs onnx) + config.json"),
     ):
         s = sub.add_parser(name, help=f"run folder -> {what}", description=f"Export a checkpoint as {what}.")
-        s.add_argument("--checkpoint", required=True, metavar="DIR",
-                       help="run folder written by training or from-torch (holds config.toml and checkpoints)")
+        add_model_source(s, "run folder written by training or from-torch (holds config.toml and checkpoints)")
         s.add_argument("--out", required=True, metavar="DIR2", help="folder to write (created; existing files replaced)")
         s.add_argument("--which", choices=("best", "latest"), default="best",
                        help="checkpoint to export: best by validation Dice (falls back to latest) or latest")
@@ -97,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="after writing, run the exported runtime (onnxruntime for to-onnx) and JAX at fire rate 0 "
                                 "on a random image and fail if the logits differ by more than 1e-3")
         s.set_defaults(func=func)
+
+    m = sub.add_parser("to-model", help="run folder + its test evaluation -> a shipped-model folder (mednca_jax/models/NAME)",
+                       description="Write a pretrained-model folder for the package (config.toml, params.npz, split.json, "
+                                   "model.json) from a run folder and the metrics.json of its test evaluation. The model "
+                                   "card (MODEL_CARD.md) is written by hand beside it.")
+    m.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="the run folder")
+    m.add_argument("--metrics", required=True, type=Path, metavar="JSON", help="metrics.json of mednca evaluate --split test")
+    m.add_argument("--out", required=True, type=Path, metavar="DIR2", help="the model folder, e.g. mednca_jax/models/hippocampus")
+    m.add_argument("--name", required=True, help="the model's name (what --model takes)")
+    m.add_argument("--task", required=True, help="one line: what it segments, in which images")
+    m.add_argument("--command", required=True, help="the command that trained it, for model.json")
+    m.add_argument("--machine", required=True, help="where it was trained, for model.json")
+    m.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to ship (default best)")
+    m.set_defaults(func=cmd_to_model)
     return p
 
 

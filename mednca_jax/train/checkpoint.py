@@ -7,6 +7,10 @@ A run folder (what ``train.py`` writes, ``evaluate.py --checkpoint`` and the exp
     DIR/checkpoints/<step>/    latest N: params, train (optimiser state, PRNG key), meta (JSON)
     DIR/best/<step>/           best by validation Dice: params, meta
 
+or, for the models shipped in the package (``mednca_jax/models/<name>/``, read-only, no
+orbax), ``DIR/config.toml`` + ``DIR/params.npz`` (:func:`write_params_file`), which every
+reader of a run folder accepts too.
+
 Orbax writes each step into a temporary folder and renames it when complete, so a crash or
 a full disk during a save leaves the previous checkpoint intact. Each step's ``meta`` holds a
 sha256 of every saved array (:func:`tree_digest`); :func:`restore` checks it and falls back
@@ -35,6 +39,7 @@ from mednca_jax.errors import MedNCAError
 
 CONFIG_FILE = "config.toml"
 LATEST_DIR = "checkpoints"
+PARAMS_FILE = "params.npz"
 BEST_DIR = "best"
 LOW_DISK_BYTES = 1 << 20  # a failed write with less free space than this is a full disk
 
@@ -274,10 +279,47 @@ def load_params(run_dir: str | Path, cfg: Config | None = None, which: str = "be
     saved = load_run_config(run_dir)
     if cfg is not None:
         check_same_model(saved, cfg, run_dir)
-    items, _ = restore(run_dir, {"params": None}, which=which)
-    params = jax.tree_util.tree_map(np.asarray, items["params"])
+    if (Path(run_dir) / PARAMS_FILE).is_file():
+        params = read_params_file(Path(run_dir) / PARAMS_FILE)
+    else:
+        items, _ = restore(run_dir, {"params": None}, which=which)
+        params = jax.tree_util.tree_map(np.asarray, items["params"])
     try:
         check_network_params(params, saved)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {run_dir}: {e}") from None
     return params, saved
+
+
+def write_params_file(path: str | Path, params: Any) -> str:
+    """Write ``params`` (nested dicts of arrays) as one ``.npz`` keyed by ``/``-joined paths,
+    atomically; returns the sha256 of its arrays (:func:`tree_digest`)."""
+    from flax.traverse_util import flatten_dict
+
+    path = Path(path)
+    flat = {"/".join(k): np.asarray(jax.device_get(v)) for k, v in flatten_dict(params).items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **flat)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep it from other users of an installed package
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return tree_digest(params)
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """The nested params of a :func:`write_params_file` file.
+
+    Raises:
+        CheckpointError: the file cannot be read.
+    """
+    from flax.traverse_util import unflatten_dict
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return unflatten_dict({tuple(k.split("/")): z[k] for k in z.files})
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as params ({type(e).__name__}: {e})") from None
