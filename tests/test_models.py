@@ -113,10 +113,11 @@ def test_a_shipped_model_is_complete_and_intact(name):
 
 @pytest.mark.slow
 def test_the_hippocampus_model_segments_a_real_scan_in_its_native_grid(tmp_path):
-    """The shipped 2D model on one of its test patients, through ``mednca predict --model``."""
+    """The shipped 2D model on the reference case ``hippocampus_374`` through ``mednca predict
+    --model``. (That case is a training patient of the model's split: this checks the path from
+    a scan to a label volume; the test patients' figures are in the model card.)"""
     require(HIPPOCAMPUS)
-    split = json.loads((models.model_dir("hippocampus") / "split.json").read_text())
-    name = split["test"][0]
+    name = "hippocampus_374"
     image, label = HIPPOCAMPUS / "imagesTr" / f"{name}.nii.gz", HIPPOCAMPUS / "labelsTr" / f"{name}.nii.gz"
     out = tmp_path / "label.nii.gz"
     assert cli_main(["predict", "--model", "hippocampus", "--input", str(image), "--output", str(out)]) == 0
@@ -124,4 +125,4 @@ def test_the_hippocampus_model_segments_a_real_scan_in_its_native_grid(tmp_path)
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
     p, t = np.asarray(pred.dataobj) > 0, np.asarray(ref.dataobj) > 0
     dice = 2 * (p & t).sum() / (p.sum() + t.sum())
-    assert dice >= 0.8, dice
+    assert dice >= 0.85, dice
