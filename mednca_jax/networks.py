@@ -41,7 +41,7 @@ def forward_train(
     params: Any, cfg: Config, images: jax.Array, labels: jax.Array, keys: jax.Array, backend: Backend
 ) -> tuple[jax.Array, jax.Array]:
     """``(logits, labels)`` the loss is computed on: NCA random crops at ``model.fire_rate``
-    with ``model.remat``, UNet whole images. ``keys``: per-sample keys ``(B,)`` (see
+    with ``model.remat``, UNet whole images (2D or 3D, the rank of ``data.image_size``). ``keys``: per-sample keys ``(B,)`` (see
     :func:`levels.forward_train`; the UNet has no randomness)."""
     if cfg.model.kind == "unet":
         from mednca_jax.baselines.unet import unet_forward
@@ -51,7 +51,8 @@ def forward_train(
 
 
 def forward(params: Any, cfg: Config, images: jax.Array, key: jax.Array, fire_rate: Any, backend: Backend) -> jax.Array:
-    """Inference logits ``(B, H, W, n_out)`` on whole images (the UNet ignores key/fire_rate)."""
+    """Inference logits ``(B, *S, n_out)`` on whole images ``(B, *S, n_in)`` (the UNet ignores
+    key/fire_rate)."""
     if cfg.model.kind == "unet":
         from mednca_jax.baselines.unet import unet_forward
 

@@ -1,14 +1,17 @@
-"""The classic 2D UNet baseline (Ronneberger et al. 2015) that Med-NCA is compared against.
+"""The UNet baseline that Med-NCA and M3D-NCA are compared against: the classic 2D UNet
+(Ronneberger et al. 2015) and, from the same code, its 3D form (Çiçek et al. 2016).
 
+The spatial rank ``n`` is the input's (``len(data.image_size)``): images ``(B, H, W, C)`` or
+volumes ``(B, X, Y, Z, C)``; every window below is that size along each of the ``n`` axes.
 Architecture for ``depth = L`` and base width ``w`` (widths ``c_i = w * 2**i``):
 
-* encoder: blocks at levels ``0 .. L-1`` (``c_i`` channels), each followed by 2×2 max-pool;
-* bottleneck: a block with ``c_L`` channels at ``H / 2**L``;
-* decoder, levels ``L-1 .. 0``: 2×2 stride-2 transposed conv ``c_{i+1} -> c_i``, concatenate
+* encoder: blocks at levels ``0 .. L-1`` (``c_i`` channels), each followed by a 2×…×2 max-pool;
+* bottleneck: a block with ``c_L`` channels at ``S / 2**L``;
+* decoder, levels ``L-1 .. 0``: 2×…×2 stride-2 transposed conv ``c_{i+1} -> c_i``, concatenate
   the encoder skip (``[up | skip]`` on the channel axis), a block ``2 c_i -> c_i``;
-* head: 1×1 conv ``c_0 -> n_out`` giving logits.
+* head: 1×…×1 conv ``c_0 -> n_out`` giving logits.
 
-A block is (3×3 conv, no bias → GroupNorm → ReLU) twice, zero ("SAME") padding.
+A block is (3×…×3 conv, no bias → GroupNorm → ReLU) twice, zero ("SAME") padding.
 
 Why GroupNorm: BatchNorm keeps running statistics, a mutable collection that would make the
 model differ between train and eval and would break the "params in, logits out" interface
@@ -17,8 +20,9 @@ is a pure function of ``params`` and the batch size does not matter. The group c
 ``gcd(features, 8)`` (8 for every width that is a multiple of 8). Convs feeding a norm have no
 bias: the norm's learned shift makes it redundant.
 
-With ``w = 64, L = 4`` (the classic configuration) and one input/output channel this has
-31,036,481 parameters; ``w = 32`` (the config default) 7,762,465.
+With ``w = 64, L = 4`` (the classic configuration) and one input/output channel the 2D UNet
+has 31,036,481 parameters; ``w = 32`` (the config default) 7,762,465. Parameter names do not
+depend on the rank; the kernels do (``(3, 3, cin, cout)`` in 2D, ``(3, 3, 3, cin, cout)`` in 3D).
 """
 
 from __future__ import annotations
@@ -42,15 +46,20 @@ def _groups(features: int) -> int:
     return math.gcd(features, 8)
 
 
+def _window(x: jax.Array, size: int) -> tuple[int, ...]:
+    """``(size,) * n`` for the ``n`` spatial axes of ``x (B, *S, C)``."""
+    return (size,) * (x.ndim - 2)
+
+
 class _ConvBlock(nn.Module):
-    """(3×3 conv → GroupNorm → ReLU) × 2."""
+    """(3×…×3 conv → GroupNorm → ReLU) × 2."""
 
     features: int
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for _ in range(2):
-            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False)(x)
+            x = nn.Conv(self.features, _window(x, 3), padding="SAME", use_bias=False)(x)
             x = nn.GroupNorm(num_groups=_groups(self.features))(x)
             x = nn.relu(x)
         return x
@@ -65,18 +74,19 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``(B, *S, n_in) -> (B, *S, n_out)`` for any spatial rank."""
         skips = []
         for i in range(self.depth):
             x = _ConvBlock(self.width * 2**i, name=f"down{i}")(x)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = nn.max_pool(x, _window(x, 2), strides=_window(x, 2))
         x = _ConvBlock(self.width * 2**self.depth, name="bottleneck")(x)
         for i in reversed(range(self.depth)):
             c = self.width * 2**i
-            x = nn.ConvTranspose(c, (2, 2), strides=(2, 2), name=f"upconv{i}")(x)
+            x = nn.ConvTranspose(c, _window(x, 2), strides=_window(x, 2), name=f"upconv{i}")(x)
             x = jnp.concatenate([x, skips[i]], axis=-1)
             x = _ConvBlock(c, name=f"up{i}")(x)
-        return nn.Conv(self.n_out, (1, 1), name="head")(x)
+        return nn.Conv(self.n_out, _window(x, 1), name="head")(x)
 
 
 def _module(model_cfg: ModelConfig) -> UNet:
@@ -84,14 +94,15 @@ def _module(model_cfg: ModelConfig) -> UNet:
 
 
 def check_image_size(image_size: Sequence[int], depth: int) -> None:
-    """Raise ``ValueError`` unless both sides are divisible by ``2**depth`` (one pool per level)."""
+    """Raise ``ValueError`` unless every side is divisible by ``2**depth`` (one pool per level)."""
     f = 2**depth
-    h, w = int(image_size[0]), int(image_size[1])
-    if h % f or w % f or h < f or w < f:
+    sizes = [int(s) for s in image_size]
+    if any(s % f or s < f for s in sizes):
+        what = "image height and width" if len(sizes) == 2 else "every side of the input"
+        fit = "x".join(str(max(f, -(-s // f) * f)) for s in sizes)
         raise ValueError(
-            f"UNet with unet_depth={depth} needs image height and width divisible by "
-            f"2**depth = {f}; got {h}x{w}. Resize/pad the images (e.g. to "
-            f"{max(f, -(-h // f) * f)}x{max(f, -(-w // f) * f)}) or lower unet_depth."
+            f"UNet with unet_depth={depth} needs {what} divisible by 2**depth = {f}; got "
+            f"{'x'.join(map(str, sizes))}. Resize/pad the images (e.g. to {fit}) or lower unet_depth."
         )
 
 
@@ -100,7 +111,8 @@ def init_unet_params(model_cfg: ModelConfig, image_size: Sequence[int], key: jax
 
     Args:
         model_cfg: uses ``unet_width``, ``unet_depth``, ``n_in``, ``n_out``.
-        image_size: ``(H, W)``; only checked for divisibility (the params do not depend on it).
+        image_size: ``(H, W)`` or ``(X, Y, Z)``: its length is the spatial rank of the
+            kernels; the sizes are only checked for divisibility (the params do not depend on them).
         key: PRNG key.
 
     Distributions are flax's defaults (truncated LeCun-normal kernels, zero biases, unit
@@ -108,7 +120,7 @@ def init_unet_params(model_cfg: ModelConfig, image_size: Sequence[int], key: jax
     flax's per-layer initialisers (``module.init``) costs ~15 s of XLA time on CPU.
     """
     check_image_size(image_size, model_cfg.unet_depth)
-    dummy = jax.ShapeDtypeStruct((1, int(image_size[0]), int(image_size[1]), model_cfg.n_in), jnp.float32)
+    dummy = jax.ShapeDtypeStruct((1, *map(int, image_size), model_cfg.n_in), jnp.float32)
     shapes = jax.eval_shape(_module(model_cfg).init, jax.random.key(0), dummy)["params"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     names = [str(getattr(path[-1], "key", path[-1])) for path, _ in flat]
@@ -137,13 +149,16 @@ def _plain(tree: Any) -> Any:
 
 
 def unet_forward(params: Params, model_cfg: ModelConfig, images: jax.Array) -> jax.Array:
-    """Logits ``(B, H, W, n_out)`` for ``images`` ``(B, H, W, n_in)``. Deterministic, jittable
-    (``model_cfg`` is hashable, pass it as a static argument)."""
-    if images.ndim != 4 or images.shape[-1] != model_cfg.n_in:
+    """Logits ``(B, *S, n_out)`` for ``images (B, *S, n_in)``: ``(B, H, W, ·)`` or ``(B, X, Y,
+    Z, ·)``, the rank ``params`` were made for. Deterministic, jittable (``model_cfg`` is
+    hashable, pass it as a static argument)."""
+    ndim = np.ndim(params["head"]["kernel"]) - 2  # head kernel (1,)*n + (c_0, n_out)
+    axes = "H, W" if ndim == 2 else "X, Y, Z" if ndim == 3 else ", ".join(f"S{i}" for i in range(ndim))
+    if images.ndim != ndim + 2 or images.shape[-1] != model_cfg.n_in:
         raise ValueError(
-            f"unet_forward expects images (B, H, W, n_in={model_cfg.n_in}), got shape {tuple(images.shape)}"
+            f"unet_forward expects images (B, {axes}, n_in={model_cfg.n_in}) for these {ndim}D params, got shape {tuple(images.shape)}"
         )
-    check_image_size(images.shape[1:3], model_cfg.unet_depth)
+    check_image_size(images.shape[1:-1], model_cfg.unet_depth)
     return _apply(params, model_cfg, images)
 
 
@@ -153,15 +168,17 @@ def _apply(params: Params, model_cfg: ModelConfig, images: jax.Array) -> jax.Arr
     return _module(model_cfg).apply({"params": params}, images)
 
 
-def expected_param_count(width: int, depth: int, n_in: int = 1, n_out: int = 1) -> int:
-    """Closed-form parameter count of :class:`UNet` (used by the tests and for reports)."""
+def expected_param_count(width: int, depth: int, n_in: int = 1, n_out: int = 1, ndim: int = 2) -> int:
+    """Closed-form parameter count of :class:`UNet` of spatial rank ``ndim`` (used by the
+    tests and for reports)."""
     c = [width * 2**i for i in range(depth + 1)]
+    k3, k2 = 3**ndim, 2**ndim  # taps of a 3×…×3 conv and of a 2×…×2 transposed conv
 
-    def block(cin: int, cout: int) -> int:  # two bias-free 3×3 convs + two GroupNorms
-        return 9 * cin * cout + 2 * cout + 9 * cout * cout + 2 * cout
+    def block(cin: int, cout: int) -> int:  # two bias-free 3×…×3 convs + two GroupNorms
+        return k3 * cin * cout + 2 * cout + k3 * cout * cout + 2 * cout
 
     total = block(n_in, c[0]) + sum(block(c[i - 1], c[i]) for i in range(1, depth + 1))
     for i in range(depth):
-        total += 4 * c[i + 1] * c[i] + c[i]  # transposed conv with bias
+        total += k2 * c[i + 1] * c[i] + c[i]  # transposed conv with bias
         total += block(2 * c[i], c[i])
     return total + c[0] * n_out + n_out
