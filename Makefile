@@ -25,7 +25,7 @@ setup: $(VENV)/.base
 setup-test: $(VENV)/.test
 
 demo: setup
-	$(VENV)/bin/mednca train --config demo --workdir runs/demo $$([ -d runs/demo/checkpoints ] && echo --resume)
+	$(VENV)/bin/mednca train --config demo --workdir runs/demo --cpu-processes 1 $$([ -d runs/demo/checkpoints ] && echo --resume)
 	$(VENV)/bin/mednca evaluate --checkpoint runs/demo --split test --out runs/demo/eval-test
 
 # Two pytest-xdist workers, tests handed out one by one (a module fixture then runs once per
