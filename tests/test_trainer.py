@@ -69,6 +69,25 @@ def test_time_limit_stops_with_a_checkpoint(task, tmp_path, monkeypatch):
     assert ckpt.manager(tmp_path / "run", ckpt.LATEST_DIR, 1).latest_step() == 1
 
 
+def test_a_run_without_validation_keeps_its_ema_as_the_checkpoint_to_load(task, tmp_path, monkeypatch):
+    """``data.split`` with no validation part (the shipped models): nothing to choose by, so
+    ``best/`` holds the EMA at each checkpoint, and that is what evaluate and export load."""
+    data, cfg_path = task
+    monkeypatch.setenv("MEDNCA_CACHE", str(tmp_path / "cache"))
+    from mednca_jax.config import load_config
+
+    cfg = load_config(cfg_path, ["data.split=[0.67,0.0,0.33]", "train.ema_decay=0.5", "train.schedule=cosine"])
+    out = train(cfg, tmp_path / "run", data, progress=False)
+    assert out["best_val_dice"] < 0 and out["step"] == cfg.train.num_steps
+    assert ckpt.manager(tmp_path / "run", ckpt.BEST_DIR, 1).latest_step() == cfg.train.num_steps
+    items, _ = ckpt.restore(tmp_path / "run", {"train": None}, which="latest")
+    best, _ = ckpt.load_params(tmp_path / "run")
+    raw, _ = ckpt.load_params(tmp_path / "run", which="latest")
+    for e, b, r in zip(*(jax.tree_util.tree_leaves(t) for t in (items["train"]["ema"], best, raw))):
+        np.testing.assert_array_equal(np.asarray(e), b)
+    assert any(not np.array_equal(b, r) for b, r in zip(jax.tree_util.tree_leaves(best), jax.tree_util.tree_leaves(raw)))
+
+
 @pytest.mark.slow
 def test_existing_run_needs_resume_and_resume_needs_a_run(task, tmp_path, monkeypatch):
     data, cfg_path = task

@@ -196,6 +196,22 @@ def test_budget_schedule_warms_up_and_reaches_its_final_value_at_the_end_of_the_
     assert np.isclose(float(state.budget_used), 0.5)
 
 
+def test_cosine_schedule_is_the_budget_cosine_curve_over_the_steps(tiny_cfg):
+    t = dataclasses.replace(tiny_cfg.train, schedule="cosine", num_steps=200, warmup_steps=10, lr_final=0.05)
+    budget = dataclasses.replace(t, schedule="budget_cosine", time_limit_min=10.0)
+    lr = learning_rate_schedule(t)
+    for step in (0, 5, 10, 50, 100, 199, 200, 350):
+        want = float(budget_learning_rate(budget, step, step / t.num_steps))
+        np.testing.assert_allclose(float(lr(step)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(100)), t.lr * (t.lr_final + (1 - t.lr_final) / 2), rtol=1e-5)
+    np.testing.assert_allclose(float(lr(200)), t.lr * t.lr_final, rtol=1e-5)
+    # the optimiser on it needs no extra argument: the learning rate is a function of the step
+    tx = make_optimizer(t)
+    params = {"w": jnp.zeros(3)}
+    u, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    assert np.all(np.isfinite(u["w"]))
+
+
 @pytest.mark.slow
 def test_train_step_with_budget_schedule_reads_the_state(setup):
     cfg, _, _ = setup

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mednca_jax.cli.options import add_model_source
+from mednca_jax.cli.options import add_model_source, model_source
 from mednca_jax.export import (
     ExportError, export_numpy, export_onnx, export_torch, import_torch, load_checkpoint, resolve_config, verify_numpy,
     verify_onnx,
 )
+from mednca_jax.models import ModelError
 
 
 def _size(paths: Sequence[Path]) -> str:
@@ -35,19 +36,8 @@ def _report_verify(diff: float, runtime: str, tolerance: float = 1e-3) -> int:
     return 0
 
 
-def _source(args: argparse.Namespace) -> Path:
-    """``--checkpoint``, or the folder of the shipped model ``--model`` names."""
-    from mednca_jax.cli.options import model_source
-    from mednca_jax.models import ModelError
-
-    try:
-        return model_source(args)
-    except ModelError as e:
-        raise ExportError(str(e)) from None
-
-
 def cmd_to_numpy(args: argparse.Namespace) -> int:
-    params, cfg = load_checkpoint(_source(args), args.which)
+    params, cfg = load_checkpoint(model_source(args), args.which)
     files = export_numpy(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
     print(f"run it with: python {Path(args.out) / files[0].name} {args.out} IN.nii.gz OUT.nii.gz")
@@ -58,7 +48,7 @@ def cmd_to_model(args: argparse.Namespace) -> int:
     import datetime
     import json
 
-    from mednca_jax.models import ModelError, write_model
+    from mednca_jax.models import write_model
 
     try:
         metrics = json.loads(args.metrics.read_text())
@@ -68,24 +58,21 @@ def cmd_to_model(args: argparse.Namespace) -> int:
     last = [r for r in log if "loss" in r][-1]
     training = {"command": args.command, "steps": last["step"], "minutes": round(last["minutes"], 1), "machine": args.machine,
                 "date": datetime.date.today().isoformat()}
-    try:
-        out = write_model(args.checkpoint, args.out, name=args.name, task=args.task, metrics=metrics, training=training,
-                          which=args.which)
-    except ModelError as e:
-        raise ExportError(str(e)) from None
+    out = write_model(args.checkpoint, args.out, name=args.name, task=args.task, metrics=metrics, training=training,
+                      which=args.which)
     print(f"wrote model folder {out}; write its MODEL_CARD.md")
     return 0
 
 
 def cmd_to_torch(args: argparse.Namespace) -> int:
-    params, cfg = load_checkpoint(_source(args), args.which)
+    params, cfg = load_checkpoint(model_source(args), args.which)
     files = export_torch(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
     return 0
 
 
 def cmd_to_onnx(args: argparse.Namespace) -> int:
-    params, cfg = load_checkpoint(_source(args), args.which)
+    params, cfg = load_checkpoint(model_source(args), args.which)
     files = export_onnx(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
     dims = "H, W" if len(cfg.data.image_size) == 2 else "X, Y, Z"
@@ -152,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ExportError as e:
+    except (ExportError, ModelError) as e:  # ModelError: --model names no shipped model, or --out is taken
         print(f"error: {e}", file=sys.stderr)
         return 2
 
