@@ -200,7 +200,7 @@ def test_strong_preset_fires_twice_as_often_as_default_except_spike_and_noise():
         ({"augment": {"lowres_range": [0.0, 1.0]}}, "augment.lowres_range"),
         ({"augment": {"noise_std": "big"}}, "augment.noise_std"),
         ({"train": {"schedule": "budget_cosine"}}, "train.schedule"),
-        ({"train": {"schedule": "cosine", "time_limit_min": 5}}, "train.schedule"),
+        ({"train": {"schedule": "cosin"}}, "train.schedule"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
         ({"train": {"clip_grad_norm": -1.0}}, "train.clip_grad_norm"),
         ({"train": {"lr_final": 0.0, "schedule": "budget_exponential", "time_limit_min": 5}}, "train.lr_final"),
