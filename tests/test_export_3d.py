@@ -1,0 +1,117 @@
+"""The exported runtimes (NumPy, PyTorch, ONNX) on 3D checkpoints, against JAX.
+
+- A tiny two-level volume model (depthwise kernels 5 then 3, batch norm, max downscale; the
+  random weights of ``tests/test_export.py::volume_case``) at fire rate 0.5 on the ONNX
+  graph's own fire masks: the NumPy and PyTorch runtimes given those masks, the ONNX graph
+  drawing them from its seed, and the JAX reference given them, all agree.
+- The original M3D-NCA hippocampus model, imported from its state dicts and exported through
+  ``export_numpy`` / ``export_torch`` / ``export_onnx``, reproduces the original's logits on
+  the fixture volume (64x64x52, fire 0) in every runtime (skips without ``../shared``).
+
+CPU budget: torch and onnxruntime run with 1 thread; the tiny case is a few seconds, the
+fixture case is marked slow.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REFERENCE, require
+from test_export import assert_close_to_reference, volume_case
+
+from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
+from mednca_jax.export import export_numpy, export_torch, load_runtime_module
+from mednca_jax.nca.backends import REFERENCE as REFERENCE_BACKEND
+from mednca_jax.nca.levels import forward
+
+torch = pytest.importorskip("torch")
+
+M3D_FIXTURE = REFERENCE / "m3d_hippocampus"
+# The original hippocampus example (REFERENCE.md, "M3D-NCA (3D)") as a config on its grid.
+M3D_CONFIG = Config(
+    name="m3d_hippocampus",
+    model=ModelConfig(channels=16, hidden=64, steps=(10, 10), scales=(2, 1), kernel_size=(7, 3), perception="depthwise",
+                      norm="batch", downscale="max", fire_rate=0.5, patch_size=0, remat="none"),
+    data=DataConfig(image_size=(64, 64, 52)), train=TrainConfig(batch_size=1, num_steps=1))
+
+
+@pytest.fixture(autouse=True)
+def torch_one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def load_runtimes(params, cfg: Config, base, name: str) -> dict:
+    """Export ``params`` to every runtime under ``base``: ``{"numpy": MedNCA, "torch":
+    MedNCATorch, "onnx": path or None}`` (None when onnx/onnxruntime are missing)."""
+    export_numpy(params, cfg, base / "np")
+    export_torch(params, cfg, base / "pt")
+    out = {"numpy": load_runtime_module(base / "np" / "mednca_numpy.py", f"{name}_np").MedNCA.load(base / "np"),
+           "torch": load_runtime_module(base / "pt" / "mednca_torch.py", f"{name}_pt").MedNCATorch.load(base / "pt"),
+           "onnx": None}
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return out
+    from mednca_jax.export import export_onnx
+
+    export_onnx(params, cfg, base / "onnx")
+    out["onnx"] = base / "onnx" / "mednca.onnx"
+    return out
+
+
+def test_3d_runtimes_on_the_same_fire_masks_equal_jax(tmp_path):
+    """Fire 0.5 in 3D, two levels: every runtime's logits within 1e-4 (relative to the largest
+    logit) of the JAX reference on the same masks; the masks matter (fire 0 differs)."""
+    from mednca_jax.export.onnx_export import fire_masks
+
+    cfg, params, x, at_zero = volume_case()
+    m = cfg.model
+    runtimes = load_runtimes(params, cfg, tmp_path, "vol_masks")
+    seed = 3
+    masks = fire_masks(seed, 0.5, m.steps, [(x.shape[0],) + tuple(n // f for n in x.shape[1:-1]) for f in m.scales])
+    assert all(0.4 < a.mean() < 0.6 for a in masks)
+    ref = np.asarray(forward(params, m, jnp.asarray(x), jax.random.PRNGKey(0), 0.5, backend=REFERENCE_BACKEND,
+                             masks=[jnp.asarray(a) for a in masks]))
+    assert np.abs(ref - at_zero).max() > 1e-2 * np.abs(ref).max()  # the masks change the result
+    assert_close_to_reference(runtimes["numpy"].logits(x, masks=masks), ref, "NumPy runtime, 3D, given masks")
+    got = runtimes["torch"].predict(torch.from_numpy(x), masks=[torch.from_numpy(a) for a in masks]).numpy()
+    assert_close_to_reference(got, ref, "PyTorch runtime, 3D, given masks")
+    if runtimes["onnx"] is not None:
+        from mednca_jax.export import onnx_logits
+
+        got = onnx_logits(runtimes["onnx"], x[..., 0], 0.5, seed=seed)
+        assert_close_to_reference(got, ref, "ONNX export, 3D, its seeded masks")
+
+
+@pytest.mark.slow
+def test_runtimes_reproduce_the_original_m3d_logits(tmp_path):
+    """The original M3D-NCA's weights (kernel 7 then 3, depthwise, batch norm, max pool x2,
+    10 + 10 steps), imported and exported, on the fixture volume at fire 0: each runtime
+    within 1e-3 of the logits' range of the original's logits, same foreground."""
+    require(M3D_FIXTURE / "fixture.npz", M3D_FIXTURE / "model0.pth", M3D_FIXTURE / "model1.pth")
+    from mednca_jax.nca.weights import load_torch_weights
+
+    cfg = validate(M3D_CONFIG)
+    params = load_torch_weights([M3D_FIXTURE / "model0.pth", M3D_FIXTURE / "model1.pth"], cfg.model)
+    with np.load(M3D_FIXTURE / "fixture.npz") as f:
+        image, want = f["image"].astype(np.float32), f["logits"]
+    span = float(want.max() - want.min())
+    assert span > 25  # about -21 ... 9
+    runtimes = load_runtimes(params, cfg, tmp_path, "m3d_fixture")
+    got = {"numpy": runtimes["numpy"].segment(image, fire_rate=0.0, return_logits=True)[..., 0],
+           "torch": runtimes["torch"].segment(image, fire_rate=0.0, return_logits=True).numpy()[..., 0]}
+    if runtimes["onnx"] is not None:
+        from mednca_jax.export import onnx_logits
+
+        got["onnx"] = onnx_logits(runtimes["onnx"], image[None], 0.0)[0, ..., 0]
+    for name, z in got.items():
+        assert z.shape == want.shape, name
+        err = float(np.abs(z - want).max())
+        assert err <= 1e-3 * span, f"{name}: max |logit difference| {err:.2e} > 1e-3 x range {span:.1f}"
+        assert np.array_equal(z > 0, want > 0), name
