@@ -18,23 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REFERENCE, require
+from conftest import require
 from test_export import assert_close_to_reference, volume_case
+from test_m3d_parity import FIXTURE as M3D_FIXTURE, M3D
 
-from mednca_jax.config import Config, DataConfig, ModelConfig, TrainConfig, validate
+from mednca_jax.config import Config, DataConfig, TrainConfig, validate
 from mednca_jax.export import export_numpy, export_torch, load_runtime_module
 from mednca_jax.nca.backends import REFERENCE as REFERENCE_BACKEND
 from mednca_jax.nca.levels import forward
 
 torch = pytest.importorskip("torch")
 
-M3D_FIXTURE = REFERENCE / "m3d_hippocampus"
 # The original hippocampus example (REFERENCE.md, "M3D-NCA (3D)") as a config on its grid.
-M3D_CONFIG = Config(
-    name="m3d_hippocampus",
-    model=ModelConfig(channels=16, hidden=64, steps=(10, 10), scales=(2, 1), kernel_size=(7, 3), perception="depthwise",
-                      norm="batch", downscale="max", fire_rate=0.5, patch_size=0, remat="none"),
-    data=DataConfig(image_size=(64, 64, 52)), train=TrainConfig(batch_size=1, num_steps=1))
+M3D_CONFIG = Config(name="m3d_hippocampus", model=M3D, data=DataConfig(image_size=(64, 64, 52)),
+                    train=TrainConfig(batch_size=1, num_steps=1))
 
 
 @pytest.fixture(autouse=True)
@@ -115,3 +112,28 @@ def test_runtimes_reproduce_the_original_m3d_logits(tmp_path):
         err = float(np.abs(z - want).max())
         assert err <= 1e-3 * span, f"{name}: max |logit difference| {err:.2e} > 1e-3 x range {span:.1f}"
         assert np.array_equal(z > 0, want > 0), name
+
+
+@pytest.mark.slow
+def test_edge_memory_benchmark_volume_row(tmp_path):
+    """benchmarks/edge_memory.py --volumes: a 3D row of the NumPy runtime after the slice
+    rows, with its figures in the JSON; a malformed shape is one error line, exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "edge.json"
+    cmd = [sys.executable, "benchmarks/edge_memory.py", "--sizes", "64", "--rounds", "1", "--runtimes", "numpy"]
+    res = subprocess.run(cmd + ["--volumes", "16x16x12", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    assert [(r["size"], r["runtime"]) for r in fig["rows"]] == [(64, "numpy"), ("16x16x12", "numpy")]
+    assert fig["failures"] == [] and fig["volume_weights"]
+    assert fig["rows"][1]["segment_s_median"] > 0 and 20 < fig["rows"][1]["peak_rss_mib"] < 150
+    assert "| 16×16×12 | numpy |" in res.stdout
+    bad = subprocess.run(cmd + ["--volumes", "16x16"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --volumes takes shapes XxYxZ of even sizes (the model's scale 2), e.g. 64x64x52; got ['16x16']"]
