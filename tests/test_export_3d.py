@@ -4,6 +4,9 @@
   random weights of ``tests/test_export.py::volume_case``) at fire rate 0.5 on the ONNX
   graph's own fire masks: the NumPy and PyTorch runtimes given those masks, the ONNX graph
   drawing them from its seed, and the JAX reference given them, all agree.
+- The command line on a volume model: original-layout state dicts -> ``from-torch`` ->
+  ``to-numpy --verify`` / ``to-torch`` / ``to-onnx --verify``, then the NumPy runtime file as
+  a program on a ``.npy`` of volumes.
 - The original M3D-NCA hippocampus model, imported from its state dicts and exported through
   ``export_numpy`` / ``export_torch`` / ``export_onnx``, reproduces the original's logits on
   the fixture volume (64x64x52, fire 0) in every runtime (skips without ``../shared``).
@@ -137,3 +140,67 @@ def test_edge_memory_benchmark_volume_row(tmp_path):
     bad = subprocess.run(cmd + ["--volumes", "16x16"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --volumes takes shapes XxYxZ of even sizes (the model's scale 2), e.g. 64x64x52; got ['16x16']"]
+
+
+VOLUME_TOML = """name = "volume_cli"
+[model]
+channels = 6
+hidden = 8
+steps = [3, 3]
+scales = [2, 1]
+kernel_size = [5, 3]
+perception = "depthwise"
+norm = "batch"
+downscale = "max"
+fire_rate = 0.5
+patch_size = 0
+[data]
+image_size = [8, 8, 8]
+[train]
+batch_size = 2
+num_steps = 1
+"""
+
+
+def test_export_cli_round_trip_of_a_volume_model(tmp_path, capsys):
+    """Original-layout 3D state dicts -> ``from-torch`` -> ``to-numpy --verify`` / ``to-torch`` /
+    ``to-onnx --verify``: every command succeeds, the hints name volumes, and the written
+    ``mednca_numpy.py`` segments a ``.npy`` of volumes as a program."""
+    import subprocess
+    import sys
+
+    from test_export import numpy_params
+
+    from mednca_jax.export.__main__ import main as export_main
+    from mednca_jax.nca.weights import params_to_torch_state_dicts
+
+    cfg, _, x, _ = volume_case()
+    toml = tmp_path / "volume.toml"
+    toml.write_text(VOLUME_TOML)
+    pths = []
+    for i, sd in enumerate(params_to_torch_state_dicts(numpy_params(cfg, ndim=3), cfg.model, ndim=3)):
+        pths.append(tmp_path / f"model{i}.pth")
+        torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, pths[-1])
+    run = tmp_path / "run"
+    assert export_main(["from-torch", "--config", str(toml), "--weights", *map(str, pths), "--out", str(run)]) == 0
+    assert export_main(["to-numpy", "--checkpoint", str(run), "--out", str(tmp_path / "np"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "IN.npy OUT.npy" in out and "volumes (B, X, Y, Z)" in out and "IN.nii.gz" not in out
+    assert float(out.split("logits(JAX)| = ")[1].split()[0]) <= 1e-4
+    assert export_main(["to-torch", "--checkpoint", str(run), "--out", str(tmp_path / "pt")]) == 0
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert export_main(["to-onnx", "--checkpoint", str(run), "--out", str(tmp_path / "onnx"), "--verify"]) == 0
+        assert "images (B, X, Y, Z) float32" in capsys.readouterr().out
+    np.save(tmp_path / "in.npy", x[..., 0])
+    res = subprocess.run([sys.executable, str(tmp_path / "np" / "mednca_numpy.py"), str(tmp_path / "np"), str(tmp_path / "in.npy"),
+                          str(tmp_path / "out.npy"), "--logits", "--fire-rate", "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model = load_runtime_module(tmp_path / "np" / "mednca_numpy.py", "vol_cli_np").MedNCA.load(tmp_path / "np")
+    want = model.segment(x, fire_rate=0.0, return_logits=True)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
