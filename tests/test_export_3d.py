@@ -93,7 +93,7 @@ def test_3d_runtimes_on_the_same_fire_masks_equal_jax(tmp_path):
 def test_runtimes_reproduce_the_original_m3d_logits(tmp_path):
     """The original M3D-NCA's weights (kernel 7 then 3, depthwise, batch norm, max pool x2,
     10 + 10 steps), imported and exported, on the fixture volume at fire 0: each runtime
-    within 1e-3 of the logits' range of the original's logits, same foreground."""
+    within 1e-4 of the logits' range of the original's logits, same foreground."""
     require(M3D_FIXTURE / "fixture.npz", M3D_FIXTURE / "model0.pth", M3D_FIXTURE / "model1.pth")
     from mednca_jax.nca.weights import load_torch_weights
 
@@ -110,10 +110,12 @@ def test_runtimes_reproduce_the_original_m3d_logits(tmp_path):
         from mednca_jax.export import onnx_logits
 
         got["onnx"] = onnx_logits(runtimes["onnx"], image[None], 0.0)[0, ..., 0]
+    # Measured 4-6e-5 for all three; 1e-4 x range (3e-3) also catches the ONNX graph's float32
+    # batch-norm means (5.2e-3).
     for name, z in got.items():
         assert z.shape == want.shape, name
         err = float(np.abs(z - want).max())
-        assert err <= 1e-3 * span, f"{name}: max |logit difference| {err:.2e} > 1e-3 x range {span:.1f}"
+        assert err <= 1e-4 * span, f"{name}: max |logit difference| {err:.2e} > 1e-4 x range {span:.1f}"
         assert np.array_equal(z > 0, want > 0), name
 
 
