@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The one place that knows where the shared reference data lives (next to the repository, never
 # in it); benchmarks take the path as --weights and fall back to random weights without it.
 OFFICIAL_NPZ = REPO.parent / "shared" / "reference" / "mednca_hippocampus_official.npz"
+M3D_FIXTURE = REPO.parent / "shared" / "reference" / "m3d_hippocampus"  # the original M3D-NCA's model0/1.pth
 sys.path.insert(0, str(REPO))
 from mednca_jax.train.launch import free_port, start_job_process, without_option  # noqa: E402
 

@@ -40,7 +40,11 @@ def cmd_to_numpy(args: argparse.Namespace) -> int:
     params, cfg = load_checkpoint(model_source(args), args.which)
     files = export_numpy(params, cfg, args.out)
     print(f"wrote {args.out}: {_size(files)}")
-    print(f"run it with: python {Path(args.out) / files[0].name} {args.out} IN.nii.gz OUT.nii.gz")
+    runtime = Path(args.out) / files[0].name
+    if len(cfg.data.image_size) == 2:
+        print(f"run it with: python {runtime} {args.out} IN.nii.gz OUT.nii.gz")
+    else:  # the runtime's NIfTI path is slice based
+        print(f"run it with: python {runtime} {args.out} IN.npy OUT.npy (preprocessed volumes (B, X, Y, Z))")
     return _report_verify(verify_numpy(args.out, params, cfg), "NumPy") if args.verify else 0
 
 

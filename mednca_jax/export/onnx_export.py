@@ -16,7 +16,7 @@ Graph (opset 18), channels-first ``(B, C, *S)`` inside, rank 2 ``(H, W)`` or 3 `
 
 with the level's dense linear perception kernel ``(k,)*nd + (C, F)`` as an N-D Conv (any odd
 k), fc0/fc1 as 1x1 Convs, and, for norm ``batch``, the batch statistics of fc0's output over
-batch and space (``ReduceMean``; biased variance, eps 1e-5) as in the reference. Only linear
+batch and space (``ReduceMean`` accumulated in float64; biased variance, eps 1e-5) as in the reference. Only linear
 perceptions and the ``mlp`` update are expressible; the exporter refuses others by name.
 
 The steps are an ONNX ``Loop`` (one body per level, not unrolled). Fire masks: ONNX's
@@ -183,6 +183,14 @@ def _level_consts(g: "_Graph", weights: dict[str, np.ndarray], rule: dict, tag: 
     )
 
 
+def _mean64(g: "_Graph", t: str, axes: str, what: str) -> str:
+    """``ReduceMean(t, axes, keepdims=1)`` accumulated in float64, returned as float32."""
+    from onnx import TensorProto
+
+    wide = g.op("Cast", [t], f"{what}_f64", to=TensorProto.DOUBLE)
+    return g.op("Cast", [g.op("ReduceMean", [wide, axes], f"{what}_sum", keepdims=1)], what, to=TensorProto.FLOAT)
+
+
 def _step(b: "_Graph", k: _LevelConsts, rule: dict, xin: str, img: str, mask: str, ch: tuple[str, str, str]) -> str:
     """Nodes of one step in the body ``b``: ``x (B, C, *S)`` -> the next state, with ``mask
     (B, 1, *S)`` float and the level's image ``img (B, n_in, *S)`` written back."""
@@ -191,10 +199,13 @@ def _step(b: "_Graph", k: _LevelConsts, rule: dict, xin: str, img: str, mask: st
     h = b.op("Conv", [y, k.w0, k.b0], "fc0")
     if k.bn is not None:
         # BatchNorm in training mode, without running statistics: mean and biased variance
-        # over batch and space, (h - mean) * rsqrt(var + eps) * scale + bias.
+        # over batch and space, (h - mean) * rsqrt(var + eps) * scale + bias. Both means are
+        # taken in float64 (as the NumPy runtime's sums): onnxruntime's float32 ReduceMean
+        # sums in order, and over ~1e4 cells whose mean is far from zero (a volume padded
+        # with zeros) its error, divided by a small std, reached 1e-4 of the state per step.
         axes, eps, scale, bias = k.bn
-        centred = b.op("Sub", [h, b.op("ReduceMean", [h, axes], "mean", keepdims=1)], "centred")
-        var = b.op("ReduceMean", [b.op("Mul", [centred, centred]), axes], "var", keepdims=1)
+        centred = b.op("Sub", [h, _mean64(b, h, axes, "mean")], "centred")
+        var = _mean64(b, b.op("Mul", [centred, centred]), axes, "var")
         inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, eps])])], "inv_std")
         h = b.op("Add", [b.op("Mul", [b.op("Mul", [centred, inv]), scale]), bias], "bn")
     d = b.op("Conv", [b.op("Relu", [h], "hid"), k.w1], "delta")

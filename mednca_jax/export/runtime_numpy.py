@@ -889,7 +889,8 @@ class MedNCA:
             g = max(1, g // 2)
         if state(g) + row > free:
             need = (BASE_MB * 2 ** 20 + io + state(g) + row) / 2 ** 20
-            what = f"{g} images of" if s.batch_norm else ""
+            # With batch norm the whole batch is one group (its statistics couple the samples).
+            what = f"a batch of {g}" if s.batch_norm else "groups of 1"
             raise InputError(f"max_memory_mb={budget:g} is too small for {what} {'x'.join(map(str, spatial))} images "
                              f"with C={s.channels}: the state alone needs {state(g) / 2 ** 20:.0f} MiB; allow at least "
                              f"{need:.0f} MiB")
