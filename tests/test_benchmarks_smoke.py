@@ -106,15 +106,17 @@ def test_torch_reference_matches_jax_at_fire_0(layout):
 
 
 @pytest.mark.slow
-def test_accelerator_script_runs_every_backend_and_precision_in_ci_size(tmp_path):
+def test_accelerator_script_runs_every_precision_in_ci_size(tmp_path):
+    # The reference backend only: cpu_fast's compile alone took half of this test's three
+    # minutes on CI, and cpu_fast is checked against the reference in test_equivalence.
     out = tmp_path / "acc.json"
-    res = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--quick", "--json", str(out)], cwd=REPO,
+    res = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--quick", "--backends", "reference", "--json", str(out)], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     fig = json.loads(out.read_text())
     assert fig["platform"] == "cpu" and fig["bounds_met"] and f"device: {fig['device']}" in res.stdout
     rows = {(r["backend"], r["precision"]): r for r in fig["rows"]}
-    assert set(rows) == {("reference", "float32"), ("reference", "bfloat16"), ("cpu_fast", "float32")}
+    assert set(rows) == {("reference", "float32"), ("reference", "bfloat16")}
     for r in rows.values():
         assert r["train_example_s"] > 0 and r["train_official_s"] > 0 and r["infer_b1_ms_per_slice"] > 0
         assert r["memory_4_compiled_mib"] > 0
