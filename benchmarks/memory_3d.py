@@ -1,10 +1,10 @@
 """Peak memory of a 3D NCA train step versus the rollout length, with and without nested remat.
 
-    .venv/bin/python benchmarks/memory_3d.py [--steps 10 40 160] [--plain-steps 10 40] [--json out.json]
+    .venv/bin/python benchmarks/memory_3d.py [--steps 10 40 160] [--plain-steps 10] [--batch 1] [--json out.json]
 
 One M3D-NCA train step (``jax.value_and_grad`` of Dice+BCE through the two-level forward) at
 the hippocampus sizes: C=16, hidden 64, depthwise perception with kernels [7, 3], batch
-norm, batch 4 of 64x64x52 volumes, level 0 on the volume max-pooled x2 (32x32x26), level 1
+norm, one 64x64x52 volume per step (``--batch``), level 0 on the volume max-pooled x2 (32x32x26), level 1
 on one random 32x32x26 crop per sample (the problem of ``benchmarks/train_step_3d.py``,
 with ``--norm batch``). Each setting runs in a fresh subprocess, so its peak RSS
 (``ru_maxrss``) is its own; XLA's buffer plan for the compiled step (temp + arguments +
@@ -32,12 +32,15 @@ QUICK = {"batch": 2, "image": [8, 8, 6], "patch": [8, 8, 6], "kernel_sizes": [3,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     T.add_problem_args(p, norm="batch", steps=False)
+    # One volume per step: the growth with the rollout length is the figure, and at batch 4 the
+    # 160-step setting alone ran for minutes; --batch 4 is M3D-NCA's training batch.
+    p.set_defaults(batch=1)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 40, 160], help="NCA steps per level with nested remat")
-    p.add_argument("--plain-steps", type=int, nargs="*", default=[10, 40],
+    p.add_argument("--plain-steps", type=int, nargs="*", default=[10],
                    help="NCA steps per level without remat (no bound; memory grows with the steps)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu_fast"],
                    help="model.backend (auto: cpu_fast where it runs the rule, else reference)")
-    p.add_argument("--repeats", type=int, default=1, help="timed steps per setting after the first run")
+    p.add_argument("--repeats", type=int, default=0, help="timed steps per setting after the first run (which also faults in fresh memory)")
     p.add_argument("--max-growth", type=float, default=2.0, help="bound on peak(longest) / peak(shortest), nested remat")
     p.add_argument("--loss-rtol", type=float, default=1e-5, help="bound on the loss difference nested vs none")
     p.add_argument("--quick", action="store_true",

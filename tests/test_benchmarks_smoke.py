@@ -142,19 +142,23 @@ def test_3d_benchmarks_measure_m3d_hippocampus():
     32x32x26 training patch."""
     import memory_3d
     import train_step_3d_torch
+    from test_m3d_parity import M3D
 
     from mednca_jax.nca.levels import level_rules
 
     m3d = {"channels": 16, "hidden": 64, "kernel_sizes": [7, 3], "norm": "batch", "fire_rate": 0.5, "batch": 4,
            "image": [64, 64, 52], "patch": [32, 32, 26], "perception": "depthwise"}
     for args in (memory_3d.parse_args([]), train_step_3d_torch.parse_args([])):
-        assert {k: getattr(args, k) for k in m3d} == m3d
+        assert {k: getattr(args, k) for k in m3d if k != "batch"} == {k: v for k, v in m3d.items() if k != "batch"}
+    assert train_step_3d_torch.parse_args([]).batch == 4 and memory_3d.parse_args([]).batch == 1  # memory: one volume, minutes not hours
     assert train_step_3d_torch.parse_args([]).steps == 10 and train_step_3d_torch.parse_args([]).max_ratio == 0.5
     mem = memory_3d.parse_args([])
     assert mem.steps == [10, 40, 160] and mem.max_growth == 2.0 and mem.plain_steps
     cfg = train_step_3d_torch.T.model_config(train_step_3d_torch.parse_args([]))
     assert (tuple(cfg.scales), cfg.downscale, tuple(cfg.steps)) == ((2, 1), "max", (10, 10))
-    assert [(r.perception, r.kernel_size, r.norm, r.ndim) for r in level_rules(cfg, 3)] == [("depthwise", 7, "batch", 3), ("depthwise", 3, "batch", 3)]
+    # the model whose original logits tests/test_m3d_parity.py reproduces, level for level
+    assert level_rules(cfg, 3) == level_rules(M3D, 3)
+    assert (cfg.steps, cfg.scales, cfg.downscale, cfg.fire_rate) == (M3D.steps, M3D.scales, M3D.downscale, M3D.fire_rate)
 
 
 def _m3d_tiny():
