@@ -28,6 +28,14 @@ or a level's arrays in the export layout (``perception.kernel``, ...), so that a
 fire masks can be checked against the JAX path. :class:`TorchNCA` takes any rule the runtime
 interprets (``rule=``), e.g. M3D-NCA's 3D depthwise level with batch norm on ``(B, X, Y, Z,
 C)``; :class:`TorchMedNCA` is the 2D two-level Med-NCA.
+
+:class:`TorchM3DNCA` is the two-level M3D-NCA (3D) as the original computes it
+(``../shared/reference/REFERENCE.md``, "M3D-NCA (3D)"): its level, :class:`TorchBasicNCA3D`,
+is written here rather than taken from the runtime, because the original's perception is a
+grouped (depthwise) ``Conv3d`` that the runtime runs as a dense conv over its filters; a timing
+reference must cost what the original costs. It takes the original's state dicts (``p0``,
+``fc0``, ``bn``, ``fc1``; :func:`mednca_jax.nca.weights.params_to_torch_level` writes them
+from our parameters).
 """
 
 from __future__ import annotations
@@ -208,3 +216,88 @@ def train_step(model: TorchMedNCA, opt: torch.optim.Optimizer, images: Tensor, l
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+# --------------------------------------------------------------------------- M3D-NCA (3D)
+class TorchBasicNCA3D(nn.Module):
+    """One M3D-NCA level on a channels-last state ``(B, X, Y, Z, C)``, the original's ops in
+    the original's order: ``transpose(1, 4)`` to ``(B, C, Y, Z, X)``, ``[x | p0 x]`` with
+    ``p0`` a reflect-padded depthwise ``Conv3d`` (bias), back to channels-last for ``fc0``,
+    ``BatchNorm3d(track_running_stats=False)`` channels-first, ReLU, ``fc1`` (no bias, zero
+    at init), the update added where a fresh uniform exceeds the fire rate, the input
+    channels kept."""
+
+    def __init__(self, channels: int = 16, hidden: int = 64, kernel_size: int = 7, n_in: int = 1):
+        super().__init__()
+        self.n_in = n_in
+        self.p0 = nn.Conv3d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="reflect", groups=channels)
+        self.fc0 = nn.Linear(2 * channels, hidden)
+        self.bn = nn.BatchNorm3d(hidden, eps=1e-5, track_running_stats=False)
+        self.fc1 = nn.Linear(hidden, channels, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.zero_()
+
+    def load_original(self, state_dict: Mapping[str, Any]) -> "TorchBasicNCA3D":
+        """Load the original's state dict (NumPy or torch arrays)."""
+        self.load_state_dict({k: torch.tensor(np.asarray(v, np.float32)) for k, v in state_dict.items()})
+        return self
+
+    def step(self, x: Tensor, fire_rate: float, gen: torch.Generator | None, mask: Tensor | None = None) -> Tensor:
+        """``x (B, X, Y, Z, C) -> (B, X, Y, Z, C)``; ``mask (B, X, Y, Z)`` bool replaces the
+        drawn fire mask (True: the cell updates)."""
+        xt = x.transpose(1, 4)
+        y = torch.cat([xt, self.p0(xt)], 1).transpose(1, 4)
+        h = self.bn(self.fc0(y).transpose(1, 4)).transpose(1, 4)
+        d = self.fc1(F.relu(h))
+        if mask is None:
+            mask = (torch.rand(d.shape[:-1] + (1,), generator=gen) > fire_rate)[..., 0]
+        new = (xt + (d * mask[..., None].to(d.dtype)).transpose(1, 4)).transpose(1, 4)
+        return torch.cat([x[..., : self.n_in], new[..., self.n_in :]], -1)
+
+    def forward(self, x: Tensor, steps: int, fire_rate: float, gen: torch.Generator | None = None,
+                masks: Tensor | None = None) -> Tensor:
+        for s in range(steps):
+            x = self.step(x, fire_rate, gen, None if masks is None else masks[s])
+        return x
+
+
+class TorchM3DNCA(nn.Module):
+    """Two M3D-NCA levels: level 0 on the volume max-pooled x2, nearest x2 upsampling, the
+    full-resolution image written back, level 1 (on one random patch per sample in training)."""
+
+    def __init__(self, channels: int = 16, hidden: int = 64, steps: tuple[int, int] = (10, 10),
+                 kernel_sizes: tuple[int, int] = (7, 3), n_in: int = 1, n_out: int = 1):
+        super().__init__()
+        self.channels, self.steps, self.n_in, self.n_out = channels, steps, n_in, n_out
+        self.level0 = TorchBasicNCA3D(channels, hidden, kernel_sizes[0], n_in)
+        self.level1 = TorchBasicNCA3D(channels, hidden, kernel_sizes[1], n_in)
+
+    def _level0(self, images: Tensor, fire_rate: float, gen: torch.Generator | None, masks: Tensor | None = None) -> Tensor:
+        small = F.max_pool3d(images.movedim(-1, 1), 2).movedim(1, -1)
+        seed = torch.cat([small, torch.zeros(small.shape[:-1] + (self.channels - self.n_in,))], -1)
+        x = self.level0(seed, self.steps[0], fire_rate, gen, masks)
+        up = x.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
+        return torch.cat([images, up[..., self.n_in :]], -1)
+
+    def forward(self, images: Tensor, fire_rate: float = 0.5, gen: torch.Generator | None = None,
+                masks: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Whole volumes ``(B, X, Y, Z, n_in) -> logits (B, X, Y, Z, n_out)``; ``masks``: fire
+        masks per level ``(steps_i, B, *S_i)`` bool instead of drawn ones."""
+        m0, m1 = (None, None) if masks is None else masks
+        x = self.level1(self._level0(images, fire_rate, gen, m0), self.steps[1], fire_rate, gen, m1)
+        return x[..., self.n_in : self.n_in + self.n_out]
+
+    def forward_train(self, images: Tensor, labels: Tensor, patch: tuple[int, int, int], fire_rate: float,
+                      gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Level 1 on one random ``patch`` (per axis) crop per sample."""
+        x = self._level0(images, fire_rate, gen)
+        spatial = images.shape[1:4]
+        corners = [torch.randint(0, s - p + 1, (images.shape[0],), generator=gen).tolist() for s, p in zip(spatial, patch)]
+
+        def crop(a: Tensor) -> Tensor:
+            return torch.stack([a[i, x0 : x0 + patch[0], y0 : y0 + patch[1], z0 : z0 + patch[2]]
+                                for i, (x0, y0, z0) in enumerate(zip(*corners))])
+
+        x, images, labels = crop(x), crop(images), crop(labels)
+        x = self.level1(x, self.steps[1], fire_rate, gen)
+        return x[..., self.n_in : self.n_in + self.n_out], labels

@@ -31,22 +31,30 @@ QUICK = {"batch": 1, "image": [8, 8, 6], "patch": [4, 4, 4], "steps": 2, "channe
          "warmup": 0}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per backend (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per backend after the first (compiling) call")
+def add_problem_args(p: argparse.ArgumentParser, norm: str = "none", steps: bool = True) -> None:
+    """The 3D problem's options, shared by the 3D benchmarks (defaults: M3D-NCA's hippocampus
+    sizes, norm ``norm``; ``steps=False``: the caller defines ``--steps``)."""
     p.add_argument("--batch", type=int, default=4, help="volumes per step")
     p.add_argument("--image", type=int, nargs=3, default=[64, 64, 52], metavar=("X", "Y", "Z"),
                    help="full-resolution volume size (each divisible by the level-0 scale 2)")
     p.add_argument("--patch", type=int, nargs=3, default=[32, 32, 26], metavar=("X", "Y", "Z"),
                    help="level-1 training crop per axis (the image size: no crop)")
-    p.add_argument("--steps", type=int, default=10, help="NCA steps per level")
+    if steps:
+        p.add_argument("--steps", type=int, default=10, help="NCA steps per level")
     p.add_argument("--channels", type=int, default=16, help="state channels C")
     p.add_argument("--hidden", type=int, default=64, help="width of the update MLP")
     p.add_argument("--fire-rate", type=float, default=0.5, help="a cell updates where u > fire rate")
     p.add_argument("--perception", default="depthwise", help="a registered linear perception (learned, sobel, depthwise)")
     p.add_argument("--kernel-sizes", type=int, nargs=2, default=[7, 3], metavar=("K0", "K1"),
                    help="the perception's odd window on level 0 and level 1")
+    p.add_argument("--norm", default=norm, choices=["none", "batch"], help="normalisation in the update (M3D-NCA: batch)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per backend (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per backend after the first (compiling) call")
+    add_problem_args(p)
     p.add_argument("--remat", default="none", choices=["none", "step", "nested"], help="rollout checkpointing (both backends)")
     p.add_argument("--pieces", type=int, default=0,
                    help="cpu_fast's independent pieces per step (0: what model.backend=auto picks for the usable cores)")
@@ -97,30 +105,24 @@ def crops(keys, arrays: tuple, size: tuple[int, ...]) -> tuple:
     return tuple(jax.vmap(one)(a, *starts) for a in arrays)
 
 
-def make_step(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]], dict[str, Any]]:
-    """One timed train step per backend (``{name: () -> seconds}``) and what runs."""
-    import jax
-    import jax.numpy as jnp
-
+def model_config(args: argparse.Namespace, remat: str | None = None):
+    """The two-level 3D model of ``args`` (``remat``: instead of ``args.remat``)."""
     from mednca_jax.config import ModelConfig
+
+    return ModelConfig(
+        channels=args.channels, hidden=args.hidden, steps=(args.steps, args.steps), scales=(2, 1), downscale="max",
+        fire_rate=args.fire_rate, perception=args.perception, kernel_size=tuple(args.kernel_sizes), norm=args.norm,
+        remat=args.remat if remat is None else remat, backend="cpu_fast",
+    )
+
+
+def make_loss(args: argparse.Namespace, cfg) -> Callable:
+    """``loss(params, images, labels, key, backend)``: the two-level forward (level 1 on one
+    ``args.patch`` crop per sample) and Dice+BCE, for ``jax.value_and_grad``."""
     from mednca_jax.losses import dice_bce_loss
     from mednca_jax.nca import levels
-    from mednca_jax.nca.backends import Backend, resolve_backend
     from mednca_jax.nca.rule import fold_keys, sample_keys
 
-    cfg = ModelConfig(
-        channels=args.channels, hidden=args.hidden, steps=(args.steps, args.steps), scales=(2, 1), downscale="max",
-        fire_rate=args.fire_rate, perception=args.perception, kernel_size=tuple(args.kernel_sizes), norm="none",
-        remat=args.remat, backend="cpu_fast",
-    )
-    rules = levels.level_rules(cfg, ndim=3)
-    fast = resolve_backend("cpu_fast", rules, jax.default_backend(), len(usable_cores()))  # names what it lacks
-    if args.pieces:
-        fast = Backend("cpu_fast", pieces=args.pieces)
-    backends = {"cpu_fast": fast, "reference": Backend("reference")}
-    params = levels.init_params(cfg, jax.random.PRNGKey(0), ndim=3)
-    img, lab = make_batch(args)
-    images, labels = jnp.asarray(img), jnp.asarray(lab)
     patch = tuple(args.patch)
 
     # The volumes are arguments, not constants: XLA would constant-fold the max-pooling.
@@ -133,6 +135,27 @@ def make_step(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]],
         x, _ = levels.run_level(p, cfg, 1, x, im, keys, cfg.fire_rate, backend, cfg.remat)
         return dice_bce_loss(x[..., cfg.n_in : cfg.n_in + cfg.n_out], lb)
 
+    return loss
+
+
+def make_step(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]], dict[str, Any]]:
+    """One timed train step per backend (``{name: () -> seconds}``) and what runs."""
+    import jax
+    import jax.numpy as jnp
+
+    from mednca_jax.nca import levels
+    from mednca_jax.nca.backends import Backend, resolve_backend
+
+    cfg = model_config(args)
+    rules = levels.level_rules(cfg, ndim=3)
+    fast = resolve_backend("cpu_fast", rules, jax.default_backend(), len(usable_cores()))  # names what it lacks
+    if args.pieces:
+        fast = Backend("cpu_fast", pieces=args.pieces)
+    backends = {"cpu_fast": fast, "reference": Backend("reference")}
+    params = levels.init_params(cfg, jax.random.PRNGKey(0), ndim=3)
+    img, lab = make_batch(args)
+    images, labels = jnp.asarray(img), jnp.asarray(lab)
+    loss = make_loss(args, cfg)
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=4)
     counter = [0]
 

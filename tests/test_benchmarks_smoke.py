@@ -134,3 +134,112 @@ def test_train_step_3d_script_writes_its_json(tmp_path):
         assert fig["step_ms_median"][name] > 0 and fig["first_call_s"][name] > 0
     assert fig["speedup"] > 0 and [r["kernel_size"] for r in fig["rules"]] == [7, 3] and fig["rules"][0]["ndim"] == 3
     assert "reference / cpu_fast =" in res.stdout
+
+
+# --------------------------------------------------------------------------- 3D (M3D-NCA)
+def test_3d_benchmarks_measure_m3d_hippocampus():
+    """The 3D benchmarks' default problem is M3D-NCA's hippocampus example
+    (../shared/reference/REFERENCE.md, "M3D-NCA (3D)"): C=16, hidden 64, kernels [7, 3],
+    batch norm, 10 + 10 steps at fire 0.5, batch 4 of 64x64x52, level 0 max-pooled x2, a
+    32x32x26 training patch."""
+    import memory_3d
+    import train_step_3d_torch
+    from test_m3d_parity import M3D
+
+    from mednca_jax.nca.levels import level_rules
+
+    m3d = {"channels": 16, "hidden": 64, "kernel_sizes": [7, 3], "norm": "batch", "fire_rate": 0.5, "batch": 4,
+           "image": [64, 64, 52], "patch": [32, 32, 26], "perception": "depthwise"}
+    for args in (memory_3d.parse_args([]), train_step_3d_torch.parse_args([])):
+        assert {k: getattr(args, k) for k in m3d if k != "batch"} == {k: v for k, v in m3d.items() if k != "batch"}
+    assert train_step_3d_torch.parse_args([]).batch == 4 and memory_3d.parse_args([]).batch == 1  # memory: one volume, minutes not hours
+    assert train_step_3d_torch.parse_args([]).steps == 10 and train_step_3d_torch.parse_args([]).max_ratio == 0.5
+    mem = memory_3d.parse_args([])
+    assert mem.steps == [10, 40, 160] and mem.max_growth == 2.0 and mem.plain_steps
+    cfg = train_step_3d_torch.T.model_config(train_step_3d_torch.parse_args([]))
+    assert (tuple(cfg.scales), cfg.downscale, tuple(cfg.steps)) == ((2, 1), "max", (10, 10))
+    # the model whose original logits tests/test_m3d_parity.py reproduces, level for level
+    assert level_rules(cfg, 3) == level_rules(M3D, 3)
+    assert (cfg.steps, cfg.scales, cfg.downscale, cfg.fire_rate) == (M3D.steps, M3D.scales, M3D.downscale, M3D.fire_rate)
+
+
+def _m3d_tiny():
+    import jax
+    import numpy as np
+
+    from mednca_jax.config import ModelConfig
+    from mednca_jax.nca.levels import init_params
+
+    cfg = ModelConfig(channels=4, hidden=8, steps=(3, 2), scales=(2, 1), kernel_size=(5, 3), perception="depthwise",
+                      norm="batch", downscale="max", fire_rate=0.0, patch_size=0)
+    params = jax.device_get(jax.jit(lambda k: init_params(cfg, k, ndim=3))(jax.random.PRNGKey(0)))  # one compile
+    # fc1 starts at zero (the identity): give it weights, and the batch norm a non-trivial affine map
+    rng = np.random.default_rng(1)
+    for level in params.values():
+        level["fc1"]["kernel"] = 0.3 * rng.standard_normal(level["fc1"]["kernel"].shape, np.float32)
+        level["bn"]["scale"] = 1.0 + 0.2 * rng.standard_normal(8, np.float32)
+        level["bn"]["bias"] = 0.1 * rng.standard_normal(8, np.float32)
+    return cfg, params
+
+
+def test_torch_m3d_reference_has_our_parameter_count():
+    pytest.importorskip("torch")
+    from torch_reference import TorchM3DNCA
+
+    from mednca_jax.nca.rollout import count_params
+
+    cfg, params = _m3d_tiny()
+    theirs = sum(p.numel() for p in TorchM3DNCA(4, 8, (3, 2), (5, 3)).parameters())
+    assert count_params(params) == theirs
+
+
+def test_torch_m3d_reference_matches_jax_at_fire_0():
+    """The PyTorch timing reference computes what our 3D forward computes (fire 0 is
+    deterministic; the batch norm normalises over the whole batch on both sides)."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import numpy as np
+    from torch_reference import TorchM3DNCA
+
+    from mednca_jax.nca.backends import REFERENCE as REFERENCE_BACKEND
+    from mednca_jax.nca.levels import forward, level_rule
+    from mednca_jax.nca.weights import params_to_torch_level
+
+    cfg, params = _m3d_tiny()
+    images = np.random.default_rng(0).random((2, 8, 6, 10, 1), dtype=np.float32)  # X != Y != Z: catches swapped axes
+    want = np.asarray(jax.jit(lambda p, x: forward(p, cfg, x, jax.random.PRNGKey(0), 0.0, backend=REFERENCE_BACKEND))(params, images))
+    model = TorchM3DNCA(4, 8, (3, 2), (5, 3))
+    for i, level in enumerate((model.level0, model.level1)):
+        level.load_original(params_to_torch_level(params[f"level{i}"], level_rule(cfg, i, 3)))
+    with torch.inference_mode():
+        got = model(torch.from_numpy(images), 0.0).numpy()
+    assert got.shape == want.shape == (2, 8, 6, 10, 1)
+    assert np.abs(want).max() > 0.1  # the rollout did something
+    np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_memory_3d_script_writes_its_json(tmp_path):
+    out = tmp_path / "mem3d.json"
+    res = subprocess.run([sys.executable, "benchmarks/memory_3d.py", "--quick", "--json", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    assert set(fig["peak_rss_mib"]) == {"nested=2", "nested=4", "none=2"}
+    assert all(v > 100 for v in fig["peak_rss_mib"].values()) and fig["growth"] > 0
+    assert fig["loss"]["nested=2"] > 0 and fig["loss_rel_err"] <= 1e-5  # the same loss with and without remat
+    assert fig["backend"] == "reference" and "peak(4) / peak(2) =" in res.stdout
+
+
+@pytest.mark.slow
+def test_train_step_3d_torch_script_writes_its_json(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "torch3d.json"
+    cmd = [sys.executable, "benchmarks/train_step_3d_torch.py", "--quick", "--budget-s", "0", "--report-only", "--json", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    for key in ("step_s_median", "torch_step_s_median", "ratio", "peak_rss_mib", "torch_peak_rss_mib"):
+        assert isinstance(fig[key], float) and fig[key] > 0, key
+    assert fig["jax"]["backend"] == "reference" and fig["jax"]["rules"][0]["norm"] == "batch"
+    assert "JAX / torch =" in res.stdout

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mednca_jax.nca import prng
+from mednca_jax.nca.depthwise import depthwise_conv_reflect
 from mednca_jax.nca.perceptions import filters_of, get_perception
 from mednca_jax.nca.updates import get_update
 
@@ -124,10 +125,15 @@ def conv_reflect(x: jax.Array, kernel: jax.Array, precision: str = "float32") ->
 
 def perceive(rule: Rule, params: Params, x: jax.Array) -> jax.Array:
     """``[x | perception(x)]``: ``(B, *S, C) -> (B, *S, C + F)``. A linear perception is one
-    reflect-padded conv with its filters; another one runs its own ``apply``."""
+    reflect-padded conv with its filters (with its compact depthwise form when it has one:
+    the same features at ``1/C`` of the work, :mod:`mednca_jax.nca.depthwise`); another one
+    runs its own ``apply``."""
     p = get_perception(rule.perception)
     if p.apply is not None:
         features = p.apply(params, x, rule)
+    elif p.filters is None and p.depthwise is not None:
+        kernel, bias = p.depthwise(params, rule)
+        features = depthwise_conv_reflect(x, kernel, rule.precision) + bias
     else:
         kernel, bias = filters_of(rule, params)
         features = conv_reflect(x, kernel, rule.precision) + bias
