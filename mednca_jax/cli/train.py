@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", type=Path, help="TOML config under configs/ (with --resume: defaults to the run's own config.toml)")
-    p.add_argument("--data", type=Path, help="MSD task folder (imagesTr/, labelsTr/, dataset.json); default: generate the synthetic demo task inside --workdir")
+    p.add_argument("--data", type=Path, help="MSD task folder (imagesTr/, labelsTr/, dataset.json), or with --set data.format=images a folder of images/ and masks/ (docs/data.md); default: generate the synthetic demo task inside --workdir")
     p.add_argument("--workdir", type=Path, help="run folder for checkpoints, logs, split and config (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 --set model.steps=[32,32]; repeatable")
