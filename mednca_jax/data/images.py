@@ -22,8 +22,6 @@ first few files, before anything is written.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
@@ -31,6 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from mednca_jax.config import DataConfig
+from mednca_jax.data.files import write_bytes_atomic
 from mednca_jax.data.msd import Case, DataError, VolumeMeta
 from mednca_jax.data.preprocess import encode_labels, linear_resize_matrix, nearest_inverse_index, nearest_resize_index, normalize_slices
 
@@ -162,18 +161,6 @@ def read_image(path: str | Path) -> np.ndarray:
     if not np.isfinite(a).all():
         raise DataError(f"{path}: the image holds NaN or inf values")
     return a
-
-
-def image_channels(path: str | Path) -> int:
-    """1 (grey) or 3 (colour), from the file's mode (header only; no decoding)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
-    return 1 if mode in _GREY_MODES | _GREY_ALPHA_MODES else 3
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -375,20 +362,6 @@ def native_mask(case: Case, data_cfg: DataConfig, n_out: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- writing
-def _write_bytes_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_mask_png(path: str | Path, labels: np.ndarray) -> Path:
     """Write ``labels (h, w)`` (or ``(h, w, 1)``) class values as an 8-bit greyscale PNG,
     atomically. The values are the classes themselves (0/1 for one class: nearly black)."""
@@ -399,8 +372,8 @@ def write_mask_png(path: str | Path, labels: np.ndarray) -> Path:
     if a.ndim != 2 or (a.size and (a.min() < 0 or a.max() > 255)):
         raise ValueError(f"labels must be (h, w) class values in 0..255, got shape {a.shape}")
     buf = io.BytesIO()
-    Image.fromarray(a.astype(np.uint8))  # 2D uint8: mode L.save(buf, format="PNG")
-    return _write_bytes_atomic(Path(path), buf.getvalue())
+    Image.fromarray(a.astype(np.uint8)).save(buf, format="PNG")  # 2D uint8: mode L
+    return write_bytes_atomic(Path(path), buf.getvalue())
 
 
 def write_float_tiff(path: str | Path, values: np.ndarray) -> Path:
@@ -410,5 +383,5 @@ def write_float_tiff(path: str | Path, values: np.ndarray) -> Path:
     a = np.asarray(values, np.float32)
     a = a[..., 0] if a.ndim == 3 else a
     buf = io.BytesIO()
-    Image.fromarray(a)  # 2D float32: mode F.save(buf, format="TIFF")
-    return _write_bytes_atomic(Path(path), buf.getvalue())
+    Image.fromarray(a).save(buf, format="TIFF")  # 2D float32: mode F
+    return write_bytes_atomic(Path(path), buf.getvalue())
