@@ -386,3 +386,17 @@ def test_train_evaluate_predict_on_a_generated_folder(tmp_path, capsys, rgb):
     assert cli_main(["predict", "--checkpoint", str(run), "--input", str(data / "images"), "--output", str(tmp_path / "P")]) == 0
     for src in img.image_files(data / "images"):
         assert Image.open(tmp_path / "P" / f"{src.stem}.png").size == Image.open(src).size
+    # resumed without --config and --data: the run's own config.toml and data folder
+    assert cli_main(["train", "--workdir", str(run), "--resume", "--set", "train.num_steps=8", "--no-progress"]) == 0
+    assert "step 8" in capsys.readouterr().out
+
+
+def test_robustness_refuses_an_rgb_model(tmp_path, capsys):
+    rgb = tmp_path / "rgb"
+    for i in range(3):
+        blob_pair(rgb, f"c{i}", rgb=True, seed=i)
+    cfg = images_cfg(n_in=3)
+    ckpt.save_params(tmp_path / "run", random_params(cfg.model, seed=1), cfg)
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(rgb), "--robustness"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --robustness") and "3 channels" in err and not (tmp_path / "run" / "eval-all").exists()

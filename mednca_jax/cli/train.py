@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="run folder for checkpoints, logs, split and config (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 --set model.steps=[32,32]; repeatable")
-    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint (on its own --data folder unless --data is given)")
     p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
     p.add_argument("--cpu-processes", type=int, default=None, metavar="N",

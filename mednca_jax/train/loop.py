@@ -411,7 +411,8 @@ def train(
         data_dir: an MSD task folder (an image folder with ``data.format = "images"``); ``None``
             generates the embedded synthetic task.
         backend: the resolved backend of the model (:func:`mednca_jax.machine.backend_for`).
-        resume: continue from the latest checkpoint in ``workdir`` (its config must match).
+        resume: continue from the latest checkpoint in ``workdir`` (its config must match), on
+            the run's recorded ``--data`` folder when ``data_dir`` is None.
         stop_after: stop (with a checkpoint) after this many steps in this call; for tests
             of interruption and resumption.
 
@@ -420,6 +421,8 @@ def train(
         DataError, CheckpointError: unusable data or checkpoints.
     """
     workdir = Path(workdir)
+    if resume and data_dir is None:  # the folder the run was started on (data.json), if any
+        data_dir = ckpt.load_data_dir(workdir)
     resolved = resolve_data_config(cfg, data_dir)  # an image folder: every file checked, model.n_in from them
     if resolved.model.n_in != cfg.model.n_in:
         print(f"note: the images of {data_dir} have {resolved.model.n_in} channels: model.n_in = {resolved.model.n_in}")
