@@ -32,6 +32,8 @@ MODEL_KINDS = ("nca", "unet")
 LABEL_MODES = ("foreground", "multiclass")
 SCHEDULES = ("exponential", "cosine", "budget_cosine", "budget_exponential")
 LABEL_INTERPOLATIONS = ("nearest", "bilinear")
+DATA_FORMATS = ("msd", "images")
+RESIZE_MODES = ("pad", "stretch")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How an MSD task becomes 2D slices (docs/design.md, "Preprocessing")."""
+    """How an MSD task (or a folder of 2D images, ``format = "images"``) becomes 2D slices
+    (docs/design.md, "Preprocessing"; docs/data.md)."""
 
     image_size: tuple[int, ...] = (64, 64)  # the model grid, one entry per spatial axis
     slice_axis: int = 2
@@ -85,6 +88,8 @@ class DataConfig:
     split_seed: int = 0
     foreground_fraction: float = 0.0  # share of each batch drawn from slices with foreground (0: uniform)
     synthetic_cases: int = 24  # size of the embedded default data set
+    format: str = "msd"  # msd: an MSD NIfTI task folder; images: DIR/images + DIR/masks of 2D images (docs/data.md)
+    resize: str = "pad"  # images: pad (keep the aspect ratio, centred, zeros around) | stretch to image_size
 
 
 @dataclass(frozen=True)
@@ -343,6 +348,13 @@ def validate(cfg: Config) -> Config:
     )
     _check(0.0 <= d.foreground_fraction <= 1.0, "data.foreground_fraction", f"must be in [0, 1], got {d.foreground_fraction}")
     _check(d.synthetic_cases >= 3, "data.synthetic_cases", f"must be >= 3, got {d.synthetic_cases}")
+    _check(d.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {d.format!r}")
+    _check(d.resize in RESIZE_MODES, "data.resize", f"must be one of {RESIZE_MODES}, got {d.resize!r}")
+    _check(
+        d.format != "images" or len(d.image_size) == 2,
+        "data.image_size",
+        f"data.format = 'images' reads 2D images: needs two sizes [H, W], got {list(d.image_size)}",
+    )
 
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.num_steps >= 1, "train.num_steps", f"must be >= 1, got {t.num_steps}")

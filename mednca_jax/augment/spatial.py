@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mednca_jax.evaluate.perturbations import _linear_weights
+from mednca_jax.data.preprocess import linear_resize_matrix
 
 
 def affine_matrix(
@@ -56,8 +56,8 @@ def elastic_displacement(shape: tuple[int, int], noise: jax.Array, alpha: jax.Ar
     in [-1, 1] on a coarse control grid, linearly interpolated to the image (the robustness
     suite's resize weights, as two small static matrices) and scaled by ``alpha``, the largest
     displacement of a control point."""
-    wy = jnp.asarray(_linear_weights(noise.shape[1], shape[0]), jnp.float32)  # (H, gh)
-    wx = jnp.asarray(_linear_weights(noise.shape[2], shape[1]), jnp.float32)  # (W, gw)
+    wy = jnp.asarray(linear_resize_matrix(noise.shape[1], shape[0]), jnp.float32)  # (H, gh)
+    wx = jnp.asarray(linear_resize_matrix(noise.shape[2], shape[1]), jnp.float32)  # (W, gw)
     return alpha * jnp.einsum("hi,cij,wj->chw", wy, noise, wx)
 
 

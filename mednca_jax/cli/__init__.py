@@ -8,6 +8,7 @@ Each subcommand owns its own argument parser; this module only dispatches, so
     mednca predict   --checkpoint runs/demo --input scan.nii.gz --output label.nii.gz
     mednca export    to-numpy --checkpoint runs/demo --out edge_np
     mednca models
+    mednca demo-data --format images runs/shapes
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Callable, Sequence
 
 # name -> (module holding ``main(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mednca_jax.cli.train", "train Med-NCA (or the UNet baseline) on an MSD task folder or the synthetic demo task"),
+    "train": ("mednca_jax.cli.train", "train Med-NCA (or the UNet baseline) on an MSD task folder, an image folder or the synthetic demo task"),
     "evaluate": ("mednca_jax.cli.evaluate", "score a checkpoint per patient (Dice, NQM, robustness) and write predictions"),
-    "predict": ("mednca_jax.evaluate.predict", "segment new, unlabelled NIfTI scans in their native voxel grid"),
+    "predict": ("mednca_jax.evaluate.predict", "segment new, unlabelled NIfTI scans (or 2D images) in their native grid"),
     "export": ("mednca_jax.export.__main__", "import the original PyTorch weights or export to the NumPy / PyTorch runtimes"),
     "models": ("mednca_jax.cli.models", "list the pretrained models shipped in the package (use one with --model NAME)"),
+    "demo-data": ("mednca_jax.cli.demo_data", "write a generated task: the synthetic MSD task, or a folder of 2D images and masks"),
 }
 
 

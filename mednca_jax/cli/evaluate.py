@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mednca_jax.cli.options import add_model_source
 
     add_model_source(p, "run folder written by mednca train or mednca export from-torch")
-    p.add_argument("--data", type=Path, help="MSD task folder (default: the run's own synthetic data when it has some)")
+    p.add_argument("--data", type=Path, help="MSD task folder, or image folder for a model of data.format = images (default: the folder the run was trained on, else its own synthetic data)")
     p.add_argument("--cases", type=Path, help="text file with one case name per line to evaluate (default: every case)")
     p.add_argument("--split", choices=["train", "val", "test"], help="evaluate one part of the run's own patient split (split.json)")
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/eval-<split or all>; with --model: eval-NAME-<split or all> here)")

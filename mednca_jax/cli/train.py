@@ -24,11 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", type=Path, help="TOML config under configs/ (with --resume: defaults to the run's own config.toml)")
-    p.add_argument("--data", type=Path, help="MSD task folder (imagesTr/, labelsTr/, dataset.json); default: generate the synthetic demo task inside --workdir")
+    p.add_argument("--data", type=Path, help="MSD task folder (imagesTr/, labelsTr/, dataset.json), or with --set data.format=images a folder of images/ and masks/ (docs/data.md); default: generate the synthetic demo task inside --workdir")
     p.add_argument("--workdir", type=Path, help="run folder for checkpoints, logs, split and config (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 --set model.steps=[32,32]; repeatable")
-    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint (on its own --data folder unless --data is given)")
     p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
     p.add_argument("--cpu-processes", type=int, default=None, metavar="N",

@@ -6,6 +6,9 @@ Pure NumPy + nibabel. Typical use::
     split = split_from_config([c.name for c in cases], cfg.data)
     train = load_slices([c for c in cases if c.name in split.train], cfg.data, n_out=cfg.model.n_out)
     batches = BatchIterator.from_config(train, cfg.data, cfg.train.batch_size, cfg.train.seed)
+
+Folders of 2D images and masks (``data.format = "images"``) are read by ``images.py`` into the
+same slices; ``formats.py`` holds what depends on the format (docs/data.md).
 """
 
 from mednca_jax.data.cache import SliceSet, cache_key, default_cache_dir, load_case_slices, load_slices

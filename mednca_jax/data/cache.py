@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from mednca_jax.config import DataConfig
+from mednca_jax.data.images import IMAGES_VERSION, load_image_case
 from mednca_jax.data.msd import Case, DataError, VolumeMeta, load_case
 from mednca_jax.data.preprocess import PREPROCESS_VERSION, preprocess_volume
 
@@ -54,6 +55,8 @@ def cache_key(case: Case, data_cfg: DataConfig, n_out: int = 1) -> str:
         "labels": data_cfg.labels,
         "n_out": n_out,
     }
+    if data_cfg.format != "msd":  # only then: the keys of existing MSD caches stay valid
+        ident.update(format=data_cfg.format, resize=data_cfg.resize, images_version=IMAGES_VERSION)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -137,11 +140,14 @@ def _header_from_bytes(block: np.ndarray) -> nib.Nifti1Header:
 
 
 def _compute(case: Case, data_cfg: DataConfig, n_out: int) -> dict[str, np.ndarray]:
-    image, label, meta = load_case(case, data_cfg)
-    try:
-        images, labels = preprocess_volume(image, label, data_cfg, n_out)
-    except DataError as e:
-        raise DataError(f"{case.label or case.image}: {e}") from None
+    if data_cfg.format == "images":  # one 2D image: one slice, native grid (h, w, 1)
+        images, labels, meta = load_image_case(case, data_cfg, n_out)
+    else:
+        image, label, meta = load_case(case, data_cfg)
+        try:
+            images, labels = preprocess_volume(image, label, data_cfg, n_out)
+        except DataError as e:
+            raise DataError(f"{case.label or case.image}: {e}") from None
     out = {
         "images": images,
         "native_shape": np.asarray(meta.shape, dtype=np.int64),
@@ -180,9 +186,9 @@ def _write_entry(path: Path, entry: dict[str, np.ndarray]) -> None:
 def load_case_slices(
     case: Case, data_cfg: DataConfig, cache_dir: str | Path | None = None, n_out: int = 1, use_cache: bool = True
 ) -> dict[str, np.ndarray]:
-    """Preprocessed slices of one case, from the cache when valid (then no NIfTI is read).
+    """Preprocessed slices of one case, from the cache when valid (then no file is read).
 
-    Returns a dict: ``images (S,H,W,1) float32``, optional ``labels (S,H,W,n_out) uint8``,
+    Returns a dict: ``images (S,H,W,n_in) float32``, optional ``labels (S,H,W,n_out) uint8``,
     ``native_shape (3,)``, ``affine (4,4)``, ``header`` (raw header bytes).
     """
     if not use_cache:

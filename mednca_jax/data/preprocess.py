@@ -56,6 +56,20 @@ def cubic_resize_matrix(n_in: int, n_out: int, a: float = CUBIC_A) -> np.ndarray
     return _cubic_matrix(int(n_in), int(n_out), float(a))
 
 
+def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` linear-interpolation matrix ``M`` (``resized = M @ signal``), half-pixel
+    centres; when shrinking, the triangle kernel is widened by ``n_in / n_out`` so that every
+    input pixel contributes (anti-aliasing, like PIL's BILINEAR and ``jax.image``)."""
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"sizes must be >= 1, got {n_in} -> {n_out}")
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale - 0.5
+    j = np.arange(n_in)
+    wts = np.maximum(0.0, 1.0 - np.abs(j[None, :] - centres[:, None]) / support)
+    return wts / wts.sum(axis=1, keepdims=True)
+
+
 def nearest_resize_index(n_in: int, n_out: int) -> np.ndarray:
     """``(n_out,)`` source indices of OpenCV INTER_NEAREST: ``floor(i * n_in / n_out)``.
 

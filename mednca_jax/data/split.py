@@ -8,8 +8,6 @@ order in which files were listed (names are sorted before the seeded permutation
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,6 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mednca_jax.config import DataConfig
+from mednca_jax.data.files import write_bytes_atomic
 from mednca_jax.data.msd import DataError
 
 PARTS = ("train", "val", "test")
@@ -90,19 +89,7 @@ def split_from_config(names: Iterable[str], data_cfg: DataConfig) -> Split:
 
 def write_split(path: str | Path, split: Split) -> Path:
     """Write the split as JSON, atomically (a crash never leaves a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(split.to_dict(), f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, (json.dumps(split.to_dict(), indent=2) + "\n").encode())
 
 
 def read_split(path: str | Path) -> Split:

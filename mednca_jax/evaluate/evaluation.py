@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from mednca_jax.config import Config
-from mednca_jax.data import Case, SliceSet, load_case, resample_to_native, write_volume
+from mednca_jax.config import Config, DataConfig
+from mednca_jax.data import Case, SliceSet
+from mednca_jax.data.formats import check_task_cases, list_task_cases, native_label, to_native, write_native
 from mednca_jax.data.preprocess import encode_labels
 from mednca_jax.errors import UsageError
 from mednca_jax.losses import dice_hard, dice_soft
@@ -66,10 +67,9 @@ def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
 
 def _native_dice(pred_labels: np.ndarray, case: Case, cfg: Config, meta_shape: tuple[int, ...], axis: int) -> float:
     """Hard Dice on the native grid: predicted labels resampled back vs. the label file."""
-    native_pred = resample_to_native(pred_labels, meta_shape, axis)
-    label = load_case(case, cfg.data).label
-    assert label is not None
+    native_pred = to_native(pred_labels, meta_shape, axis, cfg.data)
     n_out = cfg.model.n_out
+    label = native_label(case, cfg.data, n_out)
     t = encode_labels(label, cfg.data.labels, n_out)
     p = (native_pred[..., None] == np.arange(1, n_out + 1)).astype(np.float32)
     return dice_hard(p, t)
@@ -129,10 +129,10 @@ def evaluate_cases(
             _case_panel(out / "panels" / f"{name}.png", slices.images[rows], p, slices.labels[rows], run_probs[:, rows], name, r)
         if out is not None:
             meta = slices.meta(k)
-            write_volume(out / "predictions" / f"{name}.nii.gz", resample_to_native(pred_labels, meta.shape, slices.slice_axis), meta)
+            write_native(out / "predictions", name, to_native(pred_labels, meta.shape, slices.slice_axis, cfg.data), meta, cfg.data)
             if runs >= 2:
                 var = variance_volume(run_probs[:, rows])
-                write_volume(out / "variance" / f"{name}.nii.gz", resample_to_native(var, meta.shape, slices.slice_axis), meta, np.float32)
+                write_native(out / "variance", name, to_native(var, meta.shape, slices.slice_axis, cfg.data), meta, cfg.data, np.float32)
     metrics = {"summary": summarize(results), "cases": results}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -176,13 +176,13 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def select_cases(
-    checkpoint: Path, data_dir: Path, cases_file: Path | None, split: str | None
+    checkpoint: Path, data_dir: Path, cases_file: Path | None, split: str | None, data_cfg: DataConfig | None = None
 ) -> list[Case]:
-    """The cases of ``data_dir`` to evaluate: all, those listed in ``cases_file``, and/or one
-    part of the run's own ``split.json``."""
-    from mednca_jax.data import DataError, list_cases, read_split
+    """The cases of ``data_dir`` (of ``data_cfg.format``; MSD when None) to evaluate: all,
+    those listed in ``cases_file``, and/or one part of the run's own ``split.json``."""
+    from mednca_jax.data import DataError, read_split
 
-    cases = list_cases(data_dir)
+    cases = list_task_cases(data_dir, data_cfg)
     names = [c.name for c in cases]
     if cases_file is not None:
         wanted = [l.strip() for l in Path(cases_file).read_text().splitlines() if l.strip()]
@@ -289,15 +289,19 @@ def evaluate_checkpoint(
     Raises:
         UsageError: an option out of range. DataError, CheckpointError: unusable inputs.
     """
-    from mednca_jax.train.checkpoint import load_params
+    from mednca_jax.train.checkpoint import load_data_dir, load_params
     from mednca_jax.data import DataError, load_slices
 
     opts = dataclasses.replace(options or EvalOptions(), **overrides).check()
     params, cfg = load_params(checkpoint, which=opts.which)
-    data_dir = data_dir or Path(checkpoint) / "synthetic_data"
-    if not data_dir.is_dir():
-        raise DataError(f"no --data given and {data_dir} does not exist; pass --data MSD_TASK_FOLDER")
-    chosen = select_cases(checkpoint, data_dir, opts.cases_file, opts.split)
+    if data_dir is None:  # the folder the run was trained on, else its generated task
+        data_dir = load_data_dir(checkpoint) or Path(checkpoint) / "synthetic_data"
+        if not data_dir.is_dir():
+            raise DataError(f"no --data given and the run's data folder {data_dir} does not exist; pass --data TASK_FOLDER")
+    if opts.robustness and cfg.model.n_in != 1:
+        raise UsageError(f"--robustness perturbs one-channel images; this model reads {cfg.model.n_in} channels (model.n_in)")
+    chosen = select_cases(checkpoint, data_dir, opts.cases_file, opts.split, cfg.data)
+    check_task_cases(chosen, cfg, data_dir)  # an image folder: every chosen file, before any output
     labelled = [c for c in chosen if c.label is not None]
     unlabelled = [c for c in chosen if c.label is None]
     if opts.robustness and not labelled:
@@ -368,7 +372,7 @@ def _quality(params: Any, cfg: Config, checkpoint: Path, data_dir: Path, metrics
     split_file = Path(checkpoint) / "split.json"
     if opts.split == "test" and split_file.is_file() and len(test) >= 2:
         val_names = set(read_split(split_file).val)
-        val_cases = [c for c in select_cases(checkpoint, data_dir, None, None) if c.name in val_names and c.label is not None]
+        val_cases = [c for c in select_cases(checkpoint, data_dir, None, None, cfg.data) if c.name in val_names and c.label is not None]
         if len(val_cases) >= 2:
             vs = load_slices(val_cases, cfg.data, opts.cache_dir, cfg.model.n_out)
             vm = evaluate_cases(params, cfg, vs, val_cases, key, fire_rate=opts.fire_rate, runs=opts.runs,

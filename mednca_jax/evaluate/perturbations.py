@@ -47,6 +47,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mednca_jax.data.preprocess import linear_resize_matrix
+
 DEFAULT_SEVERITIES: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 SCALE_SIZES: tuple[int, ...] = (48, 64, 96, 128)
 
@@ -219,17 +221,6 @@ def rotation(image: Image, severity: float, rng: np.random.Generator) -> Image:
 # ----------------------------------------------------------------------------- resolution
 
 
-def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
-    """``(n_out, n_in)`` linear-interpolation matrix, half-pixel centres; when shrinking the
-    triangle kernel is widened by ``n_in / n_out`` (anti-aliasing, like PIL / jax.image)."""
-    scale = n_in / n_out
-    support = max(scale, 1.0)
-    centres = (np.arange(n_out) + 0.5) * scale - 0.5
-    j = np.arange(n_in)
-    wts = np.maximum(0.0, 1.0 - np.abs(j[None, :] - centres[:, None]) / support)
-    return wts / wts.sum(axis=1, keepdims=True)
-
-
 def _size2(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, (int, np.integer)):
         return int(size), int(size)
@@ -241,7 +232,7 @@ def resize_image(image: Image, size: int | Sequence[int]) -> Image:
     """Bilinear resize (anti-aliased when shrinking) of ``(H, W)`` / ``(B, H, W)`` to ``size``."""
     x, single = _as_batch(image)
     h, w = _size2(size)
-    out = _linear_weights(x.shape[1], h) @ x.astype(np.float64) @ _linear_weights(x.shape[2], w).T
+    out = linear_resize_matrix(x.shape[1], h) @ x.astype(np.float64) @ linear_resize_matrix(x.shape[2], w).T
     return _finish(out, single)
 
 

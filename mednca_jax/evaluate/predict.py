@@ -1,4 +1,5 @@
-"""Segment new, unlabelled NIfTI scans: ``mednca predict``.
+"""Segment new, unlabelled NIfTI scans: ``mednca predict`` (a model trained on 2D image
+folders segments images instead: :mod:`mednca_jax.evaluate.predict_images`).
 
 Each scan goes through the training preprocessing (``data.preprocess.preprocess_volume``:
 slices along ``data.slice_axis``, bicubic resize to ``data.image_size``, per-slice [0, 1]
@@ -235,6 +236,12 @@ def predict_scans(
     if runs >= 2 and (fr == 0.0 or cfg.model.kind != "nca"):
         raise PredictError(f"--runs {runs} needs a stochastic model (Med-NCA at a fire rate > 0; here "
                            f"{cfg.model.kind} at fire rate {fr}): the runs would be identical")
+    if cfg.data.format == "images":  # a model of 2D images: PNG masks in each image's own size
+        from mednca_jax.evaluate.predict_images import predict_images
+
+        report = predict_images(params, cfg, input_path, output_path, fire_rate=fr, runs=runs, seed=seed,
+                                batch_size=batch_size, predict=make_predict_fn(cfg, backend_for(cfg, machine)), log=log)
+        return {"checkpoint": str(checkpoint), **report}
     scans, quality_json = plan_scans(input_path, output_path)
     for scan in scans:  # all inputs first: a bad file stops the command before any output
         load_scan(scan, cfg)
@@ -268,11 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mednca predict",
         description="Segment new NIfTI scans (no labels needed) with a trained or imported model. Each scan is "
                     "preprocessed as in training and the label volume is written in the scan's own voxel grid, "
-                    "with its affine and header.",
+                    "with its affine and header. A model trained on 2D images (data.format = 'images') segments "
+                    "PNG/JPEG/TIFF/BMP images instead and writes one PNG mask per image, of that image's size.",
         epilog="examples:\n"
                "  mednca predict --model hippocampus --input scan.nii.gz --output scan_label.nii.gz\n"
                "  mednca predict --checkpoint runs/demo --input scan.nii.gz --output scan_label.nii.gz\n"
-               "  mednca predict --checkpoint runs/official --input imagesTs/ --output predictions/ --runs 10",
+               "  mednca predict --checkpoint runs/official --input imagesTs/ --output predictions/ --runs 10\n"
+               "  mednca predict --checkpoint runs/photos --input photos/images --output masks/\n\n"
+               "PNG masks hold the class values themselves (0 background, 1..n_out), as 8-bit grey: a one-class\n"
+               "mask of 0 and 1 looks black in an image viewer; scale it (e.g. x255) to look at it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from mednca_jax.cli.options import add_model_source
@@ -280,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_source(p, "a run folder (mednca train; mednca export from-torch for the original weights) or a "
                         "mednca export to-numpy folder", metavar="RUN_OR_EXPORT")
     p.add_argument("--input", required=True, type=Path, metavar="FILE_OR_FOLDER",
-                   help="one .nii.gz/.nii scan (3D, or 4D with the modality of data.channel), or a folder of them")
+                   help="one .nii.gz/.nii scan (3D, or 4D with the modality of data.channel), or a folder of them; "
+                        "for an image model one image file or a folder of them (e.g. DIR/images)")
     p.add_argument("--output", required=True, type=Path, metavar="FILE_OR_FOLDER",
-                   help="a .nii.gz file (with a file --input) or a folder that gets <scan>.nii.gz per scan")
+                   help="a .nii.gz file (with a file --input) or a folder that gets <scan>.nii.gz per scan; for an "
+                        "image model a .png file (with a file --input) or a folder that gets <stem>.png per image")
     p.add_argument("--runs", type=int, default=1, metavar="N",
                    help="stochastic runs per scan (default 1). N >= 2 takes the labels from the mean probability "
-                        "and also writes <scan>_variance.nii.gz and the NQM per scan in quality.json")
+                        "and also writes <scan>_variance.nii.gz (images: <stem>_variance.tif) and the NQM per scan in quality.json")
     p.add_argument("--fire-rate", type=float, metavar="F",
                    help="cell fire rate at inference, in [0, 1) (default: the checkpoint config's; 0 is deterministic)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the fire masks (default 0)")

@@ -4,6 +4,7 @@ A run folder (what ``train.py`` writes, ``evaluate.py --checkpoint`` and the exp
 
     DIR/config.toml            the effective config of the run
     DIR/split.json             patient-level split (train.py only)
+    DIR/data.json              the --data folder it was trained on (absent: the generated task in DIR)
     DIR/checkpoints/<step>/    latest N: params, train (optimiser state, PRNG key), meta (JSON)
     DIR/best/<step>/           best by validation Dice: params, meta
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +40,7 @@ from mednca_jax.config import Config, ConfigError, dumps, load_config
 from mednca_jax.errors import MedNCAError
 
 CONFIG_FILE = "config.toml"
+DATA_FILE = "data.json"
 LATEST_DIR = "checkpoints"
 PARAMS_FILE = "params.npz"
 BEST_DIR = "best"
@@ -91,6 +94,19 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def save_run_config(run_dir: str | Path, cfg: Config) -> None:
     write_text_atomic(Path(run_dir) / CONFIG_FILE, dumps(cfg))
+
+
+def save_data_dir(run_dir: str | Path, data_dir: str | Path) -> None:
+    """Record the run's ``--data`` folder (absolute), so that evaluate finds it without ``--data``."""
+    write_text_atomic(Path(run_dir) / DATA_FILE, json.dumps({"data_dir": str(Path(data_dir).resolve())}) + "\n")
+
+
+def load_data_dir(run_dir: str | Path) -> Path | None:
+    """The ``--data`` folder the run was trained on (None: not recorded, or unreadable)."""
+    try:
+        return Path(json.loads((Path(run_dir) / DATA_FILE).read_text())["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_run_config(run_dir: str | Path) -> Config:

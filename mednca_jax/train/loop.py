@@ -32,7 +32,9 @@ import numpy as np
 from mednca_jax.train import checkpoint as ckpt
 from mednca_jax.config import Config
 from mednca_jax.errors import MedNCAError
-from mednca_jax.data import BatchIterator, Case, DataError, list_cases, load_slices, make_synthetic_task, read_split, split_from_config, write_split
+from mednca_jax.data import BatchIterator, Case, DataError, load_slices, make_synthetic_task, read_split, write_split
+from mednca_jax.data.formats import initial_split, is_images, list_task_cases, resolve_data_config
+from mednca_jax.data.synthetic_images import write_image_task
 from mednca_jax.evaluate.evaluation import evaluate_cases, make_predict_fn, predict_slices
 from mednca_jax.nca.backends import Backend
 from mednca_jax.networks import init_network_params
@@ -59,16 +61,20 @@ class RunData:
 
 
 def default_data_dir(cfg: Config, workdir: Path) -> Path:
-    """The embedded synthetic task for runs without ``--data``, generated once per run folder."""
+    """The embedded synthetic task for runs without ``--data``, generated once per run folder
+    (an image folder, grey or RGB by ``model.n_in``, for ``data.format = "images"``)."""
     root = workdir / "synthetic_data"
-    if not (root / "dataset.json").is_file():
+    if is_images(cfg.data):
+        if not (root / "images").is_dir():
+            write_image_task(root, n=cfg.data.synthetic_cases, rgb=cfg.model.n_in == 3, seed=cfg.data.split_seed)
+    elif not (root / "dataset.json").is_file():
         make_synthetic_task(root, n_cases=cfg.data.synthetic_cases, seed=cfg.data.split_seed)
     return root
 
 
 def prepare_data(cfg: Config, data_dir: Path, workdir: Path, cache_dir: Path | None) -> RunData:
     """List labelled cases, make (or re-read) the patient split, load train/val slices."""
-    cases = [c for c in list_cases(data_dir) if c.label is not None]
+    cases = [c for c in list_task_cases(data_dir, cfg.data) if c.label is not None]
     if len(cases) < 2:
         raise DataError(f"{data_dir} has {len(cases)} labelled case(s); training needs at least 2")
     split_path = workdir / SPLIT_FILE
@@ -79,15 +85,16 @@ def prepare_data(cfg: Config, data_dir: Path, workdir: Path, cache_dir: Path | N
             raise DataError(f"{split_path} names cases not in {data_dir}: {unknown[:5]}; use the same --data as the first run")
         check_split_matches(split, cfg.data, split_path)
     else:
-        split = split_from_config([c.name for c in cases], cfg.data)
+        split = initial_split([c.name for c in cases], data_dir, cfg.data)  # an image folder's own split.json first
     by_name = {c.name: c for c in cases}
     n_out = cfg.model.n_out
     train = load_slices([by_name[n] for n in split.train], cfg.data, cache_dir, n_out)
     if not train.has_foreground.any():
+        check = "masks/ (are these the masks?)" if is_images(cfg.data) else \
+            "labelsTr/ (are these the label files?) and data.channel / data.slice_axis"
         raise DataError(
             f"the labels of all {len(split.train)} training cases in {data_dir} are background only (no voxel > 0 "
-            f"after resizing to {list(cfg.data.image_size)}): the model would never be updated. Check labelsTr/ "
-            "(are these the label files?) and data.channel / data.slice_axis"
+            f"after resizing to {list(cfg.data.image_size)}): the model would never be updated. Check {check}"
         )
     val = load_slices([by_name[n] for n in split.val], cfg.data, cache_dir, n_out) if split.val else None
     if not split_path.is_file():
@@ -168,6 +175,8 @@ def setup_run(cfg: Config, workdir: Path, data_dir: str | Path | None, cache_dir
         data = prepare_data(cfg, root, workdir, Path(cache_dir) if cache_dir else None)
         if primary:
             ckpt.save_run_config(workdir, cfg)
+            if data_dir is not None:
+                ckpt.save_data_dir(workdir, data_dir)
         return root, data
 
     return primary_first(setup, "setup")
@@ -399,9 +408,11 @@ def train(
     interrupted or time_limit).
 
     Args:
-        data_dir: an MSD task folder; ``None`` generates the embedded synthetic task.
+        data_dir: an MSD task folder (an image folder with ``data.format = "images"``); ``None``
+            generates the embedded synthetic task.
         backend: the resolved backend of the model (:func:`mednca_jax.machine.backend_for`).
-        resume: continue from the latest checkpoint in ``workdir`` (its config must match).
+        resume: continue from the latest checkpoint in ``workdir`` (its config must match), on
+            the run's recorded ``--data`` folder when ``data_dir`` is None.
         stop_after: stop (with a checkpoint) after this many steps in this call; for tests
             of interruption and resumption.
 
@@ -410,13 +421,19 @@ def train(
         DataError, CheckpointError: unusable data or checkpoints.
     """
     workdir = Path(workdir)
+    if resume and data_dir is None:  # the folder the run was started on (data.json), if any
+        data_dir = ckpt.load_data_dir(workdir)
+    resolved = resolve_data_config(cfg, data_dir)  # an image folder: every file checked, model.n_in from them
+    if resolved.model.n_in != cfg.model.n_in:
+        print(f"note: the images of {data_dir} have {resolved.model.n_in} channels: model.n_in = {resolved.model.n_in}")
+    cfg = resolved
     check_run_folder(cfg, workdir, resume)
     primary = is_primary()  # multi-host: process 0 writes the run files
     created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         with run_lock(workdir, primary):
-            with undo_on_failure(workdir, created and not resume, (ckpt.CONFIG_FILE, SPLIT_FILE, "synthetic_data"), primary):
+            with undo_on_failure(workdir, created and not resume, (ckpt.CONFIG_FILE, ckpt.DATA_FILE, SPLIT_FILE, "synthetic_data"), primary):
                 _, data = setup_run(cfg, workdir, data_dir, cache_dir)
             return _train_loop(cfg, workdir, data, resume, progress, stop_after, primary, backend)
     except OSError as e:
