@@ -5,9 +5,9 @@ the model grid, as the original reports them, and hard Dice on the native voxel 
 prediction resampled back to the input's shape, against the original label file). Each is
 computed per class (``dice_per_class``: ``{"1": .., "2": ..}``, the class values as strings)
 and ``dice`` is their mean over classes; with one class (``data.labels = "merge"``) both are
-the one figure. With
-``runs >= 2`` the stochastic model is run several times: mean prediction, a variance
-volume, and the NQM quality score (sum of std / sum of mean of the sigmoid outputs).
+the one figure. With ``runs >= 2`` the stochastic model is run several times: mean
+prediction, a variance volume, and the NQM quality score (sum of std / sum of mean of the
+sigmoid outputs).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for k in keys:
         vals = [r[k] for r in results.values() if k in r]
         if isinstance(vals[0], dict):
-            summary[k] = summarize(dict(enumerate(vals)))
+            summary[k] = summarize({str(i): v for i, v in enumerate(vals)})
             continue
         a = np.array(vals, np.float64)
         summary[k] = {"mean": float(a.mean()), "std": float(a.std()), "n": int(a.size)}
