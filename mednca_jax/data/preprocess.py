@@ -130,8 +130,8 @@ def encode_labels(label_slices: np.ndarray, mode: str, n_out: int = 1) -> np.nda
 
     ``merge``: one channel, every label > 0 is 1 (the original). ``classes``: channel ``k`` is
     class ``k + 1`` for classes 1..n_out (background has no channel). The names of earlier
-    versions (``foreground``, ``multiclass``) are read too. :func:`mednca_jax.evaluate.evaluation.
-    probabilities_to_labels` is the inverse for predictions.
+    versions (``foreground``, ``multiclass``) are read too.
+    :func:`mednca_jax.losses.probabilities_to_labels` is the inverse for predictions.
     """
     lab = np.asarray(label_slices)
     mode = LABEL_MODE_ALIASES.get(mode, mode)

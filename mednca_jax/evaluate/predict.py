@@ -168,9 +168,9 @@ def predict_volume(
     import jax
 
     from mednca_jax.data import preprocess_volume, resample_to_native
-    from mednca_jax.evaluate.evaluation import probabilities_to_labels
     from mednca_jax.evaluate.inference import predict_slices
     from mednca_jax.evaluate.quality import nqm, variance_volume
+    from mednca_jax.losses import probabilities_to_labels
 
     images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
     run_probs = np.stack([
