@@ -29,7 +29,9 @@ REMAT_MODES = ("none", "step", "nested")
 BACKENDS = ("auto", "reference", "cpu_fast")
 PRECISIONS = ("float32", "bfloat16")
 MODEL_KINDS = ("nca", "unet")
-LABEL_MODES = ("foreground", "multiclass")
+LABEL_MODES = ("merge", "classes")
+# the names of earlier versions, still read (old run folders): normalised when a DataConfig is made
+LABEL_MODE_ALIASES = {"foreground": "merge", "multiclass": "classes"}
 SCHEDULES = ("exponential", "cosine", "budget_cosine", "budget_exponential")
 LABEL_INTERPOLATIONS = ("nearest", "bilinear")
 DATA_FORMATS = ("msd", "images")
@@ -83,13 +85,24 @@ class DataConfig:
     image_size: tuple[int, ...] = (64, 64)  # the model grid, one entry per spatial axis
     slice_axis: int = 2
     channel: int = 0  # modality channel of 4D images
-    labels: str = "foreground"  # foreground: every label > 0 is 1; multiclass: one channel per class
+    # merge: every label > 0 is one foreground class (the original); classes: one output channel
+    # per class value 1..K (background has none; docs/design.md, "Several classes")
+    labels: str = "merge"
+    classes: int = 0  # K with labels = "classes"; 0: the largest label value of the training cases
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train / val / test fractions, by patient
     split_seed: int = 0
     foreground_fraction: float = 0.0  # share of each batch drawn from slices with foreground (0: uniform)
     synthetic_cases: int = 24  # size of the embedded default data set
     format: str = "msd"  # msd: an MSD NIfTI task folder; images: DIR/images + DIR/masks of 2D images (docs/data.md)
     resize: str = "pad"  # images: pad (keep the aspect ratio, centred, zeros around) | stretch to image_size
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", LABEL_MODE_ALIASES.get(self.labels, self.labels))
+
+    @property
+    def classes_from_data(self) -> bool:
+        """Whether the number of classes is still to be read from the training labels."""
+        return self.labels == "classes" and self.classes == 0
 
 
 @dataclass(frozen=True)
@@ -289,12 +302,43 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
+def _reconcile_classes(cfg: Config) -> Config:
+    """With ``data.labels = "classes"`` the output channels are the classes: ``model.n_out =
+    data.classes = K``. Either key may name K (``model.n_out`` alone: configs of earlier
+    versions); ``model.n_out = 1``, the default, takes ``data.classes``. Both 0 / 1: K is read
+    from the training labels when a run starts (:func:`with_classes`)."""
+    m, d = cfg.model, cfg.data
+    aliases = ", ".join(f"{a!r}" for a in LABEL_MODE_ALIASES)
+    _check(m.n_out >= 1, "model.n_out", f"must be >= 1, got {m.n_out}")
+    _check(d.labels in LABEL_MODES, "data.labels", f"must be one of {LABEL_MODES} (earlier names {aliases} are read too), got {d.labels!r}")
+    _check(d.classes >= 0, "data.classes", f"must be >= 0 (0: the largest label value of the training cases), got {d.classes}")
+    if d.labels == "merge":
+        _check(d.classes == 0, "data.classes", f"counts the classes of data.labels = 'classes'; 'merge' has one foreground class, got {d.classes}")
+        _check(m.n_out == 1, "model.n_out", f"data.labels = 'merge' gives one output channel (every label > 0), got {m.n_out}; "
+                                            "set data.labels = 'classes' for one channel per class")
+        return cfg
+    if d.classes == 0 and m.n_out > 1:
+        d = dataclasses.replace(d, classes=m.n_out)
+    elif d.classes > 0 and m.n_out == 1:
+        m = dataclasses.replace(m, n_out=d.classes)
+    _check(m.n_out == max(d.classes, 1), "model.n_out", f"is {m.n_out} but data.classes = {d.classes}: the output channels are "
+                                                         f"the classes; leave model.n_out out or set it to {d.classes}")
+    return cfg if (m, d) == (cfg.model, cfg.data) else dataclasses.replace(cfg, model=m, data=d)
+
+
+def with_classes(cfg: Config, k: int) -> Config:
+    """``cfg`` with ``k`` classes (``data.classes = model.n_out = k``), validated; for a
+    config whose count is read from the training labels (``data.classes_from_data``)."""
+    return cfg.replace(data=dataclasses.replace(cfg.data, classes=k), model=dataclasses.replace(cfg.model, n_out=k))
+
+
 def validate(cfg: Config) -> Config:
-    """Check value ranges and cross-field consistency; return ``cfg`` unchanged."""
+    """Check value ranges and cross-field consistency; return ``cfg``, with ``model.n_out``
+    and ``data.classes`` made to agree (:func:`_reconcile_classes`), otherwise unchanged."""
+    cfg = _reconcile_classes(cfg)
     m, d, t = cfg.model, cfg.data, cfg.train
     _check(m.kind in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}, got {m.kind!r}")
     _check(m.n_in >= 1, "model.n_in", f"must be >= 1, got {m.n_in}")
-    _check(m.n_out >= 1, "model.n_out", f"must be >= 1, got {m.n_out}")
     _check(m.hidden >= 1, "model.hidden", f"must be >= 1, got {m.hidden}")
     _check(
         m.channels >= m.n_in + m.n_out,
@@ -340,7 +384,6 @@ def validate(cfg: Config) -> Config:
         _check(all(s % f == 0 for s in d.image_size), "data.image_size", f"{size} is not divisible by 2**unet_depth = {f}")
     _check(d.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {d.slice_axis}")
     _check(d.channel >= 0, "data.channel", f"must be >= 0, got {d.channel}")
-    _check(d.labels in LABEL_MODES, "data.labels", f"must be one of {LABEL_MODES}, got {d.labels!r}")
     _check(
         len(d.split) == 3 and all(s >= 0 for s in d.split) and math.isclose(sum(d.split), 1.0, abs_tol=1e-6) and d.split[0] > 0,
         "data.split",

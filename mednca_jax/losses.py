@@ -32,19 +32,26 @@ def dice_bce_sums(logits: jax.Array, target: jax.Array) -> jax.Array:
 
 def dice_bce_from_sums(sums: jax.Array) -> jax.Array:
     """DiceBCE from :func:`dice_bce_sums` ``(n_out, 5)``: per channel
-    ``mean BCE + 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)``, summed over channels; a channel
-    whose target has no foreground contributes 0, as in the original."""
+    ``mean BCE + 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)``, averaged over the ``n_out``
+    channels; a channel whose target has no foreground contributes 0, as in the original."""
     bce, pt, ps, ts, count = (sums[:, i] for i in range(5))
     dice = 1.0 - (2.0 * pt + 1.0) / (ps + ts + 1.0)
-    return jnp.sum(jnp.where(ts > 0, bce / count + dice, 0.0))
+    # One sigmoid channel per class, each with its own DiceBCE, rather than a softmax over
+    # classes: one class is then exactly the original Med-NCA, the rule and its runtimes need no
+    # background channel, and each class's Dice term is not swamped by the large background.
+    # The mean over all channels (not over those present) is the original's sum over present
+    # channels divided by a constant: Adam trains the same, while the loss keeps the one-class
+    # scale (train.max_loss, the logged figures).
+    return jnp.sum(jnp.where(ts > 0, bce / count + dice, 0.0)) / sums.shape[0]
 
 
 def dice_bce_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
-    """The original's DiceBCE loss, summed over output channels.
+    """The original's DiceBCE loss, averaged over output channels (classes).
 
     Per channel ``c`` over the whole batch flattened (``p = sigmoid(z)``):
     ``mean BCE(p, t) + 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)``; a channel whose
-    target has no foreground in the batch contributes 0, as in the original.
+    target has no foreground in the batch contributes 0, as in the original. The loss is the
+    mean of the ``n_out`` channels' (so one channel is the original's loss).
 
     Args:
         logits, target: ``(B, H, W, n_out)``, target in [0, 1].
@@ -78,7 +85,32 @@ def dice_hard(probs: np.ndarray, target: np.ndarray, threshold: float = 0.5) -> 
     return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
 
 
+def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
+    """``(..., n_out)`` probabilities -> integer labels ``(...)`` uint8: 0 (background) where
+    no channel's sigmoid exceeds 0.5, else the class ``c + 1`` of the most probable channel
+    among those above 0.5 (the first on ties). One channel: ``p > 0.5``. The exported runtimes
+    decode the same way (``labels_from_probability``)."""
+    above = probs > 0.5
+    best = np.argmax(np.where(above, probs, -1.0), axis=-1) + 1
+    return np.where(above.any(axis=-1), best, 0).astype(np.uint8)
+
+
+def dice_per_class(pred_labels: np.ndarray, target: np.ndarray) -> list[float]:
+    """Hard Dice of each class ``c = 1..K``: ``pred_labels == c`` (integer labels ``(...)``,
+    decoded from the probabilities) against channel ``c - 1`` of ``target (..., K)``; both
+    empty counts as 1. With one class this is :func:`dice_hard` of ``probs`` itself."""
+    labels = np.asarray(pred_labels)
+    return [dice_hard(labels == c + 1, target[..., c]) for c in range(target.shape[-1])]
+
+
+def soft_dice_per_class(probs: np.ndarray, target: np.ndarray) -> list[float]:
+    """Soft Dice (:func:`dice_soft`) of each channel of ``probs``/``target (..., K)``."""
+    return [dice_soft(probs[..., c], target[..., c]) for c in range(target.shape[-1])]
+
+
 def volume_dice(probs: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Hard and soft Dice of one patient's stacked slices ``(S, H, W[, n_out])``, all channels
-    pooled (the original's per-volume figure)."""
-    return {"dice": dice_hard(probs, target), "dice_soft": dice_soft(probs, target)}
+    """Hard and soft Dice of one patient's stacked slices ``(S, H, W, n_out)``: the means
+    over classes of :func:`dice_per_class` (of the decoded labels) and :func:`soft_dice_per_class`
+    (one class: the original's per-volume figures)."""
+    return {"dice": float(np.mean(dice_per_class(probabilities_to_labels(probs), target))),
+            "dice_soft": float(np.mean(soft_dice_per_class(probs, target)))}

@@ -15,9 +15,10 @@ name. Nothing is skipped.
 | cpu_fast, overflow chunks              | test_cpu_fast_overflow_chunks_equal_reference      |
 | cpu_fast, two pieces                   | test_cpu_fast_pieces_equal_reference               |
 | remat step / nested (both backends)    | test_remat_modes_equal_none                        |
-| two levels + crops, train loss / grads | test_two_level_training_loss_equals_reference      |
+| two levels + crops, train loss / grads | test_two_level_training_loss_equals_reference[n_out 1 / 2] |
 | data-parallel over 4 virtual devices   | test_data_parallel_step_equals_one_device (3 steps) |
-| inference in groups of samples         | test_grouped_inference_equals_whole_batch          |
+| inference in groups of samples         | test_grouped_inference_equals_whole_batch (n_out 2) |
+| exported runtimes, n_out 2 (labels)    | tests/test_classes.py::test_exported_runtimes_segment_two_classes |
 
 The reference is :func:`mednca_jax.nca.rollout.reference_rollout`: :func:`mednca_jax.nca.rule.step`
 under ``jax.lax.scan``, differentiated by JAX.
@@ -302,15 +303,15 @@ def test_a_shard_of_the_batch_draws_its_own_samples_masks():
 
 
 # --------------------------------------------------------------------------- two levels
-def _cfg(perception: str, backend: str = "auto") -> Config:
+def _cfg(perception: str, backend: str = "auto", n_out: int = 1) -> Config:
     return validate(
         Config(
             name="equiv",
             model=ModelConfig(
                 channels=C, hidden=HID, steps=(4, 4), scales=(2, 1), patch_size=8, fire_rate=0.5, perception=perception,
-                backend=backend,
+                backend=backend, n_out=n_out,
             ),
-            data=DataConfig(image_size=(16, 16)),
+            data=DataConfig(image_size=(16, 16), labels="merge" if n_out == 1 else "classes"),
             train=TrainConfig(batch_size=4, num_steps=10),
         )
     )
@@ -325,14 +326,16 @@ def _two_level_params(cfg: Config):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n_out", [1, 2], ids=["n_out 1", "n_out 2"])
 @pytest.mark.parametrize("perception", PERCEPTIONS)
-def test_two_level_training_loss_equals_reference(perception):
+def test_two_level_training_loss_equals_reference(perception, n_out):
     from mednca_jax.losses import dice_bce_loss
 
-    cfg = _cfg(perception)
+    cfg = _cfg(perception, n_out=n_out)
     params = _two_level_params(cfg)
     images = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 1))
-    labels = (images > 0.5).astype(jnp.float32)
+    # class 1 above 0.5, class 2 (with n_out 2) above 0.75: both channels carry the loss
+    labels = (images > jnp.array([0.5, 0.75])[:n_out]).astype(jnp.float32)
 
     def loss(p, backend):
         logits, lab = levels.forward_train(p, cfg.model, images, labels, jax.random.PRNGKey(3), 0.5, backend=backend)
@@ -387,7 +390,7 @@ def test_grouped_inference_equals_whole_batch(backend):
     batch's logits and states: each sample keeps its own keys."""
     import dataclasses
 
-    cfg = _cfg("learned")
+    cfg = _cfg("learned", n_out=2)
     params = _two_level_params(cfg)
     images = jnp.asarray(np.random.default_rng(0).random((6, 16, 16, 1), dtype=np.float32))
     grouped = dataclasses.replace(backend, group_cells=2 * 16 * 16)  # 3 groups of 2 samples
@@ -395,6 +398,7 @@ def test_grouped_inference_equals_whole_batch(backend):
     run = jax.jit(lambda b: levels.forward(params, cfg.model, images, jax.random.PRNGKey(3), 0.5, backend=b, return_states=True),
                   static_argnums=0)
     (whole, ws), (parts, ps) = run(backend), run(grouped)
+    assert whole.shape == (6, 16, 16, 2)  # two classes: two logit channels
     np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5)
     for a, b in zip(ps, ws, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -48,7 +48,8 @@ N_SEEDS = 10
 def small_cfg(**model: object) -> Config:
     m = dict(channels=8, hidden=16, steps=(4, 4), scales=(4, 1), patch_size=0, fire_rate=0.5, remat="none")
     m.update(model)
-    return validate(Config(name="small", model=ModelConfig(**m), data=DataConfig(image_size=(32, 32)),
+    labels = "merge" if m.get("n_out", 1) == 1 else "classes"  # one channel per class
+    return validate(Config(name="small", model=ModelConfig(**m), data=DataConfig(image_size=(32, 32), labels=labels),
                            train=TrainConfig(batch_size=2, num_steps=1)))
 
 

@@ -8,7 +8,8 @@ from mednca_jax.losses import dice_bce_loss, dice_hard, dice_soft, volume_dice
 
 
 def _numpy_dice_bce(z, t):
-    """The original's DiceBCE in float64 NumPy: per channel over the flattened batch."""
+    """The original's DiceBCE in float64 NumPy: per channel over the flattened batch, summed
+    over the channels with foreground (the original), divided by the channel count (ours)."""
     total = 0.0
     for c in range(z.shape[-1]):
         zc, tc = z[..., c].ravel().astype(np.float64), t[..., c].ravel().astype(np.float64)
@@ -18,7 +19,7 @@ def _numpy_dice_bce(z, t):
         bce = -(tc * np.log(p) + (1 - tc) * np.log(1 - p)).mean()
         dice = 1 - (2 * (p * tc).sum() + 1) / (p.sum() + tc.sum() + 1)
         total += bce + dice
-    return total
+    return total / z.shape[-1]
 
 
 def test_loss_equals_numpy_recomputation(rng):
@@ -49,5 +50,5 @@ def test_dice_metrics():
     assert np.isclose(dice_soft(p, t), 2 * 0.9 * 4 / (0.9 * 4 + 8))
     assert dice_hard(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
     assert dice_soft(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
-    v = volume_dice(np.stack([p, p]), np.stack([t, t]))
+    v = volume_dice(np.stack([p, p])[..., None], np.stack([t, t])[..., None])
     assert np.isclose(v["dice"], dice_hard(p, t)) and np.isclose(v["dice_soft"], dice_soft(p, t))

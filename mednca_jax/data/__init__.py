@@ -13,7 +13,7 @@ same slices; ``formats.py`` holds what depends on the format (docs/data.md).
 
 from mednca_jax.data.cache import SliceSet, cache_key, default_cache_dir, load_case_slices, load_slices
 from mednca_jax.data.loader import BatchIterator, eval_batches
-from mednca_jax.data.msd import Case, DataError, LoadedCase, VolumeMeta, case_name, list_cases, load_case, write_volume
+from mednca_jax.data.msd import Case, DataError, LoadedCase, VolumeMeta, case_name, largest_label, list_cases, load_case, write_volume
 from mednca_jax.data.preprocess import (
     PREPROCESS_VERSION,
     cubic_resize_matrix,
@@ -33,7 +33,7 @@ from mednca_jax.data.synthetic import make_synthetic_task
 __all__ = [
     "BatchIterator", "Case", "DataError", "LoadedCase", "PREPROCESS_VERSION", "SliceSet", "Split",
     "VolumeMeta", "cache_key", "case_name", "cubic_resize_matrix", "default_cache_dir", "encode_labels",
-    "eval_batches", "list_cases", "load_case", "load_case_slices", "load_slices", "make_split",
+    "eval_batches", "largest_label", "list_cases", "load_case", "load_case_slices", "load_slices", "make_split",
     "make_synthetic_task", "nearest_inverse_index", "nearest_resize_index", "normalize_slices",
     "preprocess_volume", "read_split", "resample_to_native", "resize_bicubic", "resize_nearest",
     "split_from_config", "to_slices", "write_split", "write_volume",

@@ -18,7 +18,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -318,6 +318,13 @@ def load_case(case: Case, data_cfg: DataConfig) -> LoadedCase:
                 "voxel grid: resample the label onto the image"
             )
     return LoadedCase(image, label, meta)
+
+
+def largest_label(cases: Sequence[Case], data_cfg: DataConfig) -> int:
+    """The largest label value of the cases' label files (read and checked as
+    :func:`load_case` does): the number of classes K of ``data.labels = "classes"`` when
+    ``data.classes`` leaves it to the data."""
+    return max((int(lab.max()) for c in cases if (lab := load_case(c, data_cfg).label) is not None and lab.size), default=0)
 
 
 def write_volume(path: str | Path, volume: np.ndarray, meta: VolumeMeta, dtype: Any = np.uint8) -> Path:

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from mednca_jax.config import DataConfig
+from mednca_jax.config import LABEL_MODE_ALIASES, LABEL_MODES, DataConfig
 from mednca_jax.data.msd import DataError
 
 PREPROCESS_VERSION = "1"  # bump when the output of this module changes: invalidates caches
@@ -142,21 +142,25 @@ def normalize_slices(slices: np.ndarray) -> np.ndarray:
 def encode_labels(label_slices: np.ndarray, mode: str, n_out: int = 1) -> np.ndarray:
     """Integer ``(S, H, W)`` -> ``(S, H, W, n_out)`` float32 targets.
 
-    ``foreground``: one channel, every label > 0 is 1 (the original). ``multiclass``: channel
-    ``k`` is class ``k + 1`` for classes 1..n_out (background has no channel).
+    ``merge``: one channel, every label > 0 is 1 (the original). ``classes``: channel ``k`` is
+    class ``k + 1`` for classes 1..n_out (background has no channel). The names of earlier
+    versions (``foreground``, ``multiclass``) are read too.
+    :func:`mednca_jax.losses.probabilities_to_labels` is the inverse for predictions.
     """
     lab = np.asarray(label_slices)
-    if mode == "foreground":
+    mode = LABEL_MODE_ALIASES.get(mode, mode)
+    if mode == "merge":
         if n_out != 1:
-            raise DataError(f"data.labels = 'foreground' gives one output channel, but model.n_out = {n_out}; "
-                            "set model.n_out = 1 or data.labels = 'multiclass'")
+            raise DataError(f"data.labels = 'merge' gives one output channel, but model.n_out = {n_out}; "
+                            "set model.n_out = 1 or data.labels = 'classes'")
         return (lab > 0).astype(np.float32)[..., None]
-    if mode == "multiclass":
+    if mode == "classes":
         top = int(lab.max()) if lab.size else 0
         if top > n_out:
-            raise DataError(f"label has class {top} but model.n_out = {n_out} (classes 1..n_out); raise model.n_out")
+            raise DataError(f"label has class {top} but model.n_out = {n_out} (data.classes: classes 1..n_out); "
+                            f"set data.classes = {top} or leave data.classes and model.n_out out")
         return (lab[..., None] == np.arange(1, n_out + 1)).astype(np.float32)
-    raise ValueError(f"unknown label mode {mode!r}; expected 'foreground' or 'multiclass'")
+    raise ValueError(f"unknown label mode {mode!r}; expected one of {LABEL_MODES}")
 
 
 def preprocess_volume(

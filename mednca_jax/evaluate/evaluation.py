@@ -2,9 +2,12 @@
 
 Metrics per case (docs/design.md, "Evaluation and quality"): hard Dice (sigmoid > 0.5) and soft Dice on
 the model grid, as the original reports them, and hard Dice on the native voxel grid (the
-prediction resampled back to the input's shape, against the original label file). With
-``runs >= 2`` the stochastic model is run several times: mean prediction, a variance
-volume, and the NQM quality score (sum of std / sum of mean of the sigmoid outputs).
+prediction resampled back to the input's shape, against the original label file). Each is
+computed per class (``dice_per_class``: ``{"1": .., "2": ..}``, the class values as strings)
+and ``dice`` is their mean over classes; with one class (``data.labels = "merge"``) both are
+the one figure. With ``runs >= 2`` the stochastic model is run several times: mean
+prediction, a variance volume, and the NQM quality score (sum of std / sum of mean of the
+sigmoid outputs).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from mednca_jax.data import Case, SliceSet
 from mednca_jax.data.formats import check_task_cases, list_task_cases, native_label, to_native, write_native
 from mednca_jax.data.preprocess import encode_labels
 from mednca_jax.errors import UsageError
-from mednca_jax.losses import dice_hard, dice_soft
+from mednca_jax.losses import dice_per_class, probabilities_to_labels, soft_dice_per_class
 from mednca_jax.machine import Machine, backend_for
 from mednca_jax.evaluate.inference import PredictFn, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
 from mednca_jax.nca.rollout import count_params
@@ -57,22 +60,20 @@ def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float |
     }
 
 
-def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
-    """``(..., n_out)`` probabilities -> integer labels ``(...)``: 0 background, else the
-    most probable class ``c + 1`` among those above 0.5."""
-    above = probs > 0.5
-    best = np.argmax(np.where(above, probs, -1.0), axis=-1) + 1
-    return np.where(above.any(axis=-1), best, 0).astype(np.uint8)
+PER_CLASS = "_per_class"  # suffix of a metric's per-class figures
 
 
-def _native_dice(pred_labels: np.ndarray, case: Case, cfg: Config, meta_shape: tuple[int, ...], axis: int) -> float:
-    """Hard Dice on the native grid: predicted labels resampled back vs. the label file."""
+def _native_dice(pred_labels: np.ndarray, case: Case, cfg: Config, meta_shape: tuple[int, ...], axis: int) -> list[float]:
+    """Hard Dice per class on the native grid: predicted labels resampled back vs. the label file."""
     native_pred = to_native(pred_labels, meta_shape, axis, cfg.data)
-    n_out = cfg.model.n_out
-    label = native_label(case, cfg.data, n_out)
-    t = encode_labels(label, cfg.data.labels, n_out)
-    p = (native_pred[..., None] == np.arange(1, n_out + 1)).astype(np.float32)
-    return dice_hard(p, t)
+    label = native_label(case, cfg.data, cfg.model.n_out)
+    return dice_per_class(native_pred, encode_labels(label, cfg.data.labels, cfg.model.n_out))
+
+
+def _put(r: dict[str, Any], metric: str, per_class: Sequence[float]) -> None:
+    """``r[metric]``: the mean over classes; ``r[metric + "_per_class"]``: ``{"1": .., ...}``."""
+    r[metric] = float(np.mean(per_class))
+    r[metric + PER_CLASS] = {str(c + 1): float(v) for c, v in enumerate(per_class)}
 
 
 def evaluate_cases(
@@ -93,11 +94,12 @@ def evaluate_cases(
 ) -> dict[str, Any]:
     """Score every case of ``slices`` (and write predictions when ``out_dir`` is given).
 
-    Returns ``{"summary": {metric: {"mean", "std"}}, "cases": {name: {metric: value}}}``
+    Returns ``{"summary": {metric: {"mean", "std", "n"}}, "cases": {name: {metric: value}}}``
     with metrics ``dice``, ``dice_soft`` (of the mean prediction over runs), ``dice_native``
-    (when labels exist and ``native``), and with ``runs >= 2`` ``dice_run_mean`` (the mean of
-    the single runs' hard Dice, the original's figure) and ``nqm``. Unlabelled cases get
-    predictions only.
+    (when labels exist and ``native``), each the mean over classes of its ``*_per_class``
+    figures (``{"1": value, ...}`` per case, ``{"1": {"mean", "std", "n"}, ...}`` in the
+    summary), and with ``runs >= 2`` ``dice_run_mean`` (the mean of the single runs' hard
+    Dice, the original's figure) and ``nqm``. Unlabelled cases get predictions only.
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
@@ -108,21 +110,22 @@ def evaluate_cases(
     )  # (runs, N, H, W, n_out)
     probs = run_probs.mean(axis=0)
     out = Path(out_dir) if out_dir is not None else None
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(progress(slices.case_names)):
         rows = slices.case_slices(k)
         p = probs[rows]
         pred_labels = probabilities_to_labels(p)
-        r: dict[str, float] = {}
+        r: dict[str, Any] = {}
         if slices.labels is not None:
             t = slices.labels[rows]
-            r["dice"] = dice_hard(p, t)
-            r["dice_soft"] = dice_soft(p, t)
+            _put(r, "dice", dice_per_class(pred_labels, t))
+            _put(r, "dice_soft", soft_dice_per_class(p, t))
             if native and name in by_name and by_name[name].label is not None:
-                r["dice_native"] = _native_dice(pred_labels, by_name[name], cfg, slices.native_shapes[k], slices.slice_axis)
+                _put(r, "dice_native", _native_dice(pred_labels, by_name[name], cfg, slices.native_shapes[k], slices.slice_axis))
         if runs >= 2:
             if slices.labels is not None:  # what the original reports: the mean of single-run Dice
-                r["dice_run_mean"] = float(np.mean([dice_hard(run_probs[j, rows], slices.labels[rows]) for j in range(runs)]))
+                r["dice_run_mean"] = float(np.mean([np.mean(dice_per_class(probabilities_to_labels(run_probs[j, rows]), t))
+                                                    for j in range(runs)]))
             r["nqm"] = nqm(run_probs[:, rows])
         results[name] = r
         if out is not None and runs >= 2 and slices.labels is not None and panels:
@@ -141,37 +144,70 @@ def evaluate_cases(
 
 
 def _case_panel(path: Path, images: np.ndarray, probs: np.ndarray, labels: np.ndarray, runs: np.ndarray, name: str, r: dict) -> None:
-    """PNG of the slice with the most foreground: input, mean prediction, label, std over runs."""
+    """PNG of the slice with the most foreground: input, mean prediction, label, std over runs
+    (several classes: the largest over the channels, i.e. any foreground class)."""
     from mednca_jax.evaluate.plots import case_panel
     from mednca_jax.evaluate.quality import std_map
 
     i = int(np.argmax(labels.reshape(labels.shape[0], -1).sum(axis=1)))
     title = f"{name}: Dice {r.get('dice', float('nan')):.3f}, NQM {r.get('nqm', float('nan')):.3f}"
-    case_panel(images[i, ..., 0], probs[i, ..., 0], labels[i, ..., 0], std_map(runs[:, i, ..., 0]), path, title=title)
+    case_panel(images[i, ..., 0], probs[i].max(-1), labels[i].max(-1), std_map(runs[:, i]).max(-1), path, title=title)
 
 
-def summarize(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean and (population) std over cases of every metric present."""
-    keys = sorted({k for r in results.values() for k in r})
-    summary = {}
+def _metric_order(key: str) -> tuple:
+    """Metric names alphabetically; class values ("1", "2", .., "10") by their number."""
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and (population) std over cases of every metric present; a per-class metric
+    (``{"1": value, ...}`` per case) gets them per class: ``{"1": {"mean", "std", "n"}, ...}``."""
+    keys = sorted({k for r in results.values() for k in r}, key=_metric_order)
+    summary: dict[str, Any] = {}
     for k in keys:
-        vals = np.array([r[k] for r in results.values() if k in r], np.float64)
-        summary[k] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": int(vals.size)}
+        vals = [r[k] for r in results.values() if k in r]
+        if isinstance(vals[0], dict):
+            summary[k] = summarize({str(i): v for i, v in enumerate(vals)})
+            continue
+        a = np.array(vals, np.float64)
+        summary[k] = {"mean": float(a.mean()), "std": float(a.std()), "n": int(a.size)}
     return summary
 
 
+def _columns(summary: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """``(header, metric, class)`` of each table column: every metric, followed (with two or
+    more classes) by one column per class of its per-class figures."""
+    cols: list[tuple[str, str, str | None]] = []
+    for k in summary:
+        if k.endswith(PER_CLASS):
+            continue
+        cols.append((k, k, None))
+        per_class = summary.get(k + PER_CLASS, {})
+        if len(per_class) >= 2:
+            cols += [(f"{k}[{c}]", k + PER_CLASS, c) for c in per_class]
+    return cols
+
+
 def format_table(metrics: dict[str, Any]) -> str:
-    """A plain-text table: one row per case, then mean ± std."""
+    """A plain-text table: one row per case, then mean ± std; with several classes a column
+    per class (``dice[1]``, ``dice[2]``, ...) after each mean over classes."""
     cases = metrics["cases"]
-    keys = list(metrics["summary"])
-    if not keys:
+    cols = _columns(metrics["summary"])
+    if not cols:
         return f"{len(cases)} case(s) predicted (no labels, no metrics)"
     width = max([len("case")] + [len(n) for n in cases])
-    lines = [f"{'case':<{width}}  " + "  ".join(f"{k:>11}" for k in keys)]
+    w = [max(11, len(h)) for h, _, _ in cols]
+
+    def cell(d: dict[str, Any], metric: str, c: str | None) -> Any:
+        v = d.get(metric)
+        return v if c is None or v is None else v.get(c)
+
+    lines = [f"{'case':<{width}}  " + "  ".join(f"{h:>{n}}" for (h, _, _), n in zip(cols, w))]
     for name, r in cases.items():
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{r[k]:>11.4f}" if k in r else f"{'-':>11}" for k in keys))
-    s = metrics["summary"]
-    lines.append(f"{'mean ± std':<{width}}  " + "  ".join(f"{s[k]['mean']:.4f}±{s[k]['std']:.3f}".rjust(11) for k in keys))
+        vals = [cell(r, k, c) for _, k, c in cols]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{n}.4f}" if v is not None else f"{'-':>{n}}" for v, n in zip(vals, w)))
+    stats = [cell(metrics["summary"], k, c) for _, k, c in cols]
+    lines.append(f"{'mean ± std':<{width}}  " + "  ".join(f"{s['mean']:.4f}±{s['std']:.3f}".rjust(n) for s, n in zip(stats, w)))
     return "\n".join(lines)
 
 

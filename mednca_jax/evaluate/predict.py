@@ -169,9 +169,9 @@ def predict_volume(
     import jax
 
     from mednca_jax.data import preprocess_volume, resample_to_native
-    from mednca_jax.evaluate.evaluation import probabilities_to_labels
     from mednca_jax.evaluate.inference import predict_slices
     from mednca_jax.evaluate.quality import nqm, variance_volume
+    from mednca_jax.losses import probabilities_to_labels
 
     images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
     run_probs = np.stack([
@@ -256,6 +256,8 @@ def predict_scans(
         _write_atomic(scan.label_out, labels, meta, np.uint8)
         entry: dict[str, Any] = {"input": str(scan.image), "labels": str(scan.label_out), "shape": list(meta.shape),
                                  "foreground_voxels": int((labels > 0).sum())}
+        if cfg.model.n_out > 1:  # the label volume holds the class values 1..n_out
+            entry["class_voxels"] = {str(c): int((labels == c).sum()) for c in range(1, cfg.model.n_out + 1)}
         if variance is not None:
             _write_atomic(scan.variance_out, variance, meta, np.float32)
             entry.update(variance=str(scan.variance_out), nqm=score)

@@ -16,7 +16,7 @@ import numpy as np
 from mednca_jax.config import Config
 from mednca_jax.data import SliceSet
 from mednca_jax.evaluate.inference import PredictFn, predict_slices
-from mednca_jax.losses import dice_hard
+from mednca_jax.losses import volume_dice
 from mednca_jax.evaluate.perturbations import PERTURBATIONS, SCALE_SIZES, apply_perturbation, check_severities, rescale
 from mednca_jax.evaluate.perturbations_torchio import TORCHIO_LEVELS, apply_torchio, check_torchio_names
 from mednca_jax.evaluate.quality import choose_nqm_threshold, failure_detection_summary, spearman
@@ -34,8 +34,9 @@ def check_perturbation_names(names: Sequence[str]) -> list[str]:
 
 
 def per_case_dice(probs: np.ndarray, labels: np.ndarray, slices: SliceSet) -> np.ndarray:
-    """Hard Dice per case ``(K,)`` of slice-wise ``probs``/``labels`` ``(N, H, W, n_out)``."""
-    return np.array([dice_hard(probs[rows], labels[rows]) for rows in map(slices.case_slices, range(len(slices.case_names)))])
+    """Hard Dice per case ``(K,)`` (the mean over classes) of slice-wise ``probs``/``labels``
+    ``(N, H, W, n_out)``."""
+    return np.array([volume_dice(probs[rows], labels[rows])["dice"] for rows in map(slices.case_slices, range(len(slices.case_names)))])
 
 
 def _stats(d: np.ndarray) -> dict[str, float]:

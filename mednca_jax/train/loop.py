@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mednca_jax.train import checkpoint as ckpt
-from mednca_jax.config import Config
+from mednca_jax.config import Config, with_classes
 from mednca_jax.errors import MedNCAError
-from mednca_jax.data import BatchIterator, Case, DataError, load_slices, make_synthetic_task, read_split, write_split
+from mednca_jax.data import BatchIterator, Case, DataError, largest_label, load_slices, make_synthetic_task, read_split, write_split
 from mednca_jax.data.formats import initial_split, is_images, list_task_cases, resolve_data_config
 from mednca_jax.data.synthetic_images import write_image_task
 from mednca_jax.evaluate.evaluation import evaluate_cases, make_predict_fn, predict_slices
@@ -58,6 +58,7 @@ class RunData:
     split: Any
     train: Any  # SliceSet
     val: Any | None
+    cfg: Config  # the run's config: with data.labels = "classes", its number of classes is known
 
 
 def default_data_dir(cfg: Config, workdir: Path) -> Path:
@@ -73,7 +74,9 @@ def default_data_dir(cfg: Config, workdir: Path) -> Path:
 
 
 def prepare_data(cfg: Config, data_dir: Path, workdir: Path, cache_dir: Path | None) -> RunData:
-    """List labelled cases, make (or re-read) the patient split, load train/val slices."""
+    """List labelled cases, make (or re-read) the patient split, load train/val slices. With
+    ``data.labels = "classes"`` and no ``data.classes``, the classes are those of the training
+    cases: K = their largest label value, in ``RunData.cfg``."""
     cases = [c for c in list_task_cases(data_dir, cfg.data) if c.label is not None]
     if len(cases) < 2:
         raise DataError(f"{data_dir} has {len(cases)} labelled case(s); training needs at least 2")
@@ -87,6 +90,11 @@ def prepare_data(cfg: Config, data_dir: Path, workdir: Path, cache_dir: Path | N
     else:
         split = initial_split([c.name for c in cases], data_dir, cfg.data)  # an image folder's own split.json first
     by_name = {c.name: c for c in cases}
+    if cfg.data.classes_from_data:
+        if is_images(cfg.data):
+            raise DataError(f"config key 'data.classes': {data_dir} is an image folder; with data.labels = 'classes' "
+                            "set data.classes to the number of classes (the largest mask value)")
+        cfg = with_classes(cfg, max(largest_label([by_name[n] for n in split.train], cfg.data), 1))
     n_out = cfg.model.n_out
     train = load_slices([by_name[n] for n in split.train], cfg.data, cache_dir, n_out)
     if not train.has_foreground.any():
@@ -96,10 +104,16 @@ def prepare_data(cfg: Config, data_dir: Path, workdir: Path, cache_dir: Path | N
             f"the labels of all {len(split.train)} training cases in {data_dir} are background only (no voxel > 0 "
             f"after resizing to {list(cfg.data.image_size)}): the model would never be updated. Check {check}"
         )
+    if n_out > 1 and not train.labels[..., -1].any():  # a channel that would never learn anything
+        raise DataError(
+            f"config key 'data.classes' (model.n_out): {n_out} classes, but no training label in {data_dir} has class "
+            f"{n_out} after resizing to {list(cfg.data.image_size)}; set data.classes to the largest class or leave "
+            "both keys out (then the training labels decide)"
+        )
     val = load_slices([by_name[n] for n in split.val], cfg.data, cache_dir, n_out) if split.val else None
     if not split_path.is_file():
         write_split(split_path, split)  # only once the data is known to be usable
-    return RunData(cases, split, train, val)
+    return RunData(cases, split, train, val, cfg)
 
 
 def check_split_matches(saved: Any, data_cfg: Any, path: Path) -> None:
@@ -160,6 +174,8 @@ def check_run_folder(cfg: Config, workdir: Path, resume: bool) -> None:
         raise RunError(f"--resume: {workdir} holds no checkpoint to resume from")
     if resume:
         saved = ckpt.load_run_config(workdir)
+        if cfg.data.classes_from_data and saved.data.labels == "classes":
+            cfg = with_classes(cfg, saved.data.classes)  # the count the run read from its training labels
         ckpt.check_same_model(saved, cfg, workdir)
         if saved.data != cfg.data:
             raise RunError(f"--resume: the [data] section differs from the run's {workdir / ckpt.CONFIG_FILE}; resume with the same config")
@@ -174,7 +190,7 @@ def setup_run(cfg: Config, workdir: Path, data_dir: str | Path | None, cache_dir
         root = Path(data_dir) if data_dir is not None else default_data_dir(cfg, workdir)
         data = prepare_data(cfg, root, workdir, Path(cache_dir) if cache_dir else None)
         if primary:
-            ckpt.save_run_config(workdir, cfg)
+            ckpt.save_run_config(workdir, data.cfg)
             if data_dir is not None:
                 ckpt.save_data_dir(workdir, data_dir)
         return root, data
@@ -292,7 +308,8 @@ def log_train_metrics(run: Run, step: int, metrics: dict[str, Any], rate: float)
 
 
 def validate(run: Run, step: int) -> float | None:
-    """Mean hard Dice on the validation cases (``None`` without any); logs it and an image grid."""
+    """Mean hard Dice on the validation cases (the mean over classes; ``None`` without any);
+    logs it (and each class's) and an image grid."""
     data, cfg = run.data, run.cfg
     if data.val is None:
         return None
@@ -308,8 +325,14 @@ def validate(run: Run, step: int) -> float | None:
     tb(run, "add_scalar", "val/dice_soft", m["summary"]["dice_soft"]["mean"], step)
     rows = _pick_val_images(data.val)
     probs = predict_slices(run.predict, params, data.val.images[rows], run.eval_key, cfg.model.fire_rate, len(rows))
-    tb(run, "add_image", "val/input_prediction_label", _image_grid(data.val.images[rows], probs, data.val.labels[rows]), step)
-    log(run, {"step": step, "minutes": run.elapsed() / 60, "val_dice": dice, "val_dice_soft": m["summary"]["dice_soft"]["mean"]})
+    fg = lambda a: a.max(axis=-1, keepdims=True)  # noqa: E731  (several classes: any foreground class)
+    tb(run, "add_image", "val/input_prediction_label", _image_grid(data.val.images[rows], fg(probs), fg(data.val.labels[rows])), step)
+    record = {"step": step, "minutes": run.elapsed() / 60, "val_dice": dice, "val_dice_soft": m["summary"]["dice_soft"]["mean"]}
+    if cfg.model.n_out > 1:  # val_dice is the mean over classes; each class too
+        record["val_dice_per_class"] = {c: s["mean"] for c, s in m["summary"]["dice_per_class"].items()}
+        for c, v in record["val_dice_per_class"].items():
+            tb(run, "add_scalar", f"val/dice_class{c}", v, step)
+    log(run, record)
     run.progress.best = max(run.progress.best, dice)
     return dice
 
@@ -435,7 +458,7 @@ def train(
         with run_lock(workdir, primary):
             with undo_on_failure(workdir, created and not resume, (ckpt.CONFIG_FILE, ckpt.DATA_FILE, SPLIT_FILE, "synthetic_data"), primary):
                 _, data = setup_run(cfg, workdir, data_dir, cache_dir)
-            return _train_loop(cfg, workdir, data, resume, progress, stop_after, primary, backend)
+            return _train_loop(data.cfg, workdir, data, resume, progress, stop_after, primary, backend)
     except OSError as e:
         full = disk_full_error(e, workdir)
         if full is None:
