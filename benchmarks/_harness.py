@@ -142,6 +142,21 @@ def add_torch_args(p: Any) -> None:
                         "(see benchmarks/torch_reference.py)")
 
 
+def add_quick_arg(p: Any, quick: dict[str, Any], note: str = "runs, times nothing meaningful") -> None:
+    """``--quick``: the CI-sized problem ``quick`` (option name -> value), named in the help."""
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny problem for CI (" + ", ".join(f"{k}={v}" for k, v in quick.items()) + f"): {note}")
+
+
+def parse_quick(p: Any, argv: list[str] | None, quick: dict[str, Any]) -> Any:
+    """Parse ``argv``; with ``--quick``, the values of ``quick`` replace the parsed ones."""
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in quick.items():
+            setattr(args, k, v)
+    return args
+
+
 def add_run_args(p: Any, *, retry_budget: bool = True) -> None:
     """The options every benchmark shares: contention limit, exit status, JSON, worker role."""
     p.add_argument("--max-foreign-load", type=float, default=0.25,

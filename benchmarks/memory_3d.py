@@ -43,14 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=0, help="timed steps per setting after the first run (which also faults in fresh memory)")
     p.add_argument("--max-growth", type=float, default=2.0, help="bound on peak(longest) / peak(shortest), nested remat")
     p.add_argument("--loss-rtol", type=float, default=1e-5, help="bound on the loss difference nested vs none")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny problem for CI (" + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + "): runs, bounds not enforced")
+    H.add_quick_arg(p, QUICK, "runs, bounds not enforced")
     H.add_run_args(p, retry_budget=False)
-    args = p.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    return args
+    return H.parse_quick(p, argv, QUICK)
 
 
 # --------------------------------------------------------------------------- worker

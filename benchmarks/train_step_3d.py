@@ -59,14 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pieces", type=int, default=0,
                    help="cpu_fast's independent pieces per step (0: what model.backend=auto picks for the usable cores)")
     p.add_argument("--min-speedup", type=float, default=5.0, help="bound on reference step time / cpu_fast step time")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny problem for CI (" + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + "): runs, times nothing meaningful")
+    H.add_quick_arg(p, QUICK)
     H.add_run_args(p)
-    args = p.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    return args
+    return H.parse_quick(p, argv, QUICK)
 
 
 def make_batch(args: argparse.Namespace):

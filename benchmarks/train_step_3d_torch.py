@@ -40,14 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remat", default="none", choices=["none", "step", "nested"], help="JAX rollout checkpointing")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu_fast"], help="JAX model.backend")
     p.add_argument("--max-ratio", type=float, default=0.5, help="bound on JAX step time / torch step time")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny problem for CI (" + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + "): runs, times nothing meaningful")
+    H.add_quick_arg(p, QUICK)
     H.add_run_args(p)
-    args = p.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    return args
+    return H.parse_quick(p, argv, QUICK)
 
 
 # --------------------------------------------------------------------------- workers
