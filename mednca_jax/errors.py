@@ -4,7 +4,8 @@ exit code 2) from a bug (a traceback).
 
 Most modules keep their own error class (``DataError`` in ``data``, ``CheckpointError`` in
 ``train.checkpoint``, ...); :class:`ConfigError` is here because both ``config`` and
-``plugins`` raise it. They all inherit from :class:`MedNCAError`, and from ``ValueError`` or
+``plugins`` raise it, :class:`PredictError` because both prediction modules (NIfTI scans and
+image folders) raise it. They all inherit from :class:`MedNCAError`, and from ``ValueError`` or
 ``RuntimeError``.
 """
 
@@ -22,3 +23,7 @@ class UsageError(MedNCAError, ValueError):
 
 class ConfigError(MedNCAError, ValueError):
     """A config file or override is malformed; the message names the key."""
+
+
+class PredictError(MedNCAError, ValueError):
+    """A user's input to ``mednca predict`` is unusable; the message names it and the fix."""

@@ -27,16 +27,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from mednca_jax.config import Config
+from mednca_jax.errors import PredictError
+from mednca_jax.evaluate.quality import QUALITY_FILE
 from mednca_jax.machine import Machine, backend_for
 
 LABEL_SUFFIX = ".nii.gz"
 VARIANCE_SUFFIX = "_variance.nii.gz"
-QUALITY_FILE = "quality.json"
-
-
-class PredictError(ValueError):
-    """A user's input to ``mednca predict`` is unusable; the message names it and the fix."""
-
 
 @dataclass(frozen=True)
 class Scan:

@@ -24,7 +24,8 @@ from mednca_jax.config import Config
 from mednca_jax.data import Case, DataError
 from mednca_jax.data import images as img
 from mednca_jax.data.formats import check_task_cases
-from mednca_jax.evaluate.predict import QUALITY_FILE, PredictError
+from mednca_jax.errors import PredictError
+from mednca_jax.evaluate.quality import QUALITY_FILE
 
 MASK_SUFFIX = ".png"
 VARIANCE_SUFFIX = "_variance.tif"

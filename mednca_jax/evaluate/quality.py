@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+# the file `mednca predict --runs N` writes beside its predictions (NQM per input)
+QUALITY_FILE = "quality.json"
+
 
 def _runs(probs_runs: Any) -> np.ndarray:
     p = np.asarray(probs_runs, dtype=np.float64)
