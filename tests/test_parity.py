@@ -48,11 +48,17 @@ def test_deterministic_parity_with_the_original(official):
 
 
 @pytest.mark.slow
-def test_stochastic_parity_ten_seeds(official):
+def test_stochastic_parity_over_seeds(official, request):
+    """The original's mean Dice at fire rate 0.5 over ten seeds is 0.902. cpu_fast (what CPU
+    users run) is held to it over ten seeds; the reference backend, three times slower and
+    checked against cpu_fast step by step in test_equivalence.py, over three seeds with a
+    bound widened for the fewer seeds."""
     cfg, params, fx, fwd = official
+    fast = request.node.callspec.params["official"].name == "cpu_fast"
+    seeds, bound = (10, 0.01) if fast else (3, 0.015)
     img = jnp.asarray(fx["image"])[..., None]
-    dices = [dice_hard(np.asarray(fwd(params, img, jax.random.PRNGKey(s), 0.5)[0][..., 0]) > 0, fx["label"]) for s in range(10)]
-    assert abs(np.mean(dices) - 0.902) <= 0.01
+    dices = [dice_hard(np.asarray(fwd(params, img, jax.random.PRNGKey(s), 0.5)[0][..., 0]) > 0, fx["label"]) for s in range(seeds)]
+    assert abs(np.mean(dices) - 0.902) <= bound
     assert np.std(dices) > 0  # the masks really are stochastic
 
 
