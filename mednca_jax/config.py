@@ -36,6 +36,8 @@ SCHEDULES = ("exponential", "cosine", "budget_cosine", "budget_exponential")
 LABEL_INTERPOLATIONS = ("nearest", "bilinear")
 DATA_FORMATS = ("msd", "images")
 RESIZE_MODES = ("pad", "stretch")
+PLACEMENTS = ("keep_original_scale", "resample")  # 3D volumes on the model grid (data/volumes.py)
+LOSSES = ("dice_bce", "dice_focal")
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,18 @@ class DataConfig:
     synthetic_cases: int = 24  # size of the embedded default data set
     format: str = "msd"  # msd: an MSD NIfTI task folder; images: DIR/images + DIR/masks of 2D images (docs/data.md)
     resize: str = "pad"  # images: pad (keep the aspect ratio, centred, zeros around) | stretch to image_size
+    # 3D (three image_size entries): keep_original_scale places each volume unresized in the
+    # grid's corner (M3D-NCA); resample resizes it to the grid
+    placement: str = "keep_original_scale"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", LABEL_MODE_ALIASES.get(self.labels, self.labels))
+
+    @property
+    def volumetric(self) -> bool:
+        """Whether cases are whole 3D volumes on the model grid (three ``image_size`` entries)
+        rather than 2D slices."""
+        return len(self.image_size) == 3
 
     @property
     def classes_from_data(self) -> bool:
@@ -134,6 +145,7 @@ class TrainConfig:
     # same over the time budget (time_limit_min): cosine, or exponential in the fraction used.
     schedule: str = "exponential"
     lr_final: float = 0.01  # cosine and budget schedules: the final learning rate, as a fraction of lr
+    loss: str = "dice_bce"  # dice_bce (Med-NCA) | dice_focal (M3D-NCA; losses.py)
 
 
 @dataclass(frozen=True)
@@ -393,6 +405,8 @@ def validate(cfg: Config) -> Config:
     _check(d.synthetic_cases >= 3, "data.synthetic_cases", f"must be >= 3, got {d.synthetic_cases}")
     _check(d.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {d.format!r}")
     _check(d.resize in RESIZE_MODES, "data.resize", f"must be one of {RESIZE_MODES}, got {d.resize!r}")
+    _check(d.placement in PLACEMENTS, "data.placement", f"must be one of {PLACEMENTS}, got {d.placement!r}")
+    _check(len(d.image_size) in (2, 3), "data.image_size", f"must be [H, W] (2D slices) or [X, Y, Z] (3D volumes), got {list(d.image_size)}")
     _check(
         d.format != "images" or len(d.image_size) == 2,
         "data.image_size",
@@ -420,6 +434,7 @@ def validate(cfg: Config) -> Config:
         f"{t.schedule!r} anneals over the time budget: set train.time_limit_min > 0",
     )
     _check(0 < t.lr_final <= 1, "train.lr_final", f"must be in (0, 1], got {t.lr_final}")
+    _check(t.loss in LOSSES, "train.loss", f"must be one of {LOSSES}, got {t.loss!r}")
     _validate_augment(cfg.augment)
     return cfg
 

@@ -94,3 +94,15 @@ def preprocess_volume_3d(
         grid_image = resize_linear(first, grid)
         grid_label = None if label is None else resize_nearest_nd(label, grid)
     return rescale_percentiles(z_normalise(grid_image)), grid_label
+
+
+def volume_to_native(grid_volume: np.ndarray, native_shape: Sequence[int], placement: str = "keep_original_scale") -> np.ndarray:
+    """A prediction on the model grid ``(*grid, ...)`` back in the scan's own grid
+    ``(*native_shape, ...)``: the corner the volume was placed in (``keep_original_scale``), or
+    a nearest-neighbour resize (``resample``; labels and variances alike). Trailing axes
+    (classes) are kept."""
+    native = tuple(int(n) for n in native_shape[:3])
+    if placement == "keep_original_scale":
+        return grid_volume[tuple(slice(0, n) for n in native)]
+    index = np.ix_(*[nearest_resize_index(g, n) for g, n in zip(grid_volume.shape[:3], native)])
+    return grid_volume[index]
