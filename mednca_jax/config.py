@@ -59,6 +59,7 @@ class ModelConfig:
     scales: tuple[int, ...] = (4, 1)
     downscale: str = "bilinear"
     patch_size: int = 16  # training crop at full resolution; 0 trains on whole images
+    patch_foreground: float = 0.0  # share of training crops placed around a foreground voxel (0: uniform)
     remat: str = "none"  # gradient checkpointing of the rollout: none | step | nested
     perception: str = "learned"  # a registered perception: learned (the original) | sobel | depthwise | a plug-in's
     kernel_size: tuple[int, ...] = (3,)  # the perception's odd window: one for every level, or one per level
@@ -384,9 +385,11 @@ def validate(cfg: Config) -> Config:
     if m.kind == "nca":
         _validate_rule(m)
     _check(m.patch_size >= 0, "model.patch_size", f"must be >= 0, got {m.patch_size}")
+    _check(0.0 <= m.patch_foreground <= 1.0, "model.patch_foreground", f"must be in [0, 1], got {m.patch_foreground}")
     _check(m.unet_width >= 1 and m.unet_depth >= 1, "model.unet_width", "UNet width and depth must be >= 1")
 
     _check(len(d.image_size) >= 1 and all(s > 0 for s in d.image_size), "data.image_size", f"must be one size > 0 per spatial axis, got {list(d.image_size)}")
+    _check(len(d.image_size) in (2, 3), "data.image_size", f"must be [H, W] (2D slices) or [X, Y, Z] (3D volumes), got {list(d.image_size)}")
     size = "x".join(map(str, d.image_size))
     coarsest = m.scales[0]
     _check(all(s % coarsest == 0 for s in d.image_size), "data.image_size", f"{size} is not divisible by the coarsest level scale {coarsest}")
@@ -406,7 +409,6 @@ def validate(cfg: Config) -> Config:
     _check(d.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {d.format!r}")
     _check(d.resize in RESIZE_MODES, "data.resize", f"must be one of {RESIZE_MODES}, got {d.resize!r}")
     _check(d.placement in PLACEMENTS, "data.placement", f"must be one of {PLACEMENTS}, got {d.placement!r}")
-    _check(len(d.image_size) in (2, 3), "data.image_size", f"must be [H, W] (2D slices) or [X, Y, Z] (3D volumes), got {list(d.image_size)}")
     _check(
         d.format != "images" or len(d.image_size) == 2,
         "data.image_size",

@@ -1,4 +1,4 @@
-"""The training loss (the original's DiceBCE) and Dice metrics.
+"""The training losses (Med-NCA's DiceBCE, M3D-NCA's DiceFocal) and Dice metrics.
 
 All functions take logits or probabilities ``(..., n_out)`` with the class channels last.
 """
@@ -59,6 +59,46 @@ def dice_bce_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
         scalar loss (0 when no channel has foreground).
     """
     return dice_bce_from_sums(dice_bce_sums(logits, target))
+
+
+def dice_focal_sums(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """The batch sums DiceFocal is computed from, per output channel: ``(n_out, 8)``, the five
+    of :func:`dice_bce_sums` then ``[sum BCE e, sum BCE e**2, sum e]`` with ``e = exp(p)``.
+
+    The original's focal factor is ``(1 - softmax(p))**2`` with the softmax over every voxel of
+    the batch: ``softmax_i = e_i / S``, ``S = sum e``. Expanding the square,
+    ``sum BCE_i (1 - e_i / S)**2 = sum BCE - 2 sum(BCE e) / S + sum(BCE e**2) / S**2``: every
+    term is a sum, so parts of a batch (data-parallel shards) add up exactly as for DiceBCE.
+    ``p`` is in [0, 1], so ``e`` cannot overflow.
+    """
+    z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+    t = target.reshape(-1, target.shape[-1]).astype(jnp.float32)
+    bce, e = _bce_with_logits(z, t), jnp.exp(jax.nn.sigmoid(z))
+    extra = jnp.stack([(bce * e).sum(axis=0), (bce * e * e).sum(axis=0), e.sum(axis=0)], axis=1)
+    return jnp.concatenate([dice_bce_sums(logits, target), extra], axis=1)
+
+
+def dice_focal_from_sums(sums: jax.Array) -> jax.Array:
+    """DiceFocal from :func:`dice_focal_sums` ``(n_out, 8)``: per channel
+    ``mean(BCE (1 - softmax(p))**2) + 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)``, averaged
+    over channels like :func:`dice_bce_from_sums` (a channel without foreground gives 0)."""
+    bce, pt, ps, ts, count, bce_e, bce_e2, e_sum = (sums[:, i] for i in range(8))
+    focal = (bce - 2.0 * bce_e / e_sum + bce_e2 / (e_sum * e_sum)) / count
+    dice = 1.0 - (2.0 * pt + 1.0) / (ps + ts + 1.0)
+    return jnp.sum(jnp.where(ts > 0, focal + dice, 0.0)) / sums.shape[0]
+
+
+def dice_focal_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """M3D-NCA's DiceFocal loss (REFERENCE.md, "M3D-NCA"): soft Dice (smooth 1) over the
+    flattened batch plus the mean of ``BCE(p, t) (1 - softmax(p))**2``, the softmax taken
+    over every voxel of the batch. That softmax is about ``1 / N`` per voxel, so the loss is
+    in effect DiceBCE (within ``~2 / N`` of it); kept for exactness. Shapes as
+    :func:`dice_bce_loss`."""
+    return dice_focal_from_sums(dice_focal_sums(logits, target))
+
+
+# train.loss -> (the per-part sums, the loss from the summed sums): the train step's two halves
+LOSS_SUMS = {"dice_bce": (dice_bce_sums, dice_bce_from_sums), "dice_focal": (dice_focal_sums, dice_focal_from_sums)}
 
 
 def has_foreground(target: jax.Array) -> jax.Array:

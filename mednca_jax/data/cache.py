@@ -26,6 +26,7 @@ from mednca_jax.config import DataConfig
 from mednca_jax.data.images import IMAGES_VERSION, load_image_case
 from mednca_jax.data.msd import Case, DataError, VolumeMeta, load_case
 from mednca_jax.data.preprocess import PREPROCESS_VERSION, preprocess_volume
+from mednca_jax.data.volumes import VOLUMES_VERSION, volume_sample
 
 
 def default_cache_dir() -> Path:
@@ -57,14 +58,16 @@ def cache_key(case: Case, data_cfg: DataConfig, n_out: int = 1) -> str:
     }
     if data_cfg.format != "msd":  # only then: the keys of existing MSD caches stay valid
         ident.update(format=data_cfg.format, resize=data_cfg.resize, images_version=IMAGES_VERSION)
+    if data_cfg.volumetric:
+        ident.update(placement=data_cfg.placement, volumes_version=VOLUMES_VERSION)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass
 class SliceSet:
-    """All slices of a list of cases, in case order then slice order.
+    """All slices of a list of cases, in case order then slice order (3D: one volume per case).
 
-    images      (N, H, W, n_in) float32 in [0, 1]
+    images      (N, H, W, n_in) float32 in [0, 1]; 3D (``data.volumetric``): (K, X, Y, Z, n_in)
     labels      (N, H, W, n_out) float32 in {0, 1}, or None when no case has labels
     case_index  (N,) int32: index into ``case_names``
     slice_index (N,) int32: index along the slice axis of the native volume
@@ -145,7 +148,10 @@ def _compute(case: Case, data_cfg: DataConfig, n_out: int) -> dict[str, np.ndarr
     else:
         image, label, meta = load_case(case, data_cfg)
         try:
-            images, labels = preprocess_volume(image, label, data_cfg, n_out)
+            if data_cfg.volumetric:  # the whole volume on the model grid: one "slice" (1, X, Y, Z, 1)
+                images, labels = volume_sample(image, label, data_cfg, n_out, what=str(case.image))
+            else:
+                images, labels = preprocess_volume(image, label, data_cfg, n_out)
         except DataError as e:
             raise DataError(f"{case.label or case.image}: {e}") from None
     out = {

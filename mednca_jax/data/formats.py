@@ -19,6 +19,7 @@ from mednca_jax.config import Config, ConfigError, DataConfig
 from mednca_jax.data import images as img
 from mednca_jax.data.msd import Case, DataError, VolumeMeta, list_cases, load_case, write_volume
 from mednca_jax.data.preprocess import resample_to_native
+from mednca_jax.data.volumes import volume_to_native
 from mednca_jax.data.split import Split, read_split, split_from_config
 
 GENERATED_KINDS = (1, 3)  # model.n_in of the generated image task: grey or RGB
@@ -65,7 +66,10 @@ def native_label(case: Case, data_cfg: DataConfig, n_out: int) -> np.ndarray:
 
 
 def to_native(pred_slices: np.ndarray, native_shape: Sequence[int], slice_axis: int, data_cfg: DataConfig) -> np.ndarray:
-    """A case's ``(S, H, W, ...)`` model-grid predictions -> its native grid ``(X, Y, Z, ...)``."""
+    """A case's ``(S, H, W, ...)`` model-grid predictions -> its native grid ``(X, Y, Z, ...)``
+    (3D: its ``(1, X', Y', Z', ...)`` volume on the model grid)."""
+    if data_cfg.volumetric:
+        return volume_to_native(pred_slices[0], native_shape, data_cfg.placement)
     if is_images(data_cfg):
         return img.to_native(pred_slices, native_shape, data_cfg)
     return resample_to_native(pred_slices, tuple(native_shape), slice_axis)

@@ -16,10 +16,13 @@ from typing import Sequence
 import numpy as np
 
 from mednca_jax.data.msd import DataError
-from mednca_jax.data.preprocess import nearest_resize_index
+from mednca_jax.data.preprocess import encode_labels, nearest_resize_index
 
-PLACEMENTS = ("keep_original_scale", "resample")
+from mednca_jax.config import PLACEMENTS, DataConfig
+
 PERCENTILES = (0.5, 99.5)
+# Part of the cache key of a volume (data/cache.py): bump when the preprocessing changes.
+VOLUMES_VERSION = 1
 
 
 def rescale_percentiles(volume: np.ndarray, percentiles: Sequence[float] = PERCENTILES) -> np.ndarray:
@@ -106,3 +109,15 @@ def volume_to_native(grid_volume: np.ndarray, native_shape: Sequence[int], place
         return grid_volume[tuple(slice(0, n) for n in native)]
     index = np.ix_(*[nearest_resize_index(g, n) for g, n in zip(grid_volume.shape[:3], native)])
     return grid_volume[index]
+
+
+def volume_sample(
+    image: np.ndarray, label: np.ndarray | None, data_cfg: DataConfig, n_out: int = 1, what: str = "volume"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One case as the 3D pipeline stores it: ``images (1, X, Y, Z, 1)`` float32 and
+    ``labels (1, X, Y, Z, n_out)`` (:func:`~mednca_jax.data.preprocess.encode_labels` of
+    ``data.labels``) or None: a volume is the one "slice" of its case, so batches, evaluation and
+    the cache treat 2D slices and 3D volumes alike."""
+    grid_image, grid_label = preprocess_volume_3d(image, label, data_cfg.image_size, data_cfg.placement, what)
+    labels = None if grid_label is None else encode_labels(grid_label[None], data_cfg.labels, n_out)
+    return grid_image[None, ..., None].astype(np.float32), labels

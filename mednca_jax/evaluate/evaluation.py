@@ -31,7 +31,7 @@ from mednca_jax.data.preprocess import encode_labels
 from mednca_jax.errors import UsageError
 from mednca_jax.losses import dice_per_class, probabilities_to_labels, soft_dice_per_class
 from mednca_jax.machine import Machine, backend_for
-from mednca_jax.evaluate.inference import PredictFn, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
+from mednca_jax.evaluate.inference import PredictFn, eval_batch_size, make_predict_fn, predict_slices  # noqa: F401  (part of this module's API)
 from mednca_jax.nca.rollout import count_params
 from mednca_jax.evaluate.quality import nqm, variance_volume
 from mednca_jax.evaluate.perturbations import PERTURBATIONS
@@ -104,6 +104,7 @@ def evaluate_cases(
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     fire_rate = cfg.model.fire_rate if fire_rate is None else fire_rate
+    batch_size = eval_batch_size(cfg, batch_size)
     by_name = {c.name: c for c in cases}
     run_probs = np.stack(
         [predict_slices(predict, params, slices.images, jax.random.fold_in(key, r), fire_rate, batch_size) for r in progress(range(runs))]
@@ -129,7 +130,8 @@ def evaluate_cases(
             r["nqm"] = nqm(run_probs[:, rows])
         results[name] = r
         if out is not None and runs >= 2 and slices.labels is not None and panels:
-            _case_panel(out / "panels" / f"{name}.png", slices.images[rows], p, slices.labels[rows], run_probs[:, rows], name, r)
+            shown = [as_slices(a, cfg.data) for a in (slices.images[rows], p, slices.labels[rows])]
+            _case_panel(out / "panels" / f"{name}.png", *shown, as_slices(run_probs[:, rows], cfg.data, runs=True), name, r)
         if out is not None:
             meta = slices.meta(k)
             write_native(out / "predictions", name, to_native(pred_labels, meta.shape, slices.slice_axis, cfg.data), meta, cfg.data)
@@ -141,6 +143,15 @@ def evaluate_cases(
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def as_slices(a: np.ndarray, data_cfg: DataConfig, runs: bool = False) -> np.ndarray:
+    """A case's rows as 2D slices for pictures: unchanged in 2D; a volume ``(1, X, Y, Z, c)``
+    becomes its ``(Z, X, Y, c)`` axial slices (with ``runs``: ``(R, 1, X, Y, Z, c)`` ->
+    ``(R, Z, X, Y, c)``)."""
+    if not data_cfg.volumetric:
+        return a
+    return np.moveaxis(a[:, 0], 3, 1) if runs else np.moveaxis(a[0], 2, 0)
 
 
 def _case_panel(path: Path, images: np.ndarray, probs: np.ndarray, labels: np.ndarray, runs: np.ndarray, name: str, r: dict) -> None:
@@ -334,6 +345,9 @@ def evaluate_checkpoint(
         data_dir = load_data_dir(checkpoint) or Path(checkpoint) / "synthetic_data"
         if not data_dir.is_dir():
             raise DataError(f"no --data given and the run's data folder {data_dir} does not exist; pass --data TASK_FOLDER")
+    if opts.robustness and cfg.data.volumetric:
+        raise UsageError("--robustness perturbs 2D slices; this model segments 3D volumes (data.image_size has three "
+                         "entries): evaluate it without --robustness")
     if opts.robustness and cfg.model.n_in != 1:
         raise UsageError(f"--robustness perturbs one-channel images; this model reads {cfg.model.n_in} channels (model.n_in)")
     chosen = select_cases(checkpoint, data_dir, opts.cases_file, opts.split, cfg.data)
@@ -352,7 +366,7 @@ def evaluate_checkpoint(
 
     metrics: dict[str, Any] = {"summary": {}, "cases": {}}
     if chosen:
-        metrics["model"] = model_facts(predict, params, cfg, opts.fire_rate, opts.batch_size)
+        metrics["model"] = model_facts(predict, params, cfg, opts.fire_rate, eval_batch_size(cfg, opts.batch_size))
     test_slices = None
     for sub in (labelled, unlabelled):
         if sub:
@@ -364,7 +378,7 @@ def evaluate_checkpoint(
                 metrics["summary"], test_slices = m["summary"], slices
     if opts.runs >= 2 and test_slices is not None:
         metrics["quality"] = _quality(params, cfg, checkpoint, data_dir, metrics, key, predict, out, opts)
-        if cfg.model.kind == "nca":
+        if cfg.model.kind == "nca" and not cfg.data.volumetric:  # a GIF shows 2D frames
             _rollout_gif(params, cfg, test_slices, key, opts.fire_rate, out / "rollout.gif")
     if opts.robustness:
         from mednca_jax.evaluate.plots import markdown_table, plot_robustness

@@ -35,7 +35,7 @@ from mednca_jax.errors import MedNCAError
 from mednca_jax.data import BatchIterator, Case, DataError, largest_label, load_slices, make_synthetic_task, read_split, write_split
 from mednca_jax.data.formats import initial_split, is_images, list_task_cases, resolve_data_config
 from mednca_jax.data.synthetic_images import write_image_task
-from mednca_jax.evaluate.evaluation import evaluate_cases, make_predict_fn, predict_slices
+from mednca_jax.evaluate.evaluation import eval_batch_size, evaluate_cases, make_predict_fn, predict_slices
 from mednca_jax.nca.backends import Backend
 from mednca_jax.networks import init_network_params
 from mednca_jax.train.progress import TrainProgress
@@ -138,7 +138,11 @@ def check_split_matches(saved: Any, data_cfg: Any, path: Path) -> None:
 
 
 def _image_grid(images: np.ndarray, probs: np.ndarray, labels: np.ndarray, n: int = 4) -> np.ndarray:
-    """Rows input / prediction / label for ``n`` slices -> ``(3, 3H, nW)`` CHW image in [0, 1]."""
+    """Rows input / prediction / label for ``n`` slices -> ``(3, 3H, nW)`` CHW image in [0, 1]
+    (volumes ``(n, X, Y, Z, c)``: each one's axial slice with the most foreground)."""
+    if images.ndim == 5:
+        z = labels.reshape(labels.shape[:4] + (-1,)).sum(axis=(1, 2, 4)).argmax(axis=1)  # (n,)
+        images, probs, labels = (a[np.arange(a.shape[0]), :, :, z] for a in (images, probs, labels))
     idx = np.linspace(0, images.shape[0] - 1, min(n, images.shape[0])).astype(int)
     row = lambda a: np.concatenate(list(a[idx, ..., 0]), axis=1)  # noqa: E731
     grid = np.concatenate([row(images), row(probs), row(labels)], axis=0).clip(0, 1)
@@ -324,7 +328,7 @@ def validate(run: Run, step: int) -> float | None:
     tb(run, "add_scalar", "val/dice", dice, step)
     tb(run, "add_scalar", "val/dice_soft", m["summary"]["dice_soft"]["mean"], step)
     rows = _pick_val_images(data.val)
-    probs = predict_slices(run.predict, params, data.val.images[rows], run.eval_key, cfg.model.fire_rate, len(rows))
+    probs = predict_slices(run.predict, params, data.val.images[rows], run.eval_key, cfg.model.fire_rate, eval_batch_size(cfg, len(rows)))
     fg = lambda a: a.max(axis=-1, keepdims=True)  # noqa: E731  (several classes: any foreground class)
     tb(run, "add_image", "val/input_prediction_label", _image_grid(data.val.images[rows], fg(probs), fg(data.val.labels[rows])), step)
     record = {"step": step, "minutes": run.elapsed() / 60, "val_dice": dice, "val_dice_soft": m["summary"]["dice_soft"]["mean"]}

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mednca_jax import networks
 from mednca_jax.augment import augment_batch, augment_keys_of
 from mednca_jax.config import Config, TrainConfig
-from mednca_jax.losses import dice_bce_from_sums, dice_bce_loss, dice_bce_sums, has_foreground
+from mednca_jax.losses import LOSS_SUMS, has_foreground
 from mednca_jax.nca.backends import Backend
 from mednca_jax.nca.rule import sample_keys
 
@@ -187,10 +187,11 @@ def with_budget_used(state: TrainState, tcfg: TrainConfig, elapsed_s: float) -> 
 
 
 def loss_fn(params: Any, cfg: Config, batch: Batch, keys: jax.Array, backend: Backend) -> tuple[jax.Array, jax.Array]:
-    """DiceBCE of one batch with per-sample ``keys (B,)``; also returns whether the (cropped)
-    labels had any foreground."""
+    """The loss (``train.loss``) of one batch with per-sample ``keys (B,)``; also returns
+    whether the (cropped) labels had any foreground."""
     logits, labels = networks.forward_train(params, cfg, batch["image"], batch["label"], keys, backend)
-    return dice_bce_loss(logits, labels), has_foreground(labels)
+    to_sums, from_sums = LOSS_SUMS[cfg.train.loss]
+    return from_sums(to_sums(logits, labels)), has_foreground(labels)
 
 
 def loss_and_grads(
@@ -199,20 +200,22 @@ def loss_and_grads(
     """``(loss, grads, active)`` of one batch with per-sample ``keys (B,)``, or with ``axis``
     of the whole batch whose rows these are (inside ``shard_map``).
 
-    DiceBCE is a function of batch sums (:func:`dice_bce_sums`): each part differentiates its
+    The loss (``train.loss``) is a function of batch sums (:data:`mednca_jax.losses.LOSS_SUMS`): each part differentiates its
     sums, the sums are added over ``axis``, and the loss's gradient with respect to them is
     pulled back through each part's VJP. Nothing is differentiated through a collective.
     ``active``: whether the (cropped) labels have any foreground.
     """
 
+    to_sums, from_sums = LOSS_SUMS[cfg.train.loss]
+
     def sums(p):
         logits, labels = networks.forward_train(p, cfg, batch["image"], batch["label"], keys, backend)
-        return dice_bce_sums(logits, labels)
+        return to_sums(logits, labels)
 
     s, pullback = jax.vjp(sums, params)
     if axis is not None:
         s = jax.lax.psum(s, axis)
-    loss, g_sums = jax.value_and_grad(dice_bce_from_sums)(s)
+    loss, g_sums = jax.value_and_grad(from_sums)(s)
     (grads,) = pullback(g_sums)
     if axis is not None:
         grads = jax.lax.psum(grads, axis)
