@@ -1,4 +1,4 @@
-"""Batched inference of a trained model on preprocessed slices, jitted once per shape.
+"""Batched inference of a trained model on preprocessed slices or volumes, jitted once per shape.
 
 Evaluation, the robustness suite, validation during training and ``mednca predict`` all
 predict through these two functions.
@@ -48,9 +48,12 @@ def predict_slices(
     fire_rate: float,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """Probabilities for all ``images (N, H, W, n_in)`` -> ``(N, H, W, n_out)``.
+    """Probabilities for all ``images (N, *S, n_in)`` -> ``(N, *S, n_out)``: 2D slices
+    ``(N, H, W, n_in)`` or 3D volumes ``(N, X, Y, Z, n_in)``.
 
-    The last batch is padded to ``batch_size`` so one compiled shape serves every call.
+    The last batch is padded to ``batch_size`` so one compiled shape serves every call. Batch
+    ``i`` uses ``fold_in(key, i)``. With batch norm (``model.norm = "batch"``) a sample's output
+    depends on its batch, padding included: such 3D models predict with ``batch_size = 1``.
     """
     n = images.shape[0]
     out = []

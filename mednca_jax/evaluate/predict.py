@@ -1,14 +1,19 @@
 """Segment new, unlabelled NIfTI scans: ``mednca predict`` (a model trained on 2D image
 folders segments images instead: :mod:`mednca_jax.evaluate.predict_images`).
 
-Each scan goes through the training preprocessing (``data.preprocess.preprocess_volume``:
-slices along ``data.slice_axis``, bicubic resize to ``data.image_size``, per-slice [0, 1]
-normalisation), the model's jitted prediction (``inference.make_predict_fn`` /
-``predict_slices``, as ``mednca evaluate`` uses), and back to the scan's own voxel grid
-(``data.resample_to_native``). The label volume is written with the input's affine and
-header (``data.write_volume``). With ``runs >= 2`` the stochastic model runs several times:
-the labels come from the mean probability, and a variance volume and the NQM quality score
-(``quality.nqm``; high means the runs disagree, a likely failure) are written as well.
+Each scan goes through the training preprocessing and the model's jitted prediction
+(``inference.make_predict_fn`` / ``predict_slices``, as ``mednca evaluate`` uses), and back to
+the scan's own voxel grid. A 2D model (two ``data.image_size`` entries) segments slices
+(``data.preprocess.preprocess_volume``: slices along ``data.slice_axis``, bicubic resize to
+``data.image_size``, per-slice [0, 1] normalisation; back with ``data.resample_to_native``).
+A 3D model (three entries, ``data.volumetric``) segments the whole volume at once, one volume
+per batch (batch norm with batch statistics makes a volume's output depend on its batch):
+``data.volumes.preprocess_volume_3d`` places it in the model grid (``data.placement``), and
+``volumes.volume_to_native`` takes the prediction back. The label volume is written with the
+input's affine and header (``data.write_volume``). With ``runs >= 2`` the stochastic model
+runs several times: the labels come from the mean probability, and a variance volume and the
+NQM quality score (``quality.nqm``; high means the runs disagree, a likely failure) are
+written as well.
 
 Every output file is written under a temporary name and renamed when complete, and every
 input is checked before the first prediction, so a bad scan in a folder leaves no output.
@@ -129,13 +134,31 @@ def plan_scans(input_path: str | Path, output_path: str | Path) -> tuple[list[Sc
 
 def load_scan(scan: Scan, cfg: Config):
     """The scan as training reads an image (``data.load_case``), as a :class:`PredictError`
-    naming the file when it is unreadable, not 3D/4D, NaN/inf or constant."""
+    naming the file when it is unreadable, not 3D/4D, NaN/inf or constant, or (a 3D model
+    with ``data.placement = "keep_original_scale"``) larger than the model grid."""
     from mednca_jax.data import Case, DataError, load_case
 
     try:
-        return load_case(Case(scan.name, scan.image), cfg.data)
+        loaded = load_case(Case(scan.name, scan.image), cfg.data)
     except DataError as e:
         raise PredictError(str(e)) from None
+    check_fits_grid(loaded[0].shape, cfg, str(scan.image))
+    return loaded
+
+
+def check_fits_grid(shape: Sequence[int], cfg: Config, what: str) -> None:
+    """A 3D model that places volumes unresized (``keep_original_scale``) needs every axis of
+    the scan within ``data.image_size``; :class:`PredictError` naming ``what`` otherwise."""
+    grid = tuple(int(g) for g in cfg.data.image_size)
+    if not cfg.data.volumetric or cfg.data.placement != "keep_original_scale":
+        return
+    if any(int(s) > g for s, g in zip(shape, grid)):
+        raise PredictError(
+            f"{what} has shape {tuple(int(s) for s in shape)}, larger than the model grid {list(grid)} "
+            "(data.image_size), and the model places scans unresized (data.placement = \"keep_original_scale\"); "
+            "use a model with a larger grid, or set data.placement = \"resample\" in the checkpoint's config to "
+            "resize scans to the grid"
+        )
 
 
 # --------------------------------------------------------------------------- prediction
@@ -149,18 +172,25 @@ def predict_volume(
     runs: int = 1,
     batch_size: int = 32,
     predict: Any,
+    what: str = "volume",
 ) -> tuple[np.ndarray, np.ndarray | None, float | None]:
-    """Segment one volume in its own grid.
+    """Segment one volume in its own grid: slice by slice (a 2D model) or whole, one volume
+    per batch (a 3D model, ``cfg.data.volumetric``).
 
     Args:
         image: ``(X, Y, Z)`` float32, as read by ``data.load_case``.
         key: PRNG key of the fire masks; run ``r`` uses ``fold_in(key, r)``, as ``evaluate``.
+        batch_size: slices per call of a 2D model (a 3D model predicts one volume per call).
         predict: a function from ``inference.make_predict_fn(cfg, backend)`` (one for all
             scans: it keeps its compiled shapes).
+        what: the scan's name in errors.
 
     Returns:
         ``labels (X, Y, Z) uint8`` (0 background, else class 1..n_out), and with ``runs >= 2``
         ``variance (X, Y, Z) float32`` (over runs, max over classes) and the NQM; else None, None.
+
+    Raises:
+        PredictError: a 3D model's ``keep_original_scale`` grid is smaller than the scan.
     """
     import jax
 
@@ -168,6 +198,21 @@ def predict_volume(
     from mednca_jax.evaluate.inference import predict_slices
     from mednca_jax.evaluate.quality import nqm, variance_volume
     from mednca_jax.losses import probabilities_to_labels
+
+    if cfg.data.volumetric:
+        from mednca_jax.data.volumes import preprocess_volume_3d, volume_to_native
+
+        check_fits_grid(image.shape, cfg, what)
+        grid_image, _ = preprocess_volume_3d(image, None, cfg.data.image_size, cfg.data.placement, what=what)
+        batch = grid_image[None, ..., None]  # (1, X, Y, Z, 1): batch norm sees this volume alone
+        run_probs = np.stack([
+            predict_slices(predict, params, batch, jax.random.fold_in(key, r), fire_rate, batch_size=1) for r in range(runs)
+        ])  # (runs, 1, X, Y, Z, n_out)
+        placement = cfg.data.placement
+        labels = volume_to_native(probabilities_to_labels(run_probs.mean(axis=0))[0], image.shape, placement)
+        if runs < 2:
+            return labels, None, None
+        return labels, volume_to_native(variance_volume(run_probs)[0], image.shape, placement), nqm(run_probs)
 
     images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
     run_probs = np.stack([
@@ -247,7 +292,7 @@ def predict_scans(
     for scan in scans:
         image, _, meta = load_scan(scan, cfg)
         labels, variance, score = predict_volume(params, cfg, image, key, fire_rate=fr, runs=runs,
-                                                 batch_size=batch_size, predict=predict)
+                                                 batch_size=batch_size, predict=predict, what=str(scan.image))
         scan.label_out.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(scan.label_out, labels, meta, np.uint8)
         entry: dict[str, Any] = {"input": str(scan.image), "labels": str(scan.label_out), "shape": list(meta.shape),
@@ -273,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mednca predict",
         description="Segment new NIfTI scans (no labels needed) with a trained or imported model. Each scan is "
                     "preprocessed as in training and the label volume is written in the scan's own voxel grid, "
-                    "with its affine and header. A model trained on 2D images (data.format = 'images') segments "
+                    "with its affine and header. A 2D model segments the scan slice by slice; a 3D model "
+                    "(three data.image_size entries) segments the whole volume at once, placed in its grid as "
+                    "data.placement says. A model trained on 2D images (data.format = 'images') segments "
                     "PNG/JPEG/TIFF/BMP images instead and writes one PNG mask per image, of that image's size.",
         epilog="examples:\n"
                "  mednca predict --model hippocampus --input scan.nii.gz --output scan_label.nii.gz\n"
@@ -302,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the fire masks (default 0)")
     p.add_argument("--which", choices=("best", "latest"), default="best",
                    help="checkpoint of a run folder: best validation Dice (default; falls back to latest) or latest")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="slices per inference batch (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="slices per inference batch of a 2D model (default 32); a 3D model "
+                        "predicts one volume at a time")
     return p
 
 
