@@ -158,7 +158,8 @@ def _cli(*argv: str) -> int:
 
 
 def test_tiny_3d_nca_trains_resumes_and_scores_whole_volumes(task, tmp_path, monkeypatch):
-    """train (2 levels, DiceFocal, foreground crops) -> resume -> evaluate --runs 3: per-volume
+    """train (2 levels, DiceFocal, foreground crops) -> resume (the params of a run never
+    stopped, bit for bit) -> evaluate --runs 3: per-volume
     Dice on the grid and in each scan's grid, NQM and its statistics, predictions and variance
     volumes with the scan's shape and affine; --robustness is refused with what to do."""
     from mednca_jax.config import load_config
@@ -171,8 +172,14 @@ def test_tiny_3d_nca_trains_resumes_and_scores_whole_volumes(task, tmp_path, mon
                 "--no-progress", "--cpu-processes", "1") == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert any("val_dice" in r for r in log) and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
-    resumed = train(load_config(tmp_path / "tiny3d.toml", ["train.num_steps=8"]), run, task, resume=True, progress=False)
+    longer = load_config(tmp_path / "tiny3d.toml", ["train.num_steps=8"])
+    resumed = train(longer, run, task, resume=True, progress=False)
     assert resumed["step"] == 8
+    train(longer, tmp_path / "straight", task, progress=False)  # exact resume: as if never stopped
+    from mednca_jax.train import checkpoint as ckpt
+
+    for a, b in zip(*(jax.tree_util.tree_leaves(ckpt.load_params(r, which="latest")[0]) for r in (run, tmp_path / "straight"))):
+        np.testing.assert_array_equal(a, b)
     out = tmp_path / "eval"
     assert _cli("evaluate", "--checkpoint", str(run), "--data", str(task), "--split", "test", "--runs", "3",
                 "--out", str(out), "--no-progress") == 0
