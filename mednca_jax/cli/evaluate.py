@@ -92,7 +92,7 @@ def _main(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if "model" in metrics:
         m = metrics["model"]
-        print(f"model: {m['kind']}, {m['params']:,} params, {m['ms_per_slice']:.1f} ms per slice at batch {m['batch_size']} "
+        print(f"model: {m['kind']}, {m['params']:,} params, {m['ms_per_slice']:.1f} ms per {m.get('image', 'slice')} at batch {m['batch_size']} "
               f"on {m['device']} (compile excluded)")
     q = metrics.get("quality")
     if q is not None and "nqm_threshold" not in q:

@@ -54,7 +54,8 @@ def model_facts(predict: PredictFn, params: Any, cfg: Config, fire_rate: float |
     return {
         "kind": cfg.model.kind,
         "params": count_params(params),
-        "ms_per_slice": 1000.0 * float(np.median(times)) / batch_size,
+        "ms_per_slice": 1000.0 * float(np.median(times)) / batch_size,  # per volume in 3D ("image")
+        "image": "volume" if cfg.data.volumetric else "slice",
         "batch_size": batch_size,
         "device": jax.devices()[0].device_kind,
     }
