@@ -73,3 +73,35 @@ def test_missing_extra_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torchio)
     with pytest.raises(UsageError, match=r"pip install 'mednca-jax\[torchio\]'"):
         EvalOptions(robustness=True, protocols=("torchio",)).check()
+
+
+# ----------------------------------------------------------------------------- 3D volumes
+
+
+def _volumes(n=2, shape=(20, 18, 16), seed=0):
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[np.arange(k) / k for k in shape], indexing="ij")
+    base = 0.2 + 0.6 * np.exp(-sum((gi - 0.5) ** 2 for gi in g) / 0.05)
+    return np.clip(base[None] + 0.02 * rng.standard_normal((n, *shape)), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", list(TORCHIO_PROTOCOL))
+def test_apply_on_volumes_is_seeded_clipped_and_changes_them(name):
+    vols = _volumes()
+    a = apply_torchio(name, vols, 5, seed=1, ndim=3)
+    np.testing.assert_array_equal(a, apply_torchio(name, vols, 5, seed=1, ndim=3))
+    assert a.shape == vols.shape and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    assert np.abs(a - vols).max() > 1e-3
+
+
+def test_volumes_are_perturbed_in_3d():
+    """A volume is one torchio image: blur spreads along Z too, anisotropy may pick Z."""
+    vol = np.zeros((1, 16, 16, 16), np.float32)
+    vol[0, 8, 8, 8] = 1.0
+    blurred = apply_torchio("RandomBlur", vol, 5, seed=0, ndim=3)[0]
+    assert blurred[8, 8, 7] > 0 and blurred[8, 8, 9] > 0
+    assert tuple(torchio_transform("RandomAnisotropy", 3, ndim=3).axes) == (0, 1, 2)
+    assert tuple(torchio_transform("RandomAnisotropy", 3).axes) == (0, 1)
+    with pytest.raises(ValueError, match=r"\(B, X, Y, Z\) volumes"):
+        apply_torchio("RandomNoise", vol[0], 1, seed=0, ndim=3)

@@ -8,6 +8,7 @@ few training steps compile and run in seconds.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import jax
@@ -20,7 +21,6 @@ from mednca_jax.config import Config, ConfigError, DataConfig, ModelConfig, Trai
 from mednca_jax.data import list_cases, load_slices, make_synthetic_task
 from mednca_jax.data.cache import cache_key
 from mednca_jax.data.formats import native_label, to_native
-from mednca_jax.errors import UsageError
 from mednca_jax.losses import LOSS_SUMS, dice_bce_loss, dice_focal_loss
 from mednca_jax.nca.levels import random_crops
 
@@ -161,7 +161,8 @@ def test_tiny_3d_nca_trains_resumes_and_scores_whole_volumes(task, tmp_path, mon
     """train (2 levels, DiceFocal, foreground crops) -> resume (the params of a run never
     stopped, bit for bit) -> evaluate --runs 3: per-volume
     Dice on the grid and in each scan's grid, NQM and its statistics, predictions and variance
-    volumes with the scan's shape and affine; --robustness is refused with what to do."""
+    volumes with the scan's shape and affine; evaluate --robustness perturbs whole volumes
+    (ours, and torchio's protocol where the extra is installed)."""
     from mednca_jax.config import load_config
     from conftest import train
 
@@ -196,11 +197,23 @@ def test_tiny_3d_nca_trains_resumes_and_scores_whole_volumes(task, tmp_path, mon
             np.testing.assert_allclose(written.affine, scan.affine)
     assert "spearman" in json.dumps(metrics["quality"]).lower()
     assert (out / "panels").is_dir() and any((out / "panels").iterdir())
-    with pytest.raises(UsageError, match="3D volumes"):
-        from mednca_jax.evaluate.evaluation import evaluate_checkpoint
-        from mednca_jax.machine import Machine
-
-        evaluate_checkpoint(run, task, tmp_path / "rob", robustness=True, progress=False, machine=Machine.here())
+    rob = tmp_path / "rob"
+    tio = importlib.util.find_spec("torchio") is not None
+    assert _cli("evaluate", "--checkpoint", str(run), "--data", str(task), "--split", "test", "--out", str(rob), "--no-progress",
+                "--robustness", "--perturbations", "gaussian_noise", "spike", *(["RandomNoise"] if tio else []),
+                "--severities", "0.5", "1", "--protocol", "ours", *(["torchio"] if tio else [])) == 0
+    res = json.loads((rob / "robustness.json").read_text())["models"]["nca:tiny3d"]
+    assert set(res) == {"clean", "gaussian_noise", "spike"}
+    for name in ("gaussian_noise", "spike"):
+        assert set(res[name]) == {"0", "0.5", "1.0"} and res[name]["0"] == res["clean"]["0"]
+        assert all(0.0 <= c["mean"] <= 1.0 for c in res[name].values())
+    rob_metrics = json.loads((rob / "metrics.json").read_text())
+    assert res["clean"]["0"]["mean"] == pytest.approx(rob_metrics["summary"]["dice"]["mean"])  # the evaluation's own Dice
+    assert "| spike | 1 |" in (rob / "robustness.md").read_text() and (rob / "robustness.png").stat().st_size > 0
+    if tio:
+        t = json.loads((rob / "robustness_torchio.json").read_text())["models"]["nca:tiny3d"]
+        assert set(t) == {"clean", "RandomNoise"} and set(t["RandomNoise"]) == {"0", "1", "2", "3", "4", "5"}
+        assert (rob / "robustness_torchio.png").stat().st_size > 0
 
 
 @pytest.mark.slow

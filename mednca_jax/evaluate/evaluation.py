@@ -346,9 +346,6 @@ def evaluate_checkpoint(
         data_dir = load_data_dir(checkpoint) or Path(checkpoint) / "synthetic_data"
         if not data_dir.is_dir():
             raise DataError(f"no --data given and the run's data folder {data_dir} does not exist; pass --data TASK_FOLDER")
-    if opts.robustness and cfg.data.volumetric:
-        raise UsageError("--robustness perturbs 2D slices; this model segments 3D volumes (data.image_size has three "
-                         "entries): evaluate it without --robustness")
     if opts.robustness and cfg.model.n_in != 1:
         raise UsageError(f"--robustness perturbs one-channel images; this model reads {cfg.model.n_in} channels (model.n_in)")
     chosen = select_cases(checkpoint, data_dir, opts.cases_file, opts.split, cfg.data)

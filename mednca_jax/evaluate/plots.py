@@ -16,7 +16,8 @@ Robustness results (the same structure as ``robustness.json``)::
         },
     }
 
-For ``"scale"`` the keys are image sizes in pixels (48, 64, ...), and the x axis says so.
+For ``"scale"`` the keys are image sizes in pixels (48, 64, ...; 3D models: the first side of
+the rescaled grid in voxels), and the x axis says so.
 """
 
 from __future__ import annotations
