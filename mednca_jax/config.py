@@ -172,6 +172,7 @@ class AugmentConfig:
     rotate_deg: float = 45.0  # max |angle|
     p_flip_h: float = 0.0  # mirror along H (rows)
     p_flip_w: float = 0.0  # mirror along W (columns)
+    p_flip_d: float = 0.0  # mirror along the third spatial axis (3D volumes only)
     p_elastic: float = 0.0
     elastic_alpha: float = 2.0  # max displacement of a control point, in pixels
     elastic_spacing: int = 8  # control-point spacing in pixels (the field's smoothness)
@@ -438,6 +439,11 @@ def validate(cfg: Config) -> Config:
     _check(0 < t.lr_final <= 1, "train.lr_final", f"must be in (0, 1], got {t.lr_final}")
     _check(t.loss in LOSSES, "train.loss", f"must be one of {LOSSES}, got {t.loss!r}")
     _validate_augment(cfg.augment)
+    _check(
+        cfg.augment.p_flip_d == 0 or cfg.data.volumetric,
+        "augment.p_flip_d",
+        f"mirrors the third spatial axis: needs 3D data (three data.image_size entries), got image_size {list(cfg.data.image_size)}",
+    )
     return cfg
 
 

@@ -39,3 +39,10 @@ def test_uniform_equals_jax_under_jit_and_vmap():
 def test_other_key_implementations_fall_back_to_jax():
     key = jax.random.key(3, impl="rbg")
     np.testing.assert_array_equal(prng.uniform(key, (4, 5)), jax.random.uniform(key, (4, 5)))
+
+
+def test_uniform_at_gives_the_numbers_at_those_positions_of_a_longer_draw():
+    key = jax.random.PRNGKey(3)
+    full = np.asarray(jax.random.uniform(key, (300,)))
+    counter = jnp.array([0, 7, 150, 299, 5], jnp.uint32)
+    np.testing.assert_array_equal(prng.uniform_at(key, counter), full[np.asarray(counter)])

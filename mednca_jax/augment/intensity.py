@@ -1,7 +1,9 @@
-"""Intensity transforms of one image ``(H, W, c)`` (the label is untouched).
+"""Intensity transforms of one image ``(*S, c)`` (the label is untouched): ``S`` is the
+spatial shape, ``(H, W)`` or ``(X, Y, Z)``; each function works for any number of spatial axes.
 
-Gamma, brightness and contrast are dm-pix's; the bias field, the two noise models and the blur
-(dm-pix's is a slow convolution on CPU, see :func:`blur`) are written here. Each function is deterministic given its parameters; the
+Gamma and brightness are dm-pix's; contrast is written here (dm-pix's takes the mean over the
+last two spatial axes only, per slice of a volume), and so are the bias field, the two noise
+models and the blur (dm-pix's is a slow convolution on CPU, see :func:`blur`). Each function is deterministic given its parameters; the
 random draws live in :mod:`mednca_jax.augment` (the pipeline). The physical meaning of each
 parameter matches the test-time perturbation of the same name in
 :mod:`mednca_jax.evaluate.perturbations`, so the augmentation ranges can be read against its severities.
@@ -9,6 +11,7 @@ parameter matches the test-time perturbation of the same name in
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import dm_pix as pix
@@ -18,10 +21,15 @@ import numpy as np
 
 from mednca_jax.evaluate.perturbations import BIAS_ORDER
 
-# Monomials y^i x^j with 1 <= i + j <= BIAS_ORDER (no constant: it would only rescale).
-BIAS_TERMS: tuple[tuple[int, int], ...] = tuple(
-    (i, j) for i in range(BIAS_ORDER + 1) for j in range(BIAS_ORDER + 1 - i) if i + j > 0
-)
+
+
+def bias_terms(ndim: int) -> tuple[tuple[int, ...], ...]:
+    """Exponents of the monomials ``Π_a u_a^(e_a)`` with ``1 <= Σ e_a <= BIAS_ORDER`` (no
+    constant: it would only rescale), in lexicographic order (in 2D ``y^i x^j``, ``i`` outer)."""
+    return tuple(e for e in itertools.product(range(BIAS_ORDER + 1), repeat=ndim) if 0 < sum(e) <= BIAS_ORDER)
+
+
+BIAS_TERMS: tuple[tuple[int, ...], ...] = bias_terms(2)  # the 2D family of perturbations.bias_field
 
 
 def gamma(image: jax.Array, g: jax.Array) -> jax.Array:
@@ -35,8 +43,10 @@ def brightness(image: jax.Array, delta: jax.Array) -> jax.Array:
 
 
 def contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
-    """``factor · (x - mean) + mean``, the mean over the image (per channel)."""
-    return pix.adjust_contrast(image, factor)
+    """``factor · (x - mean) + mean``, the mean over the image (per channel): dm-pix's
+    ``adjust_contrast`` with the mean over every spatial axis (the same operations in 2D)."""
+    mean = jnp.mean(image, axis=tuple(range(image.ndim - 1)), keepdims=True)
+    return jnp.asarray(factor, image.dtype) * (image - mean) + mean
 
 
 def _reflect_gaussian_matrix(n: int, sigma: jax.Array, radius: int) -> jax.Array:
@@ -53,36 +63,46 @@ def _reflect_gaussian_matrix(n: int, sigma: jax.Array, radius: int) -> jax.Array
 
 
 def blur(image: jax.Array, sigma: jax.Array, max_sigma: float) -> jax.Array:
-    """Gaussian blur with ``sigma`` pixels (may be traced), reflect padding, like
-    ``perturbations.blur``. The kernel spans ``±ceil(3·max_sigma)`` pixels whatever ``sigma``
-    is, so shapes stay static.
+    """Gaussian blur with ``sigma`` pixels (may be traced) along every spatial axis, reflect
+    padding, like ``perturbations.blur``. The kernel spans ``±ceil(3·max_sigma)`` pixels
+    whatever ``sigma`` is, so shapes stay static.
 
-    Written as two small matrix products (rows, then columns): dm-pix's ``gaussian_blur`` (a
-    grouped convolution) took 23 ms on a 48 x 64 x 64 batch, these about 2 ms (shared 2-core
-    AMD EPYC, 2026-12-01).
+    Written as one small matrix product per spatial axis (one einsum): dm-pix's
+    ``gaussian_blur`` (a grouped convolution) took 23 ms on a 48 x 64 x 64 batch, these about
+    2 ms (shared 2-core AMD EPYC, 2026-12-01).
     """
-    h, w = image.shape[:2]
+    shape = image.shape[:-1]
+    n = len(shape)
     r = max(1, math.ceil(3 * max_sigma))
-    gh = _reflect_gaussian_matrix(h, sigma, min(r, h - 1))
-    gw = _reflect_gaussian_matrix(w, sigma, min(r, w - 1))
-    return jnp.einsum("ij,jkc,lk->ilc", gh, image, gw).astype(image.dtype)
+    mats = [_reflect_gaussian_matrix(s, sigma, min(r, s - 1)) for s in shape]
+    out, src = "ilnp"[:n], "jkmo"[:n]
+    # operands g_0, image, g_1, ..: in 2D the string is "ij,jkc,lk->ilc"
+    terms = [out[0] + src[0], src + "c"] + [out[a] + src[a] for a in range(1, n)]
+    return jnp.einsum(",".join(terms) + "->" + out + "c", mats[0], image, *mats[1:]).astype(image.dtype)
 
 
-def bias_polynomial(shape: tuple[int, int], coeffs: jax.Array) -> jax.Array:
-    """``q (H, W)`` = Σ c_ij y^i x^j over :data:`BIAS_TERMS` on ``[-1, 1]²``, scaled to
-    ``max |q| = 1`` (the same field family as ``perturbations.bias_field``)."""
-    h, w = shape
-    yy, xx = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
-    monomials = jnp.stack([yy**i * xx**j for i, j in BIAS_TERMS])  # (T, H, W)
-    q = jnp.tensordot(coeffs, monomials, axes=1)
+def bias_polynomial(shape: tuple[int, ...], coeffs: jax.Array) -> jax.Array:
+    """``q (*shape)`` = Σ c_e Π_a u_a^(e_a) over :func:`bias_terms` on ``[-1, 1]^n``, scaled to
+    ``max |q| = 1`` (in 2D the field family of ``perturbations.bias_field``)."""
+    grids = jnp.meshgrid(*(jnp.linspace(-1.0, 1.0, s) for s in shape), indexing="ij")
+    terms = bias_terms(len(shape))
+    if coeffs.shape != (len(terms),):
+        raise ValueError(f"{len(shape)}D bias field: {len(terms)} coefficients expected, got shape {coeffs.shape}")
+    monomials = []
+    for e in terms:
+        m = grids[0] ** e[0]
+        for g, k in zip(grids[1:], e[1:]):
+            m = m * g**k
+        monomials.append(m)
+    q = jnp.tensordot(coeffs, jnp.stack(monomials), axes=1)  # monomials (T, *shape)
     m = jnp.max(jnp.abs(q))
     return jnp.where(m > 0, q / jnp.where(m > 0, m, 1.0), q)
 
 
 def bias_field(image: jax.Array, coeffs: jax.Array, strength: jax.Array) -> jax.Array:
     """Smooth multiplicative inhomogeneity ``x · 2**(strength · q)``: within ``[2**-s, 2**s]``."""
-    q = bias_polynomial(image.shape[:2], coeffs)
-    return image * jnp.exp2(strength * q)[:, :, None]
+    q = bias_polynomial(image.shape[:-1], coeffs)
+    return image * jnp.exp2(strength * q)[..., None]
 
 
 def gaussian_noise(image: jax.Array, noise: jax.Array, std: jax.Array) -> jax.Array:
@@ -93,6 +113,6 @@ def gaussian_noise(image: jax.Array, noise: jax.Array, std: jax.Array) -> jax.Ar
 def rician_noise(image: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
     """Magnitude of a complex signal with Gaussian noise on both parts: ``|x + σn₁ + iσn₂|``.
 
-    ``noise``: ``(2, H, W, c)`` standard normal. Non-negative, like magnitude MR images.
+    ``noise``: ``(2, *S, c)`` standard normal. Non-negative, like magnitude MR images.
     """
     return jnp.hypot(image + sigma * noise[0], sigma * noise[1])

@@ -39,6 +39,24 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> 
     return x0, x1
 
 
+def counter_based(key: jax.Array) -> bool:
+    """Whether ``key`` draws through :func:`uniform_at` (partitionable Threefry-2x32, the default)."""
+    return str(jax.random.key_impl(key)) == "threefry2x32" and bool(jax.config.jax_threefry_partitionable)
+
+
+def uniform_at(key: jax.Array, counter: jax.Array) -> jax.Array:
+    """The numbers at positions ``counter`` (uint32) of ``jax.random.uniform(key, (n,))``, for
+    any ``n`` above them, without drawing the others. Keys with :func:`counter_based` only:
+    other layouts have no position-wise numbers."""
+    if not counter_based(key):
+        raise ValueError(f"uniform_at needs a partitionable threefry2x32 key, got {jax.random.key_impl(key)}")
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    b0, b1 = threefry2x32(data[0], data[1], jnp.zeros_like(counter), counter)
+    mantissa = ((b0 ^ b1) >> np.uint32(9)) | np.uint32(0x3F800000)
+    return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+
+
 def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """``jax.random.uniform(key, shape)`` (float32 in [0, 1)), the same numbers.
 
@@ -46,14 +64,7 @@ def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     ``(i // 2**32, i % 2**32)`` in row-major order, its 32 random bits are the xor of the two
     output words, and the top 23 bits become the mantissa of a float in [1, 2), minus 1.
     """
-    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable:
-        return jax.random.uniform(key, shape, jnp.float32)
-    data = jax.random.key_data(key) if typed else key
     n = int(np.prod(shape))
-    if n >= 2**32:
+    if not counter_based(key) or n >= 2**32:
         return jax.random.uniform(key, shape, jnp.float32)
-    counter = jax.lax.iota(jnp.uint32, n).reshape(shape)
-    b0, b1 = threefry2x32(data[0], data[1], jnp.zeros_like(counter), counter)
-    mantissa = ((b0 ^ b1) >> np.uint32(9)) | np.uint32(0x3F800000)
-    return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+    return uniform_at(key, jax.lax.iota(jnp.uint32, n).reshape(shape))
