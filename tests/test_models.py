@@ -112,15 +112,19 @@ def test_a_shipped_model_is_complete_and_intact(name):
 
 
 @pytest.mark.slow
-def test_the_hippocampus_model_segments_a_real_scan_in_its_native_grid(tmp_path):
-    """The shipped 2D model on the reference case ``hippocampus_374`` through ``mednca predict
-    --model``. (That case is a training patient of the model's split: this checks the path from
-    a scan to a label volume; the test patients' figures are in the model card.)"""
+@pytest.mark.parametrize("model", ["hippocampus", "hippocampus3d"])
+def test_a_hippocampus_model_segments_a_real_scan_in_its_native_grid(model, tmp_path):
+    """A shipped hippocampus model (2D slices, or 3D volumes once ``hippocampus3d`` ships) on
+    the reference case ``hippocampus_374`` through ``mednca predict --model``. (That case is a
+    training patient of the models' split: this checks the path from a scan to a label volume;
+    the test patients' figures are in the model card.)"""
+    if model not in SHIPPED:
+        pytest.skip(f"{model} is not shipped in this installation")
     require(HIPPOCAMPUS)
     name = "hippocampus_374"
     image, label = HIPPOCAMPUS / "imagesTr" / f"{name}.nii.gz", HIPPOCAMPUS / "labelsTr" / f"{name}.nii.gz"
     out = tmp_path / "label.nii.gz"
-    assert cli_main(["predict", "--model", "hippocampus", "--input", str(image), "--output", str(out)]) == 0
+    assert cli_main(["predict", "--model", model, "--input", str(image), "--output", str(out)]) == 0
     pred, src, ref = nib.load(out), nib.load(image), nib.load(label)
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
     p, t = np.asarray(pred.dataobj) > 0, np.asarray(ref.dataobj) > 0
