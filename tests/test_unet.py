@@ -70,7 +70,10 @@ def test_2d_network_is_unchanged_frozen_golden():
     for k, v in flat.items():
         np.testing.assert_array_equal(v, g[k], err_msg=k)
     logits = np.asarray(unet_forward(params, cfg, jnp.asarray(g["images"])))
-    np.testing.assert_allclose(logits, g["logits"], rtol=1e-6, atol=1e-6)
+    # The weights are bit-identical (above); the logits are float32 sums whose order XLA picks
+    # per CPU (vector width, conv algorithm): seen to differ by 1.2e-5 between two x86 hosts,
+    # so the bound is relative to the logits' range (3.4), far below any change of the network.
+    np.testing.assert_allclose(logits, g["logits"], rtol=0, atol=2e-5 * np.abs(g["logits"]).max())
 
 
 @pytest.mark.parametrize("width,depth,n_in,n_out,ndim", [(4, 1, 1, 1, 2), (4, 2, 2, 3, 2), (6, 3, 1, 2, 2), (4, 2, 1, 1, 3), (3, 1, 2, 2, 3)])
