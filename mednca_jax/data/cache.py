@@ -25,8 +25,9 @@ import numpy as np
 from mednca_jax.config import DataConfig
 from mednca_jax.data.images import IMAGES_VERSION, load_image_case
 from mednca_jax.data.msd import Case, DataError, VolumeMeta, load_case
-from mednca_jax.data.preprocess import PREPROCESS_VERSION, preprocess_volume
-from mednca_jax.data.volumes import VOLUMES_VERSION, volume_sample
+from mednca_jax.data.formats import preprocess_scan
+from mednca_jax.data.preprocess import PREPROCESS_VERSION
+from mednca_jax.data.volumes import VOLUMES_VERSION
 
 
 def default_cache_dir() -> Path:
@@ -148,10 +149,7 @@ def _compute(case: Case, data_cfg: DataConfig, n_out: int) -> dict[str, np.ndarr
     else:
         image, label, meta = load_case(case, data_cfg)
         try:
-            if data_cfg.volumetric:  # the whole volume on the model grid: one "slice" (1, X, Y, Z, 1)
-                images, labels = volume_sample(image, label, data_cfg, n_out, what=str(case.image))
-            else:
-                images, labels = preprocess_volume(image, label, data_cfg, n_out)
+            images, labels = preprocess_scan(image, label, data_cfg, n_out, what="the volume")  # 3D: one "slice"
         except DataError as e:
             raise DataError(f"{case.label or case.image}: {e}") from None
     out = {

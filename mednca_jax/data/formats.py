@@ -18,8 +18,8 @@ import numpy as np
 from mednca_jax.config import Config, ConfigError, DataConfig
 from mednca_jax.data import images as img
 from mednca_jax.data.msd import Case, DataError, VolumeMeta, list_cases, load_case, write_volume
-from mednca_jax.data.preprocess import resample_to_native
-from mednca_jax.data.volumes import volume_to_native
+from mednca_jax.data.preprocess import preprocess_volume, resample_to_native
+from mednca_jax.data.volumes import volume_sample, volume_to_native
 from mednca_jax.data.split import Split, read_split, split_from_config
 
 GENERATED_KINDS = (1, 3)  # model.n_in of the generated image task: grey or RGB
@@ -63,6 +63,19 @@ def native_label(case: Case, data_cfg: DataConfig, n_out: int) -> np.ndarray:
     if label is None:
         raise DataError(f"{case.image} has no label")
     return label
+
+
+def preprocess_scan(
+    image: np.ndarray, label: np.ndarray | None, data_cfg: DataConfig, n_out: int = 1, what: str = "volume"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """An MSD scan ``(X, Y, Z)`` (and its label, or None) -> the model's inputs: 2D slices
+    ``(S, H, W, 1)`` (:func:`~mednca_jax.data.preprocess.preprocess_volume`) or, for a 3D model
+    (``data.volumetric``), the whole volume ``(1, X', Y', Z', 1)`` on the model grid
+    (:func:`~mednca_jax.data.volumes.volume_sample`); labels ``(..., n_out)`` alike.
+    :func:`to_native` is the way back."""
+    if data_cfg.volumetric:
+        return volume_sample(image, label, data_cfg, n_out, what)
+    return preprocess_volume(image, label, data_cfg, n_out)
 
 
 def to_native(pred_slices: np.ndarray, native_shape: Sequence[int], slice_axis: int, data_cfg: DataConfig) -> np.ndarray:

@@ -40,16 +40,22 @@ def z_normalise(volume: np.ndarray) -> np.ndarray:
     return (volume - volume.mean()) / std if std > 0 else volume - volume.mean()
 
 
+def check_fits_grid(shape: Sequence[int], grid: Sequence[int], what: str = "volume") -> None:
+    """:class:`DataError` naming ``what`` unless a volume of ``shape`` fits unresized in the
+    model grid (``keep_original_scale``), with what to do instead."""
+    shape, grid = tuple(int(s) for s in shape), tuple(int(g) for g in grid)
+    if len(shape) != len(grid) or any(s > g for s, g in zip(shape, grid)):
+        raise DataError(
+            f"{what} has shape {shape}, larger than the model grid {list(grid)} (data.image_size); "
+            "enlarge data.image_size or use data.placement = \"resample\""
+        )
+
+
 def place_in_grid(volume: np.ndarray, grid: Sequence[int], what: str = "volume") -> np.ndarray:
     """``volume`` at the corner of a zero array of shape ``grid``; :class:`DataError` naming
     ``what`` when it does not fit."""
-    grid = tuple(int(g) for g in grid)
-    if volume.ndim != len(grid) or any(s > g for s, g in zip(volume.shape, grid)):
-        raise DataError(
-            f"{what} has shape {volume.shape}, larger than the model grid {list(grid)} (data.image_size); "
-            "enlarge data.image_size or use data.placement = \"resample\""
-        )
-    out = np.zeros(grid, volume.dtype)
+    check_fits_grid(volume.shape, grid, what)
+    out = np.zeros(tuple(int(g) for g in grid), volume.dtype)
     out[tuple(slice(0, s) for s in volume.shape)] = volume
     return out
 

@@ -137,28 +137,15 @@ def load_scan(scan: Scan, cfg: Config):
     naming the file when it is unreadable, not 3D/4D, NaN/inf or constant, or (a 3D model
     with ``data.placement = "keep_original_scale"``) larger than the model grid."""
     from mednca_jax.data import Case, DataError, load_case
+    from mednca_jax.data.volumes import check_fits_grid
 
     try:
         loaded = load_case(Case(scan.name, scan.image), cfg.data)
+        if cfg.data.volumetric and cfg.data.placement == "keep_original_scale":
+            check_fits_grid(loaded.image.shape, cfg.data.image_size, str(scan.image))
     except DataError as e:
         raise PredictError(str(e)) from None
-    check_fits_grid(loaded[0].shape, cfg, str(scan.image))
     return loaded
-
-
-def check_fits_grid(shape: Sequence[int], cfg: Config, what: str) -> None:
-    """A 3D model that places volumes unresized (``keep_original_scale``) needs every axis of
-    the scan within ``data.image_size``; :class:`PredictError` naming ``what`` otherwise."""
-    grid = tuple(int(g) for g in cfg.data.image_size)
-    if not cfg.data.volumetric or cfg.data.placement != "keep_original_scale":
-        return
-    if any(int(s) > g for s, g in zip(shape, grid)):
-        raise PredictError(
-            f"{what} has shape {tuple(int(s) for s in shape)}, larger than the model grid {list(grid)} "
-            "(data.image_size), and the model places scans unresized (data.placement = \"keep_original_scale\"); "
-            "use a model with a larger grid, or set data.placement = \"resample\" in the checkpoint's config to "
-            "resize scans to the grid"
-        )
 
 
 # --------------------------------------------------------------------------- prediction
@@ -194,36 +181,25 @@ def predict_volume(
     """
     import jax
 
-    from mednca_jax.data import preprocess_volume, resample_to_native
-    from mednca_jax.evaluate.inference import predict_slices
+    from mednca_jax.data import DataError
+    from mednca_jax.data.formats import preprocess_scan, to_native
+    from mednca_jax.evaluate.inference import eval_batch_size, predict_slices
     from mednca_jax.evaluate.quality import nqm, variance_volume
     from mednca_jax.losses import probabilities_to_labels
 
-    if cfg.data.volumetric:
-        from mednca_jax.data.volumes import preprocess_volume_3d, volume_to_native
-
-        check_fits_grid(image.shape, cfg, what)
-        grid_image, _ = preprocess_volume_3d(image, None, cfg.data.image_size, cfg.data.placement, what=what)
-        batch = grid_image[None, ..., None]  # (1, X, Y, Z, 1): batch norm sees this volume alone
-        run_probs = np.stack([
-            predict_slices(predict, params, batch, jax.random.fold_in(key, r), fire_rate, batch_size=1) for r in range(runs)
-        ])  # (runs, 1, X, Y, Z, n_out)
-        placement = cfg.data.placement
-        labels = volume_to_native(probabilities_to_labels(run_probs.mean(axis=0))[0], image.shape, placement)
-        if runs < 2:
-            return labels, None, None
-        return labels, volume_to_native(variance_volume(run_probs)[0], image.shape, placement), nqm(run_probs)
-
-    images, _ = preprocess_volume(image, None, cfg.data, cfg.model.n_out)  # (S, H, W, 1)
+    try:  # 2D: slices (S, H, W, 1); 3D: the volume on the model grid (1, X', Y', Z', 1)
+        images, _ = preprocess_scan(image, None, cfg.data, cfg.model.n_out, what)
+    except DataError as e:
+        raise PredictError(str(e)) from None
     run_probs = np.stack([
-        predict_slices(predict, params, images, jax.random.fold_in(key, r), fire_rate, batch_size) for r in range(runs)
-    ])  # (runs, S, H, W, n_out)
-    axis = cfg.data.slice_axis
-    labels = resample_to_native(probabilities_to_labels(run_probs.mean(axis=0)), image.shape, axis)
+        predict_slices(predict, params, images, jax.random.fold_in(key, r), fire_rate, eval_batch_size(cfg, batch_size))
+        for r in range(runs)
+    ])  # (runs, S, H, W, n_out) or (runs, 1, X', Y', Z', n_out)
+    back = lambda a: to_native(a, image.shape, cfg.data.slice_axis, cfg.data)  # noqa: E731
+    labels = back(probabilities_to_labels(run_probs.mean(axis=0)))
     if runs < 2:
         return labels, None, None
-    variance = variance_volume(run_probs)
-    return labels, resample_to_native(variance, image.shape, axis), nqm(run_probs)
+    return labels, back(variance_volume(run_probs)), nqm(run_probs)
 
 
 def _write_atomic(path: Path, volume: np.ndarray, meta: Any, dtype: Any) -> None:
