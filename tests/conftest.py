@@ -117,6 +117,33 @@ checkpoint_every = 3
 """
 
 
+# The 3D counterpart: a two-level volume model on a 32x32x24 grid (the synthetic task's
+# volumes fit it unresized), DiceFocal, foreground-placed crops.
+TINY_3D_TOML = """
+name = "tiny3d"
+[model]
+channels = 8
+hidden = 16
+steps = [4, 4]
+scales = [4, 1]
+kernel_size = [3, 3]
+perception = "depthwise"
+downscale = "max"
+patch_size = 16
+patch_foreground = 0.5
+[data]
+image_size = [32, 32, 24]
+split = [0.5, 0.17, 0.33]
+[train]
+batch_size = 2
+num_steps = 6
+lr = 3e-3
+loss = "dice_focal"
+log_every = 2
+eval_every = 3
+checkpoint_every = 3
+"""
+
 def train(cfg, workdir, data_dir=None, **kwargs):
     """:func:`mednca_jax.train.loop.train` with the backend resolved for this machine, as
     ``mednca train`` resolves it."""

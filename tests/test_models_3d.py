@@ -12,37 +12,13 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import TINY_3D_TOML
 
 from mednca_jax import models
 from mednca_jax.cli import main as cli_main
 from mednca_jax.cli.models import table
 from mednca_jax.data import make_synthetic_task
 from mednca_jax.train import checkpoint as ckpt
-
-TINY_3D_TOML = """
-name = "tiny3d"
-[model]
-channels = 8
-hidden = 16
-steps = [2, 2]
-scales = [4, 1]
-perception = "depthwise"
-kernel_size = [3, 3]
-norm = "none"
-downscale = "max"
-patch_size = 8
-remat = "none"
-[data]
-image_size = [32, 32, 24]
-split = [0.5, 0.17, 0.33]
-[train]
-batch_size = 2
-num_steps = 2
-log_every = 1
-eval_every = 2
-checkpoint_every = 2
-"""
-
 
 @pytest.fixture(scope="module")
 def made3d(tmp_path_factory):
@@ -55,7 +31,8 @@ def made3d(tmp_path_factory):
     run = root / "run"
     try:
         assert cli_main(["train", "--config", str(root / "tiny3d.toml"), "--data", str(data), "--workdir", str(run),
-                         "--no-progress"]) == 0
+                         "--no-progress", "--cpu-processes", "1", "--set", "train.num_steps=2", "--set", "train.eval_every=2",
+                         "--set", "train.checkpoint_every=2"]) == 0
         assert cli_main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--split", "test", "--runs", "2",
                          "--no-progress"]) == 0
         shelf = root / "models"

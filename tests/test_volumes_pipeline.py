@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import TINY_3D_TOML
 
 from mednca_jax.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, loads, validate
 from mednca_jax.data import list_cases, load_slices, make_synthetic_task
@@ -26,32 +27,6 @@ from mednca_jax.nca.levels import random_crops
 
 SHAPE = (24, 28, 24)
 GRID = [32, 32, 24]
-
-TINY_3D_TOML = """
-name = "tiny3d"
-[model]
-channels = 8
-hidden = 16
-steps = [4, 4]
-scales = [4, 1]
-kernel_size = [3, 3]
-perception = "depthwise"
-downscale = "max"
-patch_size = 16
-patch_foreground = 0.5
-[data]
-image_size = [32, 32, 24]
-split = [0.5, 0.17, 0.33]
-[train]
-batch_size = 2
-num_steps = 6
-lr = 3e-3
-loss = "dice_focal"
-log_every = 2
-eval_every = 3
-checkpoint_every = 3
-"""
-
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
