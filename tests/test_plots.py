@@ -107,3 +107,19 @@ def test_training_curves_png(tmp_path):
     path = plot_training_curves(logs, tmp_path / "curve.png", title="t")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_compared_models_with_one_label_are_all_kept():
+    # two runs of one config are both "nca:name" in their robustness.json
+    from mednca_jax.evaluate.evaluation import merge_models
+
+    combined = {"nca:m3d": {"clean": {"0": 0.9}}}
+    merge_models(combined, {"nca:m3d": {"clean": {"0": 0.8}}, "unet:u": {"clean": {"0": 0.7}}}, "runs/a/rob")
+    merge_models(combined, {"nca:m3d": {"clean": {"0": 0.6}}}, "runs/a/rob")
+    assert combined == {
+        "nca:m3d": {"clean": {"0": 0.9}},
+        "nca:m3d (runs/a/rob)": {"clean": {"0": 0.8}},
+        "unet:u": {"clean": {"0": 0.7}},
+        "nca:m3d (runs/a/rob 2)": {"clean": {"0": 0.6}},
+    }
+    assert "nca:m3d (runs/a/rob)" in plots.markdown_table(combined)

@@ -22,6 +22,7 @@ from mednca_jax.config import Config, ConfigError, DataConfig, ModelConfig, Trai
 from mednca_jax.data import list_cases, load_slices, make_synthetic_task
 from mednca_jax.data.cache import cache_key
 from mednca_jax.data.formats import native_label, to_native
+from mednca_jax.evaluate.quality import spearman
 from mednca_jax.losses import LOSS_SUMS, dice_bce_loss, dice_focal_loss
 from mednca_jax.nca.levels import random_crops
 
@@ -185,6 +186,21 @@ def test_tiny_3d_nca_trains_resumes_and_scores_whole_volumes(task, tmp_path, mon
     rob_metrics = json.loads((rob / "metrics.json").read_text())
     assert res["clean"]["0"]["mean"] == pytest.approx(rob_metrics["summary"]["dice"]["mean"])  # the evaluation's own Dice
     assert "| spike | 1 |" in (rob / "robustness.md").read_text() and (rob / "robustness.png").stat().st_size > 0
+    # --quality: NQM and Dice per case under each of our perturbations, pooled Spearman
+    rq = tmp_path / "rob_quality"
+    assert _cli("evaluate", "--checkpoint", str(run), "--data", str(task), "--split", "test", "--out", str(rq), "--no-progress",
+                "--robustness", "--perturbations", "gaussian_noise", "spike", "--severities", "0.5", "1", "--quality", "--runs", "2") == 0
+    q, qm = (json.loads((rq / f).read_text()) for f in ("robustness_quality.json", "metrics.json"))
+    conds = {"clean", "gaussian_noise@0.5", "gaussian_noise@1", "spike@0.5", "spike@1"}
+    assert q["runs"] == 2 and set(q["cases"]) == conds == set(q["spearman_by_condition"])
+    assert q["cases"]["clean"] == {n: {"dice": r["dice"], "nqm": r["nqm"]} for n, r in qm["cases"].items()}  # same key and runs
+    assert all(set(c) == set(split["test"]) for c in q["cases"].values())
+    assert q["cases"]["spike@1"] != q["cases"]["clean"]
+    pooled = [r for c in q["cases"].values() for r in c.values()]
+    rho = spearman([r["nqm"] for r in pooled], [r["dice"] for r in pooled])  # NaN when the tiny model's Dice is constant
+    assert q["spearman_nqm_dice"] == pytest.approx(rho, nan_ok=True)
+    assert qm["robustness_quality"]["spearman_nqm_dice"] == pytest.approx(rho, nan_ok=True)
+    assert (rq / "robustness_nqm_vs_dice.png").stat().st_size > 0
     if tio:
         t = json.loads((rob / "robustness_torchio.json").read_text())["models"]["nca:tiny3d"]
         assert set(t) == {"clean", "RandomNoise"} and set(t["RandomNoise"]) == {"0", "1", "2", "3", "4", "5"}

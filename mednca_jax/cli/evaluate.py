@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to load: best validation Dice (default) or latest")
     p.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
     p.add_argument("--cache-dir", type=Path, help="preprocessed-slice cache (default: $MEDNCA_CACHE or ~/.cache/mednca_jax)")
-    p.add_argument("--quality", action="store_true", help="compute the quality metrics (NQM, Spearman, failure detection) with 10 runs unless --runs says otherwise; an error if they cannot be computed (--runs 1, fewer than 2 labelled cases)")
+    p.add_argument("--quality", action="store_true", help="compute the quality metrics (NQM, Spearman, failure detection) with 10 runs unless --runs says otherwise; an error if they cannot be computed (--runs 1, fewer than 2 labelled cases); with --robustness also NQM and Dice per case under each of our perturbations and severities, with their Spearman correlation over clean and perturbed cases together (robustness_quality.json, robustness_nqm_vs_dice.png)")
     p.add_argument("--failure-dice", type=float, default=0.8, help="with --runs: a case with hard Dice below this counts as a failure to detect")
     p.add_argument("--robustness", action="store_true", help="Dice under each perturbation and severity, and at other image sizes")
     p.add_argument("--protocol", nargs="+", choices=["ours", "torchio"], default=["ours"],

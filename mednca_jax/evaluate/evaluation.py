@@ -319,6 +319,76 @@ def protocol_names(protocol: str, requested: Sequence[str] | None) -> list[str] 
     return None if not requested else [n for n in requested if n in protocol_perturbations(protocol)]
 
 
+def quality_under_shift(
+    params: Any,
+    cfg: Config,
+    slices: SliceSet,
+    key: jax.Array,
+    *,
+    perturbations: Sequence[str],
+    severities: Sequence[float] | None = None,
+    runs: int = 10,
+    fire_rate: float | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    predict: PredictFn,
+    progress: Callable[[Any], Any] = lambda it: it,
+) -> dict[str, Any]:
+    """NQM of ``runs`` stochastic runs and hard Dice of every case, clean and under each
+    perturbation at each severity (the robustness suite's images), and their Spearman
+    correlation pooled over all of them. A clean test set spans a narrow range of Dice; the
+    perturbed copies add the degraded cases a quality score is meant to flag.
+
+    ``slices``: labelled 2D slices or 3D volumes as for :func:`robustness_suite`;
+    ``perturbations``: registry names (``"scale"`` is left out: it changes the grid).
+    Returns ``{"runs", "spearman_nqm_dice" (pooled), "spearman_by_condition": {condition: rho},
+    "cases": {condition: {case: {"dice", "nqm"}}}}`` with conditions ``"clean"`` and
+    ``"name@severity"``.
+    """
+    from mednca_jax.evaluate.perturbations import apply_perturbation
+    from mednca_jax.evaluate.quality import spearman
+
+    if runs < 2:
+        raise ValueError(f"NQM needs runs >= 2, got {runs}")
+    if slices.labels is None:
+        raise ValueError("quality under perturbation needs labelled cases")
+    images = slices.images[..., 0]
+    ndim = images.ndim - 1
+    conditions: dict[str, tuple[float, str | None]] = {"clean": (0.0, None)}
+    for name in perturbations:
+        if name != SCALE:
+            for sev in severities if severities is not None else PERTURBATIONS[name].severities:
+                conditions[f"{name}@{float(sev):g}"] = (float(sev), name)
+    cases: dict[str, dict[str, dict[str, float]]] = {}
+    for cond, (sev, name) in progress(list(conditions.items())):
+        shifted = slices
+        if name is not None:
+            imgs, labs = apply_perturbation(name, images, slices.labels, sev, seed, ndim=ndim)
+            shifted = dataclasses.replace(slices, images=np.asarray(imgs, np.float32)[..., None], labels=np.asarray(labs, np.float32))
+        m = evaluate_cases(params, cfg, shifted, (), key, fire_rate=fire_rate, runs=runs, batch_size=batch_size,
+                           native=False, predict=predict)
+        cases[cond] = {n: {"dice": r["dice"], "nqm": r["nqm"]} for n, r in m["cases"].items()}
+    rho = lambda rs: spearman([r["nqm"] for r in rs], [r["dice"] for r in rs]) if len(rs) >= 2 else None  # noqa: E731
+    return {
+        "runs": runs,
+        "spearman_nqm_dice": rho([r for c in cases.values() for r in c.values()]),
+        "spearman_by_condition": {cond: rho(list(c.values())) for cond, c in cases.items()},
+        "cases": cases,
+    }
+
+
+def merge_models(combined: dict[str, Any], incoming: dict[str, Any], source: str) -> None:
+    """Add ``incoming``'s models (label -> results) to ``combined`` in place. A label already
+    there (two runs of one config are both ``kind:name``) gets `` (source)`` appended, and a
+    counter if that is taken too, so no model's results replace another's in a plot or table."""
+    for label, res in incoming.items():
+        new, n = label, 1
+        while new in combined:
+            new = f"{label} ({source})" if n == 1 else f"{label} ({source} {n})"
+            n += 1
+        combined[new] = res
+
+
 def evaluate_checkpoint(
     checkpoint: Path, data_dir: Path | None, out: Path, options: EvalOptions | None = None, *, machine: Machine,
     **overrides: Any
@@ -397,11 +467,27 @@ def evaluate_checkpoint(
             for other in opts.compare_with:
                 other = Path(other) if protocol == "ours" else Path(other).with_name(f"{stem}.json")
                 if other.is_file():  # a model evaluated without this protocol is left out of its plot
-                    combined.update(json.loads(other.read_text())["models"])
+                    merge_models(combined, json.loads(other.read_text())["models"], str(other.parent))
             (out / f"{stem}.json").write_text(json.dumps({"models": {label: res}}, indent=2) + "\n")
             (out / f"{stem}.md").write_text(markdown_table(combined) + "\n")
             plot_robustness(combined, out / f"{stem}.png")
             metrics[stem] = res
+        ours = protocol_names("ours", opts.perturbations)
+        if opts.quality and "ours" in opts.protocols and ours != []:  # NQM under the same perturbations
+            from mednca_jax.evaluate.plots import plot_nqm_vs_dice
+
+            names = [n for n in (list(PERTURBATIONS) if ours is None else ours) if n != SCALE]
+            q = quality_under_shift(params, cfg, test_slices, key, perturbations=names, severities=opts.severities,
+                                    runs=opts.runs, fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size,
+                                    predict=predict, progress=bar("quality under perturbation"))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "robustness_quality.json").write_text(json.dumps(q, indent=2) + "\n")
+            pooled = [r for c in q["cases"].values() for r in c.values()]
+            if len(pooled) >= 2:
+                plot_nqm_vs_dice([r["nqm"] for r in pooled], [r["dice"] for r in pooled], out / "robustness_nqm_vs_dice.png",
+                                 dice_threshold=opts.failure_dice,
+                                 title=f"NQM vs Dice, clean and perturbed (ρ = {q['spearman_nqm_dice']:.3f}, n = {len(pooled)})")
+            metrics["robustness_quality"] = {k: v for k, v in q.items() if k != "cases"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
