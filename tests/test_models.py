@@ -130,3 +130,11 @@ def test_a_hippocampus_model_segments_a_real_scan_in_its_native_grid(model, tmp_
     p, t = np.asarray(pred.dataobj) > 0, np.asarray(ref.dataobj) > 0
     dice = 2 * (p & t).sum() / (p.sum() + t.sum())
     assert dice >= 0.85, dice
+
+
+def test_model_json_figures_name_each_class_only_when_there_are_several():
+    stat = lambda m: {"mean": m, "std": 0.01, "n": 40}  # noqa: E731
+    one = {"summary": {"dice": stat(0.9), "dice_per_class": {"1": stat(0.9)}}}
+    two = {"summary": {"dice": stat(0.8), "dice_per_class": {"1": stat(0.82), "2": stat(0.78)}}}
+    assert models.summary_figures(one) == {"patients": 40, "dice": {"mean": 0.9, "std": 0.01}}
+    assert models.summary_figures(two)["dice_per_class"] == {"1": {"mean": 0.82, "std": 0.01}, "2": {"mean": 0.78, "std": 0.01}}

@@ -58,14 +58,14 @@ def summary_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     """The test figures a model card quotes, from an evaluation's ``metrics.json``: hard and
     soft Dice on the model grid and hard Dice in the native grid (mean, std), the mean of the
     single runs' hard Dice when it was scored with ``--runs N >= 2`` (``dice`` is then the hard
-    Dice of the runs' mean), the number of patients, and the per-class Dice when there is one."""
+    Dice of the runs' mean), the number of patients, and the per-class Dice when there are several classes."""
     s = metrics["summary"]
     out: dict[str, Any] = {"patients": int(s["dice"]["n"])}
     for key in ("dice", "dice_run_mean", "dice_soft", "dice_native"):
         if key in s:
             out[key] = {"mean": round(float(s[key]["mean"]), 4), "std": round(float(s[key]["std"]), 4)}
-    if "dice_per_class" in s:
-        out["dice_per_class"] = {c: {k: round(float(v), 4) for k, v in d.items()} for c, d in s["dice_per_class"].items()}
+    if len(s.get("dice_per_class", {})) > 1:  # one class: the same figure as "dice"
+        out["dice_per_class"] = {c: {k: round(float(d[k]), 4) for k in ("mean", "std")} for c, d in s["dice_per_class"].items()}
     return out
 
 
