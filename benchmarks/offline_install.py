@@ -11,10 +11,10 @@ Steps, each a row of the table:
    fetches from an index or a local wheelhouse; this checks what *this* package ships);
 3. from an empty temporary folder: ``mednca models`` lists every shipped model with its test
    Dice;
-4. ``mednca predict --model hippocampus`` on ``--scan`` (default: a test patient of the
-   ``hippocampus_374`` from the shared MSD folder next to the repository, skipped when absent): the
-   label volume has the scan's shape and affine, and its hard Dice against ``--label`` in the
-   native grid is >= 0.85.
+4. ``mednca predict --model NAME`` for each shipped model (``hippocampus``, ``hippocampus3d``)
+   on ``--scan`` (default: the reference case ``hippocampus_374`` of the shared MSD folder next
+   to the repository, skipped when absent): the label volume has the scan's shape and affine,
+   and its hard Dice against ``--label`` in the native grid is >= 0.85.
 Exit status 1 when a bound or a step fails.
 """
 
@@ -34,6 +34,7 @@ from _harness import machine  # noqa: E402
 
 WHEEL_BOUND_MB = 5.0
 DICE_BOUND = 0.85
+MODELS = ("hippocampus", "hippocampus3d")  # the shipped models, both for MSD hippocampus crops
 SHARED_MSD = REPO.parent / "shared" / "data" / "Task04_Hippocampus"
 
 
@@ -87,26 +88,35 @@ def main() -> int:
                      "lists hippocampus", listed))
         where = run([str(py), "-c", "import mednca_jax; print(mednca_jax.__file__)"], cwd=away).stdout.strip()
         rows.append(("package imported from", where.replace(str(tmp), "<tmp>"), "the venv", where.startswith(str(venv))))
+        names = [m for m in MODELS if m in r.stdout]
+        rows.append(("models listed", ", ".join(names), ", ".join(MODELS), names == list(MODELS)))
         if case is None:
-            rows.append(("predict --model hippocampus", "skipped: no --scan given and no shared MSD folder", "", True))
+            rows.append(("predict --model ...", "skipped: no --scan given and no shared MSD folder", "", True))
             return report(rows)
-        import nibabel as nib
-        import numpy as np
-
-        out = away / "out.nii.gz"
-        t = time.perf_counter()
-        r = run([str(mednca), "predict", "--model", "hippocampus", "--input", str(case[0]), "--output", str(out)], cwd=away)
-        if r.returncode:
-            rows.append(("predict --model hippocampus", (r.stderr or r.stdout)[-300:], "runs", False))
-            return report(rows)
-        pred, src = nib.load(out), nib.load(case[0])
-        same = pred.shape == src.shape and np.allclose(pred.affine, src.affine)
-        rows.append(("label volume shape and affine", f"{pred.shape} ({time.perf_counter() - t:.0f} s)", "the scan's", same))
-        if case[1] is not None:
-            p_, t_ = np.asarray(pred.dataobj) > 0, np.asarray(nib.load(case[1]).dataobj) > 0
-            dice = 2 * (p_ & t_).sum() / max(p_.sum() + t_.sum(), 1)
-            rows.append((f"hard Dice, native grid ({case[0].name.split('.')[0]})", f"{dice:.4f}", f">= {DICE_BOUND}", dice >= DICE_BOUND))
+        for name in names:
+            rows += predict_rows(mednca, name, case, away)
     return report(rows)
+
+
+def predict_rows(mednca: Path, model: str, case: tuple[Path, Path | None], away: Path) -> list[tuple[str, str, str, bool]]:
+    """``mednca predict --model MODEL`` on the case from the folder ``away``: the label
+    volume's shape and affine, and its hard Dice in the native grid."""
+    import nibabel as nib
+    import numpy as np
+
+    out = away / f"{model}.nii.gz"
+    t = time.perf_counter()
+    r = run([str(mednca), "predict", "--model", model, "--input", str(case[0]), "--output", str(out)], cwd=away)
+    if r.returncode:
+        return [(f"predict --model {model}", (r.stderr or r.stdout)[-300:], "runs", False)]
+    pred, src = nib.load(out), nib.load(case[0])
+    same = pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+    rows = [(f"{model}: label shape and affine", f"{pred.shape} ({time.perf_counter() - t:.0f} s)", "the scan's", same)]
+    if case[1] is not None:
+        p_, t_ = np.asarray(pred.dataobj) > 0, np.asarray(nib.load(case[1]).dataobj) > 0
+        dice = 2 * (p_ & t_).sum() / max(p_.sum() + t_.sum(), 1)
+        rows.append((f"{model}: hard Dice, native grid ({case[0].name.split('.')[0]})", f"{dice:.4f}", f">= {DICE_BOUND}", dice >= DICE_BOUND))
+    return rows
 
 
 def report(rows: list[tuple[str, str, str, bool]]) -> int:
