@@ -201,6 +201,17 @@ def test_tiny_3d_nca_trains_resumes_and_scores_whole_volumes(task, tmp_path, mon
     assert q["spearman_nqm_dice"] == pytest.approx(rho, nan_ok=True)
     assert qm["robustness_quality"]["spearman_nqm_dice"] == pytest.approx(rho, nan_ok=True)
     assert (rq / "robustness_nqm_vs_dice.png").stat().st_size > 0
+    # the CLI reuses the evaluation's clean runs; computed afresh they are the same
+    from mednca_jax.evaluate.evaluation import make_predict_fn, quality_under_shift, select_cases
+    from mednca_jax.machine import backend_for
+    from mednca_jax.train.checkpoint import load_params
+
+    params, rcfg = load_params(run)
+    vols = load_slices(select_cases(run, task, None, "test", rcfg.data), rcfg.data, tmp_path / "cache", rcfg.model.n_out)
+    again = quality_under_shift(params, rcfg, vols, jax.random.PRNGKey(0), perturbations=["spike", "scale"], severities=[1.0],
+                                runs=2, predict=make_predict_fn(rcfg, backend_for(rcfg)))
+    assert set(again["cases"]) == {"clean", "spike@1"}  # scale changes the grid: left out
+    assert again["cases"] == {c: q["cases"][c] for c in ("clean", "spike@1")}
     if tio:
         t = json.loads((rob / "robustness_torchio.json").read_text())["models"]["nca:tiny3d"]
         assert set(t) == {"clean", "RandomNoise"} and set(t["RandomNoise"]) == {"0", "1", "2", "3", "4", "5"}

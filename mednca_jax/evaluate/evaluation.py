@@ -333,6 +333,7 @@ def quality_under_shift(
     batch_size: int = 32,
     predict: PredictFn,
     progress: Callable[[Any], Any] = lambda it: it,
+    clean: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """NQM of ``runs`` stochastic runs and hard Dice of every case, clean and under each
     perturbation at each severity (the robustness suite's images), and their Spearman
@@ -343,7 +344,8 @@ def quality_under_shift(
     ``perturbations``: registry names (``"scale"`` is left out: it changes the grid).
     Returns ``{"runs", "spearman_nqm_dice" (pooled), "spearman_by_condition": {condition: rho},
     "cases": {condition: {case: {"dice", "nqm"}}}}`` with conditions ``"clean"`` and
-    ``"name@severity"``.
+    ``"name@severity"``. ``clean``: the per-case results (``dice``, ``nqm``) of an evaluation
+    of these ``slices`` with the same key and runs, to reuse instead of running it again.
     """
     from mednca_jax.evaluate.perturbations import apply_perturbation
     from mednca_jax.evaluate.quality import spearman
@@ -360,7 +362,9 @@ def quality_under_shift(
             for sev in severities if severities is not None else PERTURBATIONS[name].severities:
                 conditions[f"{name}@{float(sev):g}"] = (float(sev), name)
     cases: dict[str, dict[str, dict[str, float]]] = {}
-    for cond, (sev, name) in progress(list(conditions.items())):
+    if clean is not None:
+        cases["clean"] = {n: {"dice": clean[n]["dice"], "nqm": clean[n]["nqm"]} for n in slices.case_names}
+    for cond, (sev, name) in progress([c for c in conditions.items() if c[0] not in cases]):
         shifted = slices
         if name is not None:
             imgs, labs = apply_perturbation(name, images, slices.labels, sev, seed, ndim=ndim)
@@ -479,7 +483,8 @@ def evaluate_checkpoint(
             names = [n for n in (list(PERTURBATIONS) if ours is None else ours) if n != SCALE]
             q = quality_under_shift(params, cfg, test_slices, key, perturbations=names, severities=opts.severities,
                                     runs=opts.runs, fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size,
-                                    predict=predict, progress=bar("quality under perturbation"))
+                                    predict=predict, progress=bar("quality under perturbation"),
+                                    clean=metrics["cases"])  # the evaluation above: same slices, key and runs
             out.mkdir(parents=True, exist_ok=True)
             (out / "robustness_quality.json").write_text(json.dumps(q, indent=2) + "\n")
             pooled = [r for c in q["cases"].values() for r in c.values()]
