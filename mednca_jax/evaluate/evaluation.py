@@ -480,8 +480,8 @@ def evaluate_checkpoint(
         if opts.quality and "ours" in opts.protocols and ours != []:  # NQM under the same perturbations
             from mednca_jax.evaluate.plots import plot_nqm_vs_dice
 
-            names = [n for n in (list(PERTURBATIONS) if ours is None else ours) if n != SCALE]
-            q = quality_under_shift(params, cfg, test_slices, key, perturbations=names, severities=opts.severities,
+            q = quality_under_shift(params, cfg, test_slices, key, perturbations=list(PERTURBATIONS) if ours is None else ours,
+                                    severities=opts.severities,
                                     runs=opts.runs, fire_rate=opts.fire_rate, seed=opts.seed, batch_size=opts.batch_size,
                                     predict=predict, progress=bar("quality under perturbation"),
                                     clean=metrics["cases"])  # the evaluation above: same slices, key and runs
