@@ -64,3 +64,15 @@ def test_perceive_takes_the_compact_form(perception, ndim, monkeypatch):
     monkeypatch.setattr(rule_mod, "conv_reflect", refuse)
     got = jax.jit(perceive, static_argnums=0)(rule, params, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial,k", [((9, 8, 7), 7), ((9, 7), 3), ((6, 5, 4), 3), ((12,), 5)])
+def test_kernel_gradient_by_fft_equals_the_toeplitz_products(spatial, k):
+    # the two kernel-gradient forms (depthwise._kernel_grad picks one by the window's taps)
+    from mednca_jax.nca import depthwise
+
+    xp = jax.random.normal(jax.random.key(3), (2, *(s + k - 1 for s in spatial), 4))
+    g = jax.random.normal(jax.random.key(4), (2, *spatial, 4))
+    fft, toeplitz = depthwise._kernel_grad_fft(xp, g, k), depthwise._kernel_grad_toeplitz(xp, g, k)
+    assert fft.shape == toeplitz.shape == (k,) * len(spatial) + (4,)
+    np.testing.assert_allclose(fft, toeplitz, rtol=1e-5, atol=1e-5 * float(jnp.abs(toeplitz).max()))
