@@ -70,6 +70,7 @@ class ModelConfig:
     precision: str = "float32"  # matmul inputs: float32 | bfloat16 (float32 accumulation; reference only)
     unet_width: int = 32  # base width of the UNet baseline (kind = "unet")
     unet_depth: int = 4
+    unet_patch_size: int = 0  # UNet training crop, P per axis (a multiple of 2**unet_depth); 0 trains on whole images
 
     @property
     def n_levels(self) -> int:
@@ -398,6 +399,12 @@ def validate(cfg: Config) -> Config:
     if m.kind == "unet":
         f = 2**m.unet_depth
         _check(all(s % f == 0 for s in d.image_size), "data.image_size", f"{size} is not divisible by 2**unet_depth = {f}")
+        p = m.unet_patch_size
+        _check(
+            p == 0 or (p % f == 0 and p <= min(d.image_size)),
+            "model.unet_patch_size",
+            f"must be 0 (whole images) or a multiple of 2**unet_depth = {f} no larger than the image {size}, got {p}",
+        )
     _check(d.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {d.slice_axis}")
     _check(d.channel >= 0, "data.channel", f"must be >= 0, got {d.channel}")
     _check(

@@ -14,6 +14,10 @@ import numpy as np
 from mednca_jax.nca import levels
 from mednca_jax.config import Config
 from mednca_jax.nca.backends import Backend
+from mednca_jax.nca.rule import fold_keys, sample_keys
+
+# Folded into a sample's key for the UNet's training crop (model.unet_patch_size).
+UNET_CROP_TAG = 0x756E6574
 
 
 def init_network_params(cfg: Config, key: jax.Array) -> Any:
@@ -41,11 +45,17 @@ def forward_train(
     params: Any, cfg: Config, images: jax.Array, labels: jax.Array, keys: jax.Array, backend: Backend
 ) -> tuple[jax.Array, jax.Array]:
     """``(logits, labels)`` the loss is computed on: NCA random crops at ``model.fire_rate``
-    with ``model.remat``, UNet whole images (2D or 3D, the rank of ``data.image_size``). ``keys``: per-sample keys ``(B,)`` (see
-    :func:`levels.forward_train`; the UNet has no randomness)."""
+    with ``model.remat``; UNet whole images (2D or 3D, the rank of ``data.image_size``) or, with
+    ``model.unet_patch_size = P``, one ``P×…×P`` crop per sample placed as the NCA's
+    (``model.patch_foreground`` of them around foreground). ``keys``: per-sample keys ``(B,)``
+    (see :func:`levels.forward_train`; they only place the UNet's crops)."""
     if cfg.model.kind == "unet":
         from mednca_jax.baselines.unet import unet_forward
 
+        p = cfg.model.unet_patch_size
+        if p and any(p < s for s in images.shape[1:-1]):
+            crop_keys = fold_keys(sample_keys(keys, images.shape[0]), UNET_CROP_TAG)
+            images, labels = levels.random_crops(crop_keys, (images, labels), p, labels, cfg.model.patch_foreground)
         return unet_forward(params, cfg.model, images), labels
     return levels.forward_train(params, cfg.model, images, labels, keys, cfg.model.fire_rate, backend=backend, remat=cfg.model.remat)
 

@@ -195,3 +195,37 @@ def test_3d_unet_trains_through_the_shared_pipeline():
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
     logits = forward(state.params, cfg, batch["image"], jax.random.key(0), 0.0, REFERENCE)
     assert logits.shape == (2, 8, 8, 4, 1)
+
+
+def test_unet_trains_on_crops_placed_like_the_ncas():
+    # model.unet_patch_size = P: the loss sees one PxPxP crop per sample, the same window in the
+    # image and the label, around foreground when patch_foreground = 1; inference stays whole
+    from mednca_jax.config import Config, DataConfig, validate
+    from mednca_jax.nca.backends import REFERENCE
+    from mednca_jax.networks import forward, forward_train, init_network_params
+
+    model = dataclasses.replace(_cfg(width=4, depth=1), unet_patch_size=4, patch_size=0, patch_foreground=1.0)
+    cfg = validate(Config(name="unet3d-crops", model=model, data=DataConfig(image_size=(16, 12, 8))))
+    params = init_network_params(cfg, jax.random.key(0))
+    label = np.zeros((3, 16, 12, 8, 1), np.float32)
+    label[:, 11:13, 1:3, 5:7] = 1.0  # 8 voxels far from the origin: a uniform window rarely sees them
+    image = np.random.default_rng(0).uniform(size=label.shape).astype(np.float32)  # every window distinct
+    keys = jax.random.split(jax.random.key(1), 3)
+    logits, crop_labels = forward_train(params, cfg, jnp.asarray(image), jnp.asarray(label), keys, REFERENCE)
+    assert logits.shape == (3, 4, 4, 4, 1) and crop_labels.shape == (3, 4, 4, 4, 1)
+    assert bool(jnp.all(crop_labels.sum(axis=(1, 2, 3, 4)) > 0))  # every crop holds foreground
+    # the logits are the UNet's on one window of the image, and the label crop is that window
+    # of the label: find the window among all of them by its logits
+    windows = [(x, y, z) for x in range(13) for y in range(9) for z in range(5)]
+    for b in range(3):
+        crops = np.stack([image[b, x : x + 4, y : y + 4, z : z + 4] for x, y, z in windows])
+        err = np.abs(np.asarray(unet_forward(params, cfg.model, jnp.asarray(crops))) - np.asarray(logits[b])[None]).max(axis=(1, 2, 3, 4))
+        x, y, z = windows[int(err.argmin())]
+        assert err.min() < 1e-5 and np.sort(err)[1] > 1e-3
+        np.testing.assert_array_equal(np.asarray(crop_labels[b]), label[b, x : x + 4, y : y + 4, z : z + 4])
+    same = forward_train(params, cfg, jnp.asarray(image), jnp.asarray(label), keys, REFERENCE)[1]
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(crop_labels))  # keys decide the window
+    whole = forward(params, cfg, jnp.asarray(image), jax.random.key(0), 0.0, REFERENCE)
+    assert whole.shape == (3, 16, 12, 8, 1)
+    with pytest.raises(ValueError, match="model.unet_patch_size"):
+        validate(Config(name="bad", model=dataclasses.replace(model, unet_patch_size=5), data=DataConfig(image_size=(16, 12, 8))))
