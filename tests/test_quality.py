@@ -127,3 +127,13 @@ def test_evaluate_cases_reports_dice_of_mean_and_mean_of_single_run_dice():
         assert m["cases"][name]["dice_run_mean"] == pytest.approx(np.mean(single))
         assert m["cases"][name]["dice"] == pytest.approx(8 / (8 + fp))
     assert m["cases"]["a"]["nqm"] > 0
+
+
+def test_quality_summary_of_a_deterministic_model_says_why_there_is_no_ranking():
+    # identical runs (a UNet) give NQM 0 everywhere: no Spearman, no threshold, a note instead
+    from mednca_jax.evaluate.robustness import quality_summary
+
+    q = quality_summary([0.0] * 4, [0.9, 0.7, 0.85, 0.6], [0.0] * 3, [0.8, 0.9, 0.7], 0.8)
+    assert q["spearman_nqm_dice"] is None and "nqm_threshold" not in q and "deterministic" in q["note"]
+    varied = quality_summary([0.1, 0.3, 0.15, 0.4], [0.9, 0.7, 0.85, 0.6], [0.1, 0.2, 0.3], [0.9, 0.8, 0.7], 0.8)
+    assert varied["spearman_nqm_dice"] == -1.0 and "nqm_threshold" in varied

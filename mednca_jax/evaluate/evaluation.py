@@ -519,7 +519,7 @@ def _quality(params: Any, cfg: Config, checkpoint: Path, data_dir: Path, metrics
             nqm_val = [r["nqm"] for r in vm["cases"].values()]
             dice_val = [r["dice"] for r in vm["cases"].values()]
     q = quality_summary([r["nqm"] for r in test.values()], [r["dice"] for r in test.values()], nqm_val, dice_val, opts.failure_dice)
-    if "nqm_threshold" in q:  # absent (with a note) for fewer than 2 labelled cases
+    if "nqm_threshold" in q:  # absent (with a note) for fewer than 2 labelled cases or a constant NQM
         plot_nqm_vs_dice([r["nqm"] for r in test.values()], [r["dice"] for r in test.values()], out / "nqm_vs_dice.png",
                          threshold=q["nqm_threshold"], dice_threshold=opts.failure_dice)
     return q

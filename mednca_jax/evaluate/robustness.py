@@ -162,6 +162,9 @@ def quality_summary(
     chosen on validation cases (on the test cases themselves, flagged as such, without)."""
     if len(nqm_test) < 2:
         return {"spearman_nqm_dice": None, "note": f"quality statistics need >= 2 labelled cases, got {len(nqm_test)}"}
+    if max(nqm_test) == min(nqm_test):
+        # a deterministic model (the UNet) gives the same output in every run: NQM is constant
+        return {"spearman_nqm_dice": None, "note": f"NQM is {max(nqm_test):g} for every case (identical runs: a deterministic model), so it ranks nothing"}
     chosen_on = "val" if nqm_val is not None and len(nqm_val) >= 2 else "test (no validation cases)"
     ref_n, ref_d = (nqm_val, dice_val) if chosen_on == "val" else (nqm_test, dice_test)
     thr = choose_nqm_threshold(ref_n, ref_d, dice_threshold)
