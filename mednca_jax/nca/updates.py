@@ -94,12 +94,11 @@ def linear_batch_norm(y: jax.Array, kernel: jax.Array, bias: jax.Array, scale: j
     axes = tuple(range(y.ndim - 1))
     n = y.size // y.shape[-1]
     mu = jnp.mean(y, axis=axes)
-    yc = (y - mu).reshape(n, y.shape[-1])
-    cov = jnp.matmul(yc.T, yc, precision=jax.lax.Precision.HIGHEST) / n
+    yc = y - mu  # centred once: the covariance and the product (whose rounding it keeps small)
+    rows = yc.reshape(n, y.shape[-1])
+    cov = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST) / n
     var = jnp.sum(jnp.matmul(cov, kernel, precision=jax.lax.Precision.HIGHEST) * kernel, axis=0)
-    a = scale * jax.lax.rsqrt(var + BN_EPS)
-    # (y - mu) @ (kernel * a) + shift: the centred input keeps the product's rounding small
-    return matmul(y - mu, kernel * a, "float32") + shift
+    return matmul(yc, kernel * (scale * jax.lax.rsqrt(var + BN_EPS)), "float32") + shift
 
 
 # --------------------------------------------------------------------------- mlp
